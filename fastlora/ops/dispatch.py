@@ -1,0 +1,93 @@
+"""Backend selection: which backend runs a call, which are available, and why not.
+
+A backend is a module with two functions of the same signature as
+:func:`fastlora.ops.reference.forward` and :func:`fastlora.ops.reference.backward`, on 2-D
+inputs. A backend that cannot work here raises ``ImportError`` (with the reason) on import.
+
+Default choice: CUDA tensors go to ``triton``; fp32 CPU tensors to ``cpu``; everything else
+(and any backend that failed to import) to ``reference``. ``FASTLORA_BACKEND`` forces one,
+and a forced backend that is unavailable or cannot take the tensors is an error, never a
+silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpu", "triton")
+ENV_VAR = "FASTLORA_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and if not, why."""
+
+    name: str
+    available: bool
+    reason: str = ""
+
+
+@functools.cache
+def _load(name: str) -> ModuleType | str:
+    """The backend's module, or the reason it is unavailable."""
+    try:
+        return importlib.import_module(f"fastlora.ops.{name}")
+    except ImportError as error:
+        return str(error) or type(error).__name__
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend's availability on this machine, with the reason when unavailable."""
+    statuses = {}
+    for name in BACKEND_NAMES:
+        loaded = _load(name)
+        ok = isinstance(loaded, ModuleType)
+        statuses[name] = BackendStatus(name, ok, "" if ok else loaded)
+    return statuses
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _accepts(name: str, x: torch.Tensor) -> str:
+    """Why backend ``name`` cannot take tensors like ``x`` ("" if it can)."""
+    if name == "cpu" and (x.device.type != "cpu" or x.dtype != torch.float32):
+        return f"the cpu backend takes float32 CPU tensors, got {x.dtype} on {x.device}"
+    if name == "triton" and x.device.type != "cuda" and not _interpreting_triton():
+        return f"the triton backend takes CUDA tensors (or TRITON_INTERPRET=1), got {x.device}"
+    return ""
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``FASTLORA_BACKEND``, validated, or None."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"{ENV_VAR}={name!r} is not one of {', '.join(BACKEND_NAMES)}")
+    return name
+
+
+def select(x: torch.Tensor) -> ModuleType:
+    """The backend module that runs a call on tensors like ``x``."""
+    name = forced_backend()
+    if name is not None:
+        loaded = _load(name)
+        if not isinstance(loaded, ModuleType):
+            raise RuntimeError(f"{ENV_VAR}={name} but the {name} backend is unavailable: {loaded}")
+        why_not = _accepts(name, x)
+        if why_not:
+            raise RuntimeError(f"{ENV_VAR}={name}: {why_not}")
+        return loaded
+    preferred = "triton" if x.device.type == "cuda" else "cpu"
+    loaded = _load(preferred)
+    if isinstance(loaded, ModuleType) and not _accepts(preferred, x):
+        return loaded
+    return _load("reference")

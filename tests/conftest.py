@@ -1,0 +1,54 @@
+"""Shared fixtures: the backends under test and a float64 reference of the LoRA op."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels run on CPU tensors in CI
+
+import pytest  # noqa: E402
+
+import fastlora  # noqa: E402
+from fastlora.ops.reference import dropout_keep_mask  # noqa: E402
+
+
+def available_backends() -> list[str]:
+    return [name for name, status in fastlora.backends().items() if status.available]
+
+
+def backend_device(name: str) -> str:
+    """The device a backend runs on in this test session."""
+    if name == "triton" or (name == "reference" and torch.cuda.is_available() and os.environ.get("FASTLORA_GPU")):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+@pytest.fixture(params=available_backends())
+def backend(request, monkeypatch) -> str:
+    """Each available backend in turn, forced through FASTLORA_BACKEND."""
+    monkeypatch.setenv("FASTLORA_BACKEND", request.param)
+    return request.param
+
+
+def float64_reference(x, weight, bias, lora_A, lora_B_full, scale, dropout_p, seed):
+    """Forward of the op in float64 with an explicit mask; autograd gives the reference grads."""
+    x64, w64, a64, b64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, lora_A, lora_B_full))
+    x2 = x64.reshape(-1, x64.shape[-1])
+    x_lora = x2
+    if dropout_p > 0:
+        keep = dropout_keep_mask(torch.as_tensor(seed), x2.shape[0], x2.shape[1], dropout_p, x2.device)
+        x_lora = x2 * keep / (1 - dropout_p)
+    y = x2 @ w64.t() + scale * (x_lora @ a64.t()) @ b64.t()
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], weight.shape[0]), (x64, a64, b64)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error."""
+    diff = (actual.double() - expected.double()).norm()
+    return (diff / expected.double().norm().clamp_min(1e-30)).item()
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}

@@ -1,0 +1,176 @@
+"""The shared correctness suite: every available backend against a float64 reference."""
+
+import pytest
+import torch
+from conftest import TOLERANCE, backend_device, float64_reference, rel_err
+
+from fastlora import lora_linear
+from fastlora.ops import expand_slices
+from fastlora.ops.reference import COL_MUL, MIX_MUL_1, MIX_MUL_2, dropout_keep_mask, dropout_threshold
+
+# (leading dims, in, out, rank): M=1, odd sizes, ranks 1..64, leading dims.
+SHAPES = [
+    ((1,), 16, 24, 4),
+    ((7,), 33, 17, 1),
+    ((2, 5), 64, 48, 8),
+    ((3, 1, 13), 129, 65, 16),
+    ((37,), 100, 260, 64),
+    ((70,), 257, 131, 3),
+]
+DTYPES_BY_BACKEND = {
+    "reference": [torch.float32, torch.bfloat16],
+    "cpu": [torch.float32],
+    "triton": [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []),
+}
+
+
+def make_inputs(lead, n_in, n_out, rank, dtype, device, bias=True, slices=None, x_strided=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    enabled = sum(slices) if slices else 1
+    rows = n_out // len(slices) * enabled if slices else n_out
+    if x_strided:  # a non-contiguous view: every other column of a wider tensor
+        x = rand(*lead, 2 * n_in)[..., ::2]
+    else:
+        x = rand(*lead, n_in)
+    weight = rand(n_out, n_in, scale=n_in**-0.5)
+    b = rand(n_out) if bias else None
+    lora_A = rand(rank * enabled, n_in, scale=n_in**-0.5)
+    lora_B = rand(rows, rank, scale=rank**-0.5)
+    return x.requires_grad_(), weight, b, lora_A.requires_grad_(), lora_B.requires_grad_()
+
+
+def check_against_reference(x, weight, bias, lora_A, lora_B, scale, p, seed, slices=None):
+    y = lora_linear(x, weight, bias, lora_A, lora_B, scale, p, seed=seed, slices=slices)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    B_full = expand_slices(lora_B.detach(), slices, weight.shape[0]) if slices else lora_B.detach()
+    y_ref, (x64, a64, b64) = float64_reference(x, weight, bias, lora_A, B_full.requires_grad_(), scale, p, seed)
+    y_ref.backward(grad.double())
+    tol = TOLERANCE[x.dtype]
+    assert y.dtype == x.dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) <= tol, f"forward error {rel_err(y, y_ref):.2e}"
+    assert rel_err(x.grad, x64.grad) <= tol, f"dx error {rel_err(x.grad, x64.grad):.2e}"
+    assert rel_err(lora_A.grad, a64.grad) <= tol, f"dA error {rel_err(lora_A.grad, a64.grad):.2e}"
+    dB_ref = torch.cat(_slice_blocks(b64.grad, slices)) if slices else b64.grad
+    assert rel_err(lora_B.grad, dB_ref) <= tol, f"dB error {rel_err(lora_B.grad, dB_ref):.2e}"
+
+
+def _slice_blocks(B_full, slices):
+    """The enabled groups' diagonal blocks of a block-structured B, stacked."""
+    groups = len(slices)
+    rows = B_full.shape[0] // groups
+    enabled = [g for g, on in enumerate(slices) if on]
+    rank = B_full.shape[1] // len(enabled)
+    return [B_full[g * rows:(g + 1) * rows, j * rank:(j + 1) * rank] for j, g in enumerate(enabled)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}->{s[2]}r{s[3]}")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_matches_float64_reference(backend, shape, dropout_p):
+    device = backend_device(backend)
+    for dtype in DTYPES_BY_BACKEND[backend]:
+        inputs = make_inputs(*shape, dtype, device, seed=hash((shape, dropout_p)) % 1000)
+        check_against_reference(*inputs, scale=1.7, p=dropout_p, seed=12345)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_strided", [True, False])
+def test_bias_and_strided_input(backend, bias, x_strided):
+    device = backend_device(backend)
+    for dtype in DTYPES_BY_BACKEND[backend]:
+        inputs = make_inputs((4, 9), 48, 40, 4, dtype, device, bias=bias, x_strided=x_strided, seed=7)
+        check_against_reference(*inputs, scale=0.5, p=0.2, seed=99)
+
+
+def test_transposed_weight_view(backend):
+    """A Conv1D-style (in, out) weight used through .t() without a copy."""
+    device = backend_device(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs((11,), 40, 56, 4, torch.float32, device, seed=3)
+    weight_t = weight.t().contiguous().t()  # same values, (out, in) view of an (in, out) buffer
+    assert not weight_t.is_contiguous()
+    check_against_reference(x, weight_t, bias, lora_A, lora_B, scale=2.0, p=0.1, seed=5)
+
+
+@pytest.mark.parametrize("slices", [[True, False, True], [False, True, False], [True, True]])
+def test_slices(backend, slices):
+    device = backend_device(backend)
+    for dtype in DTYPES_BY_BACKEND[backend]:
+        inputs = make_inputs((2, 6), 32, 48, 4, dtype, device, slices=slices, seed=11)
+        check_against_reference(*inputs, scale=8.0, p=0.1, seed=4, slices=slices)
+
+
+def test_disabled_slice_output_is_exactly_base(backend):
+    device = backend_device(backend)
+    slices = [True, False, True]
+    x, weight, bias, lora_A, lora_B = make_inputs((9,), 32, 48, 4, torch.float32, device, slices=slices, seed=2)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 4.0, 0.1, seed=1, slices=slices)
+    y_zero = lora_linear(x, weight, bias, lora_A, torch.zeros_like(lora_B), 4.0, 0.1, seed=1, slices=slices)
+    assert torch.equal(y[:, 16:32], y_zero[:, 16:32])
+    y.sum().backward()
+    assert lora_B.grad.shape == lora_B.shape  # no gradient slot exists for the disabled group
+
+
+def test_dropout_is_reproducible_and_seed_dependent(backend):
+    device = backend_device(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs((64,), 32, 16, 4, torch.float32, device, seed=5)
+    with torch.no_grad():
+        runs = [lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.5, seed=s) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_dropout_off_in_eval_mode(backend):
+    device = backend_device(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs((8,), 32, 16, 4, torch.float32, device, seed=6)
+    with torch.no_grad():
+        y_eval = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.5, training=False)
+        y_nodrop = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.0)
+    assert torch.equal(y_eval, y_nodrop)
+
+
+def test_unseeded_dropout_follows_torch_manual_seed(backend):
+    device = backend_device(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs((16,), 32, 16, 4, torch.float32, device, seed=8)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append(lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.3))
+    assert torch.equal(*outputs)
+
+
+def _python_keep(seed: int, row: int, col: int, p: float) -> bool:
+    """The dropout hash written out on Python ints: the spec every backend implements."""
+    m = 0xFFFFFFFF
+
+    def mix(h):
+        h ^= h >> 16
+        h = (h * MIX_MUL_1) & m
+        h ^= h >> 15
+        h = (h * MIX_MUL_2) & m
+        return h ^ (h >> 15)
+
+    row_key = mix(mix(row ^ (seed & m)) ^ ((seed >> 32) & m))
+    return mix(row_key ^ ((col * COL_MUL) & m)) >= dropout_threshold(p)
+
+
+def test_dropout_mask_matches_the_written_spec():
+    seed, p = (7 << 32) + 12345, 0.25
+    mask = dropout_keep_mask(torch.tensor(seed), 9, 300, p, torch.device("cpu"))
+    expected = torch.tensor([[_python_keep(seed, r, c, p) for c in range(300)] for r in range(9)])
+    assert torch.equal(mask, expected)
+    big = dropout_keep_mask(torch.tensor(3), 512, 512, p, torch.device("cpu"))
+    assert abs(big.float().mean().item() - (1 - p)) < 0.01
+
+
+def test_zero_tokens(backend):
+    device = backend_device(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs((0,), 16, 8, 2, torch.float32, device)
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed=0)
+    y.sum().backward()
+    assert y.shape == (0, 8) and x.grad.shape == (0, 16)
+    assert torch.count_nonzero(lora_A.grad) == 0
