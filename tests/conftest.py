@@ -7,10 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels run on CPU tensors in CI
 
-import pytest  # noqa: E402
+import pytest
 
-import fastlora  # noqa: E402
-from fastlora.ops.reference import dropout_keep_mask  # noqa: E402
+import fastlora
+from fastlora.ops.reference import dropout_keep_mask
 
 
 def available_backends() -> list[str]:
@@ -52,3 +52,26 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 32):
+    """A small random Hugging Face GPT-2 (no download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab_size=101, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    """Give every adapter non-zero weights so that comparisons mean something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 101, (batch, length), generator=torch.Generator().manual_seed(seed))

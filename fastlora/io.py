@@ -1,0 +1,202 @@
+"""Adapters on disk in peft's format: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+Sliced layers (e.g. q and v of GPT-2's ``c_attn``) are written as an exact whole-module peft
+adapter of rank ``r * enabled`` whose B is block-structured with zero rows for disabled groups;
+the slices are recorded in the safetensors metadata so fastlora reads them back as slices.
+Only safetensors are read (never pickle), and everything is validated before the model changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fastlora.config import LoraConfig
+from fastlora.layer import LoRALinear, is_adaptable, is_conv1d
+from fastlora.model import lora_layers, mark_only_lora_trainable, replace_module
+from fastlora.ops import expand_slices
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+SLICES_METADATA = "fastlora_slices"
+
+
+def _peft_alpha(layer: LoRALinear, peft_rank: int) -> float:
+    """The peft ``lora_alpha`` that gives ``layer.scale`` at rank ``peft_rank``."""
+    return layer.scale * (math.sqrt(peft_rank) if layer.use_rslora else peft_rank)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | None = None) -> None:
+    """Write the model's LoRA adapters in peft's format (loadable by ``PeftModel.from_pretrained``)."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to save")
+    first = next(iter(layers.values()))
+    config = config or LoraConfig(r=first.r, alpha=first.alpha, dropout=first.dropout,
+                                  target_modules=sorted(layers), use_rslora=first.use_rslora)
+    tensors, ranks, alphas, slices = {}, {}, {}, {}
+    for name, layer in layers.items():
+        B = layer.lora_B.detach()
+        if layer.slices is not None:
+            B = expand_slices(B, layer.slices, layer.out_features)
+            slices[name] = layer.slices
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
+        ranks[name] = layer.lora_A.shape[0]
+        alphas[name] = _peft_alpha(layer, ranks[name])
+    fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer in layers.values())
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    peft_config = config.to_peft(ranks, alphas, fan_in_fan_out, base_name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS_NAME),
+              metadata={"format": "pt", SLICES_METADATA: json.dumps(slices)})
+    (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+
+
+@dataclass
+class _Planned:
+    """One module's adapter, validated and ready to load."""
+
+    name: str
+    lora_A: Tensor
+    lora_B: Tensor  # compact (stacked per-slice) when slices is set
+    alpha: float
+    slices: list[bool] | None
+
+
+def _read(directory: Path) -> tuple[dict, dict[str, Tensor], dict[str, list[bool]]]:
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        pickled = [p.name for p in directory.glob("adapter_model.bin")]
+        why = f" ({pickled[0]} exists, but fastlora never reads pickle files)" if pickled else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{why}")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    peft_config = json.loads(config_path.read_text())
+    with safe_open(str(weights_path), framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        metadata = f.metadata() or {}
+    return peft_config, tensors, json.loads(metadata.get(SLICES_METADATA, "{}"))
+
+
+def _group_by_module(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        name, dot, part = key.removeprefix(PREFIX).rpartition(".lora_")
+        if not key.startswith(PREFIX) or not dot or part not in ("A.weight", "B.weight"):
+            raise ValueError(f"unexpected key {key!r} in the adapter: expected "
+                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+        modules.setdefault(name, {})[part[0]] = value
+    for name, parts in modules.items():
+        for missing in {"A", "B"} - parts.keys():
+            raise ValueError(f"missing key {PREFIX}{name}.lora_{missing}.weight in the adapter")
+    return modules
+
+
+def _compact_B(name: str, B: Tensor, slices: list[bool], rank: int) -> Tensor:
+    """The stacked per-slice B of a block-structured whole-module B; an error if it is not one."""
+    rows = B.shape[0] // len(slices)
+    blocks, j = [], 0
+    for g, on in enumerate(slices):
+        row_block = B[g * rows:(g + 1) * rows]
+        expected = torch.zeros_like(row_block)
+        if on:
+            expected[:, j * rank:(j + 1) * rank] = row_block[:, j * rank:(j + 1) * rank]
+            blocks.append(row_block[:, j * rank:(j + 1) * rank])
+            j += 1
+        if not torch.equal(row_block, expected):
+            raise ValueError(f"{PREFIX}{name}.lora_B.weight is not block-structured for slices {slices}: "
+                             f"group {g} has non-zero entries outside its own rank columns")
+    return torch.cat(blocks)
+
+
+def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
+          saved_slices: dict[str, list[bool]]) -> list[_Planned]:
+    """Check every adapter tensor against the model; the load plan, or an error naming key and shapes."""
+    config = LoraConfig.from_peft(peft_config)
+    alpha_pattern = peft_config.get("alpha_pattern") or {}
+    existing = dict(lora_layers(model))
+    plan = []
+    modules = _group_by_module(tensors)
+    for name, parts in sorted(modules.items()):
+        A, B = parts["A"], parts["B"]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"adapter key {PREFIX}{name}.lora_A.weight names module {name!r}, "
+                             f"which {type(model).__name__} does not have (an adapter for another model?)") from None
+        if not isinstance(module, LoRALinear) and not is_adaptable(module):
+            raise ValueError(f"adapter key {PREFIX}{name}.lora_A.weight targets {name!r}, a {type(module).__name__}")
+        base = module.base_weight() if isinstance(module, LoRALinear) else (
+            module.weight.t() if is_conv1d(module) else module.weight)
+        out_features, in_features = base.shape
+        rank = A.shape[0]
+        if A.dim() != 2 or A.shape[1] != in_features or B.dim() != 2 or tuple(B.shape) != (out_features, rank):
+            raise ValueError(f"adapter shapes for {name!r} do not fit the model: lora_A {tuple(A.shape)}, "
+                             f"lora_B {tuple(B.shape)}; the module is ({out_features}, {in_features}) so expected "
+                             f"lora_A (r, {in_features}) and lora_B ({out_features}, r)")
+        slices = module.slices if isinstance(module, LoRALinear) else saved_slices.get(name)
+        alpha = float(_pattern_value(alpha_pattern, name, config.alpha))
+        if slices is not None:
+            enabled = sum(slices)
+            if out_features % len(slices) or rank % enabled:
+                raise ValueError(f"adapter for {name!r} (rank {rank}) cannot be split into slices {slices}")
+            B = _compact_B(name, B, slices, rank // enabled)
+        if isinstance(module, LoRALinear) and tuple(module.lora_A.shape) != tuple(A.shape):
+            raise ValueError(f"adapter lora_A for {name!r} has shape {tuple(A.shape)} but the model's "
+                             f"LoRA layer has {tuple(module.lora_A.shape)}")
+        plan.append(_Planned(name, A, B, alpha, slices))
+    missing = sorted(existing.keys() - modules.keys())
+    if missing:
+        raise ValueError(f"the adapter has no weights for the model's LoRA layers {missing}")
+    return plan
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """peft's per-module override: the value of the first key that is ``name`` or a suffix of it."""
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a LoRA adapter saved by fastlora or peft; injects LoRA layers where the model has none.
+
+    All keys, shapes and the config are validated before anything changes: on error the
+    model is left as it was.
+    """
+    directory = Path(directory)
+    peft_config, tensors, saved_slices = _read(directory)
+    plan = _plan(model, peft_config, tensors, saved_slices)
+    config = LoraConfig.from_peft(peft_config)
+    for item in plan:
+        module = model.get_submodule(item.name)
+        enabled = sum(item.slices) if item.slices else 1
+        rank = item.lora_A.shape[0] // enabled
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, r=rank, alpha=_alpha_for(item, rank, config), dropout=config.dropout,
+                                use_rslora=config.use_rslora, slices=item.slices)
+            replace_module(model, item.name, module)
+        with torch.no_grad():
+            module.lora_A.copy_(item.lora_A)
+            module.lora_B.copy_(item.lora_B)
+    mark_only_lora_trainable(model)
+    return model
+
+
+def _alpha_for(item: _Planned, rank: int, config: LoraConfig) -> float:
+    """The alpha that, at the layer's own rank, keeps the scale the adapter was saved with."""
+    peft_rank = item.lora_A.shape[0]
+    if config.use_rslora:
+        return item.alpha / math.sqrt(peft_rank) * math.sqrt(rank)
+    return item.alpha / peft_rank * rank

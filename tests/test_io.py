@@ -1,0 +1,212 @@
+"""Adapters on disk: peft interoperability both ways, slices round trip, validation before change."""
+
+import json
+
+import peft
+import pytest
+import torch
+from conftest import randomize_lora, tiny_gpt2, tokens
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fastlora
+from fastlora import LoraConfig, LoRALinear
+
+QV = LoraConfig(r=4, alpha=32, dropout=0.1, target_modules=["c_attn"], slices={"c_attn": [True, False, True]})
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("config", [
+    QV,
+    LoraConfig(r=8, alpha=16, target_modules=["c_attn", "c_proj", "c_fc"]),
+    LoraConfig(r=4, alpha=8, use_rslora=True, target_modules="all-linear"),
+], ids=["qv-slices", "conv1d", "rslora-all-linear"])
+def test_saved_adapter_loads_in_peft_with_same_logits(tmp_path, config):
+    model = fastlora.inject(tiny_gpt2(), config)
+    randomize_lora(model)
+    fastlora.save_adapter(model, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    ids = tokens()
+    assert max_diff(logits(peft_model, ids), logits(model, ids)) <= 1e-5
+
+
+def test_slices_export_as_whole_module_rank_2r_with_zero_k_rows(tmp_path):
+    model = fastlora.inject(tiny_gpt2(), QV)
+    randomize_lora(model)
+    fastlora.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    B = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    A = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
+    assert A.shape == (8, 32) and B.shape == (96, 8)
+    assert torch.count_nonzero(B[32:64]) == 0
+    assert torch.count_nonzero(B[:32, 4:]) == 0 and torch.count_nonzero(B[64:, :4]) == 0
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["fan_in_fan_out"] is True
+
+
+def test_slices_adapter_imports_back_to_slices(tmp_path):
+    model = fastlora.inject(tiny_gpt2(), QV)
+    randomize_lora(model)
+    fastlora.save_adapter(model, tmp_path)
+    loaded = fastlora.load_adapter(tiny_gpt2(), tmp_path)
+    for (name, layer), (_, original) in zip(fastlora.model.lora_layers(loaded), fastlora.model.lora_layers(model),
+                                            strict=True):
+        assert layer.slices == [True, False, True] and layer.r == 4, name
+        assert layer.scale == pytest.approx(original.scale)
+        assert torch.equal(layer.lora_A, original.lora_A) and torch.equal(layer.lora_B, original.lora_B)
+    assert max_diff(logits(loaded, tokens()), logits(model, tokens())) == 0
+
+
+def test_peft_adapter_into_an_already_sliced_model(tmp_path):
+    source = fastlora.inject(tiny_gpt2(), QV)
+    randomize_lora(source)
+    fastlora.save_adapter(source, tmp_path)
+    target = fastlora.inject(tiny_gpt2(), QV)
+    fastlora.load_adapter(target, tmp_path)
+    assert max_diff(logits(target, tokens()), logits(source, tokens())) == 0
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(10, 20), nn.Linear(20, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def peft_adapter(base, targets, tmp_path, **kwargs):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs)
+    peft_model = peft.get_peft_model(base, config)
+    peft_model.save_pretrained(tmp_path)
+    return peft_model
+
+
+PEFT_VARIANTS = [{}, {"use_rslora": True}, {"rank_pattern": {"fc2": 2}, "alpha_pattern": {"fc2": 5}}]
+
+
+@pytest.mark.parametrize("kwargs", PEFT_VARIANTS)
+def test_loads_peft_linear_adapters_with_same_logits(tmp_path, kwargs):
+    peft_model = peft_adapter(MLP(), ["fc1", "fc2"], tmp_path, **kwargs)
+    model = fastlora.load_adapter(MLP(), tmp_path)
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        assert max_diff(model(x), peft_model(x)) <= 1e-5
+    assert isinstance(model.fc1, LoRALinear) and not isinstance(model.head, LoRALinear)
+
+
+def test_loads_peft_conv1d_adapters_with_same_logits(tmp_path):
+    peft_model = peft_adapter(tiny_gpt2(), ["c_attn", "c_fc"], tmp_path, fan_in_fan_out=True)
+    model = fastlora.load_adapter(tiny_gpt2(), tmp_path)
+    ids = tokens()
+    assert max_diff(logits(model, ids), logits(peft_model, ids)) <= 1e-5
+
+
+def snapshot(model):
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, snap):
+    types, state = snap
+    assert [type(m) for m in model.modules()] == types
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def saved(tmp_path):
+    model = fastlora.inject(tiny_gpt2(), LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    randomize_lora(model)
+    fastlora.save_adapter(model, tmp_path)
+    return load_file(tmp_path / "adapter_model.safetensors"), json.loads((tmp_path / "adapter_config.json").read_text())
+
+
+KEY_A = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+KEY_B = "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"
+
+
+def drop_key(tensors, config):
+    del tensors[KEY_B]
+
+
+def extra_key(tensors, config):
+    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"] = torch.ones(3)
+
+
+def wrong_shape(tensors, config):
+    tensors[KEY_A] = torch.zeros(4, 48)
+
+
+def other_architecture(tensors, config):
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(32, 4)
+
+
+def not_lora(tensors, config):
+    config["peft_type"] = "IA3"
+
+
+def dora(tensors, config):
+    config["use_dora"] = True
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    (drop_key, "missing key base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"),
+    (extra_key, "unexpected key 'base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector'"),
+    (wrong_shape, r"lora_A \(4, 48\).*expected lora_A \(r, 32\)"),
+    (other_architecture, "names module 'model.layers.0.self_attn.q_proj', which GPT2LMHeadModel does not have"),
+    (not_lora, "peft_type must be 'LORA', got 'IA3'"),
+    (dora, "use_dora=true is not supported"),
+])
+def test_bad_adapters_raise_and_leave_the_model_unchanged(tmp_path, corrupt, message):
+    tensors, config = saved(tmp_path / "good")
+    corrupt(tensors, config)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, bad / "adapter_model.safetensors")
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    injected = fastlora.inject(tiny_gpt2(), LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    for model in (tiny_gpt2(), injected):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            fastlora.load_adapter(model, bad)
+        assert_same(model, snap)
+
+
+def test_adapter_missing_a_layer_the_model_has_is_an_error(tmp_path):
+    saved(tmp_path)
+    model = fastlora.inject(tiny_gpt2(), LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc", "c_proj"]))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="no weights for the model's LoRA layers"):
+        fastlora.load_adapter(model, tmp_path)
+    assert_same(model, snap)
+
+
+def test_non_block_structured_adapter_cannot_become_slices(tmp_path):
+    tensors, config = saved(tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, bad / "adapter_model.safetensors")
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    model = fastlora.inject(tiny_gpt2(), LoraConfig(r=2, alpha=8, target_modules=["c_attn", "c_fc"],
+                                                    slices={"c_attn": [True, False, True]}))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="not block-structured for slices"):
+        fastlora.load_adapter(model, bad)
+    assert_same(model, snap)
+
+
+def test_only_safetensors_are_read(tmp_path):
+    saved(tmp_path)
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match="never reads pickle"):
+        fastlora.load_adapter(tiny_gpt2(), tmp_path)

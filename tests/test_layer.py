@@ -1,0 +1,117 @@
+"""LoRALinear: wraps Linear and Conv1D without copies, matches the formula, merges exactly."""
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fastlora import LoRALinear
+
+
+def conv1d(n_in, n_out):
+    layer = Conv1D(n_out, n_in)
+    nn.init.normal_(layer.weight, std=0.1)
+    nn.init.normal_(layer.bias, std=0.1)
+    return layer
+
+
+def random_lora(layer, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
+    return layer
+
+
+BASES = {"linear": lambda: nn.Linear(24, 36), "conv1d": lambda: conv1d(24, 36)}
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_equals_base_layer_at_init(kind):
+    base = BASES[kind]()
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.1)
+    x = torch.randn(3, 5, 24)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_wraps_without_copying_and_freezes_base(kind):
+    base = BASES[kind]()
+    layer = LoRALinear(base, r=2)
+    assert layer.base_layer is base
+    assert layer.base_weight().data_ptr() == base.weight.data_ptr()
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+@pytest.mark.parametrize("kind", BASES)
+@pytest.mark.parametrize("slices", [None, [True, False, True]])
+def test_forward_matches_formula(kind, slices):
+    base = BASES[kind]()
+    layer = random_lora(LoRALinear(base, r=4, alpha=6, slices=slices))
+    x = torch.randn(7, 24, dtype=torch.float64).float()
+    W = layer.base_weight().double()
+    delta = layer.delta_weight().double()
+    expected = x.double() @ (W + delta).t() + base.bias.double()
+    assert rel_err(layer(x), expected) < 1e-5
+    if slices:
+        assert torch.count_nonzero(delta[12:24]) == 0
+
+
+def test_rslora_scale():
+    assert LoRALinear(nn.Linear(4, 4), r=16, alpha=8, use_rslora=True).scale == pytest.approx(2.0)
+    assert LoRALinear(nn.Linear(4, 4), r=16, alpha=8).scale == pytest.approx(0.5)
+
+
+def test_gaussian_init_std():
+    layer = LoRALinear(nn.Linear(4096, 8), r=4, init="gaussian")
+    assert layer.lora_A.std().item() == pytest.approx(0.25, rel=0.05)
+    assert torch.count_nonzero(layer.lora_B) == 0
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_merge_gives_base_forward_and_unmerge_restores(kind):
+    base = BASES[kind]()
+    original = base.weight.detach().clone()
+    layer = random_lora(LoRALinear(base, r=4, alpha=8, slices=[True, True, False]))
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+        assert layer.merged and "merged=True" in repr(layer)
+        assert torch.equal(merged, base(x))
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+        layer.merge()  # idempotent
+        layer.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
+    assert not layer.merged
+
+
+def test_extra_repr_shows_configuration():
+    text = repr(LoRALinear(nn.Linear(6, 9), r=3, alpha=12, slices=[True, False, True]))
+    for part in ("r=3", "alpha=12", "slices=[True, False, True]", "merged=False"):
+        assert part in text
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"r": 0}, "r must be an integer >= 1, got 0"),
+    ({"alpha": -1.0}, "alpha must be a finite number > 0, got -1.0"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+    ({"init": "zeros"}, "init must be one of"),
+    ({"slices": [True, False, True, False, True]}, "divide out_features=36"),
+    ({"slices": [False, False]}, "at least one"),
+])
+def test_bad_arguments_raise_and_leave_base_untouched(kwargs, message):
+    base = nn.Linear(24, 36)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        LoRALinear(base, **kwargs)
+    assert base.weight.requires_grad and base.bias.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_wrapping_a_non_linear_module_is_an_error():
+    with pytest.raises(TypeError, match="got Conv2d"):
+        LoRALinear(nn.Conv2d(3, 3, 1))
