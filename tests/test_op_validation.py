@@ -1,0 +1,77 @@
+"""Bad input to the op is a clear ValueError naming the argument and shapes, raised before any kernel."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import lora_linear
+
+
+def good():
+    return {"x": torch.randn(3, 8), "weight": torch.randn(12, 8), "bias": torch.randn(12),
+            "lora_A": torch.randn(2, 8, requires_grad=True), "lora_B": torch.zeros(12, 2, requires_grad=True),
+            "scale": 1.0}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"x": torch.randn(3, 9)}, r"x's last dim must equal weight's in_features: x \(3, 9\), weight \(12, 8\)"),
+    ({"weight": torch.randn(12, 8, 1)}, r"weight must be 2-D \(out, in\), got shape \(12, 8, 1\)"),
+    ({"bias": torch.randn(11)}, r"bias must have shape \(12,\) to match weight \(12, 8\), got \(11,\)"),
+    ({"lora_A": torch.randn(2, 7)}, r"lora_A must be \(R, 8\) to match weight \(12, 8\), got \(2, 7\)"),
+    ({"lora_B": torch.randn(12, 3)}, r"lora_B must have shape \(12, 2\) .* got \(12, 3\)"),
+    ({"lora_B": torch.randn(12, 2, dtype=torch.float64)}, "lora_B has dtype torch.float64 but x has torch.float32"),
+    ({"x": torch.ones(3, 8, dtype=torch.int64), "weight": torch.ones(12, 8, dtype=torch.int64),
+      "bias": None, "lora_A": torch.ones(2, 8, dtype=torch.int64), "lora_B": torch.ones(12, 2, dtype=torch.int64)},
+     "x must be floating point"),
+    ({"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\), got 1.0"),
+    ({"dropout_p": -0.5}, r"dropout_p must be in \[0, 1\), got -0.5"),
+    ({"scale": float("nan")}, "scale must be a finite number, got nan"),
+    ({"slices": [True, True, True, True, True]}, r"slices \[True, True, True, True, True\] must enable"),
+    ({"slices": [True, False, True]}, r"lora_B must have shape \(8, 1\) for weight \(12, 8\), lora_A \(2, 8\) and slices \[True, False, True\], got \(12, 2\)"),
+    ({"slices": [True, False, True], "lora_A": torch.randn(3, 8)}, r"lora_A's rows 3 must be rank x 2 enabled"),
+])
+def test_bad_arguments_name_the_argument_and_shapes(change, message):
+    args = good() | change
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=message):
+        lora_linear(**args)
+    assert all(torch.equal(before[k], v) for k, v in args.items() if isinstance(v, torch.Tensor))
+
+
+def test_trainable_base_weight_is_refused_in_backward():
+    args = good()
+    args["weight"].requires_grad_()
+    y = lora_linear(**args)
+    with pytest.raises(RuntimeError, match="keeps weight and bias frozen"):
+        y.sum().backward()
+
+
+def test_backends_report_availability_and_reasons():
+    table = fastlora.backends()
+    assert list(table) == ["reference", "cpu", "triton"]
+    assert table["reference"].available
+    for status in table.values():
+        assert status.available or status.reason
+
+
+def test_unknown_forced_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="FASTLORA_BACKEND='cuda-magic' is not one of reference, cpu, triton"):
+        lora_linear(**good())
+
+
+def test_forced_backend_that_cannot_take_the_tensors_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "cpu")
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in good().items()}
+    with pytest.raises(RuntimeError, match="FASTLORA_BACKEND=cpu"):
+        lora_linear(**args)
+
+
+def test_python_m_fastlora_prints_the_backend_table():
+    out = subprocess.run([sys.executable, "-m", "fastlora"], capture_output=True, text=True, check=True).stdout
+    assert "torch" in out and "backend" in out
+    for name in ("reference", "cpu", "triton"):
+        assert name in out
