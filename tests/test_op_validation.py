@@ -30,7 +30,8 @@ def good():
     ({"dropout_p": -0.5}, r"dropout_p must be in \[0, 1\), got -0.5"),
     ({"scale": float("nan")}, "scale must be a finite number, got nan"),
     ({"slices": [True, True, True, True, True]}, r"slices \[True, True, True, True, True\] must enable"),
-    ({"slices": [True, False, True]}, r"lora_B must have shape \(8, 1\) for weight \(12, 8\), lora_A \(2, 8\) and slices \[True, False, True\], got \(12, 2\)"),
+    ({"slices": [True, False, True]}, r"lora_B must have shape \(8, 1\) for weight \(12, 8\), lora_A \(2, 8\) "
+     r"and slices \[True, False, True\], got \(12, 2\)"),
     ({"slices": [True, False, True], "lora_A": torch.randn(3, 8)}, r"lora_A's rows 3 must be rank x 2 enabled"),
 ])
 def test_bad_arguments_name_the_argument_and_shapes(change, message):
