@@ -75,7 +75,7 @@ def _thin_block_m(rows: int) -> int:
     """Row block of the thin kernels: enough programs to fill a GPU, few atomics per output."""
     if INTERPRET:
         return 32
-    return 128 if rows >= 32768 else 64 if rows >= 8192 else 32
+    return 128 if rows >= 16384 else 64 if rows >= 4096 else 32
 
 
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
