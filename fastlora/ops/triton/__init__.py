@@ -25,23 +25,37 @@ if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
 from fastlora.ops.reference import dropout_threshold  # noqa: E402
-from fastlora.ops.triton._kernels import _lora_down_kernel, _lora_gemm_kernel, _lora_grad_kernel  # noqa: E402
+from fastlora.ops.triton._kernels import _lora_backward_kernel, _lora_down_kernel, _lora_forward_kernel  # noqa: E402
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
-INTERPRET_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): wide tiles with 3-4 stages for Hopper, smaller
+# ones that suit older cards and small M. The backward kernel's tile is (BLOCK_M, BLOCK_K).
+_TILES = [
+    (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 5, 4), (128, 128, 32, 4, 4),
+]
 
 
-def _gemm_configs() -> list[triton.Config]:
-    """Tile shapes for Hopper (wide tiles, 3-4 stages) with smaller ones that suit older cards and small M."""
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 5, 4), (128, 128, 32, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes]
+def _zero_grad_buffers(args: dict) -> None:
+    """Before every (also every autotuning) launch: the atomically accumulated dA and dB start at zero."""
+    args["da_ptr"].zero_()
+    args["db_ptr"].zero_()
 
 
-_tuned_gemm = None if INTERPRET else triton.autotune(_gemm_configs(), key=["M", "N", "K", "R"])(_lora_gemm_kernel)
+def _configs(backward: bool) -> list[triton.Config]:
+    hook = _zero_grad_buffers if backward else None
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bk if backward else bn, "BLOCK_K": bn if backward else bk,
+                           "GROUP_M": 8}, num_stages=stages, num_warps=warps, pre_hook=hook)
+            for bm, bn, bk, stages, warps in _TILES]
+
+
+def _autotuned(kernel, backward: bool):
+    return None if INTERPRET else triton.autotune(_configs(backward), key=["M", "N", "K"])(kernel)
+
+
+_tuned_forward = _autotuned(_lora_forward_kernel, backward=False)
+_tuned_backward = _autotuned(_lora_backward_kernel, backward=True)
 
 
 def _rank_pad(rank: int) -> int:
@@ -63,19 +77,20 @@ def _dropout_args(dropout_p: float, seed: Tensor) -> dict:
     """The kernels' dropout scalars: the seed's 32-bit halves, the threshold and 1/(1-p)."""
     seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
     return {
+        "inv_keep": 1.0 / (1.0 - dropout_p),
         "seed_lo": _int32_bits(seed_value & 0xFFFFFFFF),
         "seed_hi": _int32_bits(seed_value >> 32),
         "threshold": _int32_bits(dropout_threshold(dropout_p)),
-        "inv_keep": 1.0 / (1.0 - dropout_p),
         "DROPOUT": dropout_p > 0,
     }
 
 
-def _thin_block_m(rows: int) -> int:
-    """Row block of the thin kernels: enough programs to fill a GPU, few atomics per output."""
+def _launch(tuned, kernel, tiles, args: tuple, meta: dict) -> None:
+    """Launch on a 1-D grid of ``tiles(config)`` programs: autotuned, or the fixed config when interpreting."""
     if INTERPRET:
-        return 32
-    return 128 if rows >= 16384 else 64 if rows >= 4096 else 32
+        kernel[(tiles(INTERPRET_CONFIG),)](*args, **meta, **INTERPRET_CONFIG)
+    else:
+        tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
@@ -83,7 +98,7 @@ def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
     (M, K), R = x.shape, lora_A.shape[0]
     r_pad = _rank_pad(R)
     h = torch.empty(M, r_pad, device=x.device, dtype=torch.float32)
-    block_m = _thin_block_m(M)
+    block_m = 32 if INTERPRET or M < 4096 else 64
     _lora_down_kernel[(triton.cdiv(M, block_m),)](
         x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
         drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
@@ -93,35 +108,20 @@ def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
     return h
 
 
-def _lora_gemm(p: Tensor, q: Tensor, low: Tensor, up: Tensor, bias: Tensor | None, scale: float,
-               drop: dict, mask_output: bool) -> Tensor:
-    """``p @ q + bias + scale * [keep *] (low @ up.T)`` in one kernel; every operand may be a strided view."""
-    (M, K), N, R = p.shape, q.shape[1], up.shape[1]
-    out = torch.empty(M, N, device=p.device, dtype=p.dtype)
-    args = (p, q, low, up, bias if bias is not None else out, out, M, N, K, R,
-            *p.stride(), *q.stride(), *up.stride(), *out.stride(),
-            scale, drop["seed_lo"], drop["seed_hi"], drop["threshold"])
-    meta = {"HAS_BIAS": bias is not None, "DROPOUT": mask_output and drop["DROPOUT"],
-            "R_PAD": low.shape[1], "PRECISION": _precision(p.dtype)}
-    if INTERPRET:
-        cfg = INTERPRET_GEMM_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _lora_gemm_kernel[grid](*args, **meta, **cfg)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _tuned_gemm[grid](*args, **meta)
-    return out
-
-
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
             scale: float, dropout_p: float, seed: Tensor) -> Tensor:
     """``(M, out)`` output of the fused LoRA linear; see :func:`fastlora.ops.reference.forward`."""
-    if x.shape[0] == 0:
-        return x.new_empty(0, weight.shape[0])
-    drop = _dropout_args(dropout_p, seed)
-    h = _lora_down(x, lora_A, drop)
-    return _lora_gemm(x, weight.t(), h, lora_B, bias, scale, drop, mask_output=False)
+    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+    out = x.new_empty(M, N)
+    if M == 0:
+        return out
+    h = _lora_down(x, lora_A, _dropout_args(dropout_p, seed))
+    args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, R,
+            *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
+    meta = {"HAS_BIAS": bias is not None, "R_PAD": h.shape[1], "PRECISION": _precision(x.dtype)}
+    _launch(_tuned_forward, _lora_forward_kernel,
+            lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
+    return out
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
@@ -130,23 +130,18 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     """``(dx, dA, dB)`` as asked by ``needs``; see :func:`fastlora.ops.reference.backward`."""
     need_dx, need_dA, need_dB = needs
     (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+    dx = x.new_empty(M, K) if need_dx else None
     dA = torch.zeros(R, K, device=x.device, dtype=torch.float32)
     dB = torch.zeros(N, R, device=x.device, dtype=torch.float32)
-    if M == 0:
-        dx = x.new_empty(0, K) if need_dx else None
-        return dx, dA.to(x.dtype) if need_dA else None, dB.to(x.dtype) if need_dB else None
-    drop = _dropout_args(dropout_p, seed)
-    h = _lora_down(x, lora_A, drop) if need_dB else x.new_empty(0, _rank_pad(R), dtype=torch.float32)
-    g = torch.empty(M, _rank_pad(R), device=x.device, dtype=torch.float32)
-    block_m = _thin_block_m(M)
-    _lora_grad_kernel[(triton.cdiv(M, block_m),)](
-        grad_out, lora_B, h, x, g, dA, dB, M, N, K, R,
-        *grad_out.stride(), *lora_B.stride(), *x.stride(),
-        scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
-        NEED_DA=need_dA, NEED_DB=need_dB, DROPOUT=drop["DROPOUT"], R_PAD=g.shape[1],
-        PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, num_warps=4,
-    )
-    dx = None
-    if need_dx:
-        dx = _lora_gemm(grad_out, weight, g, lora_A.t(), None, scale * drop["inv_keep"], drop, mask_output=True)
+    if M > 0 and any(needs):
+        drop = _dropout_args(dropout_p, seed)
+        h = _lora_down(x, lora_A, drop) if need_dB else dB  # dB: a placeholder the kernel never reads
+        args = (grad_out, weight, lora_A, lora_B, x, h, dx if need_dx else dA, dA, dB, M, N, K, R,
+                *grad_out.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(),
+                *(dx.stride() if need_dx else (0, 0)),
+                scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
+        meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "NEED_DB": need_dB, "DROPOUT": drop["DROPOUT"],
+                "R_PAD": _rank_pad(R), "PRECISION": _precision(x.dtype)}
+        _launch(_tuned_backward, _lora_backward_kernel,
+                lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta)
     return dx, dA.to(x.dtype) if need_dA else None, dB.to(x.dtype) if need_dB else None

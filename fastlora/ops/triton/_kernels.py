@@ -1,15 +1,15 @@
-"""Triton kernels of the triton backend: the dropout hash, the thin rank-R passes and the fused GEMM.
+"""Triton kernels of the triton backend: the dropout hash, the thin down-projection and two fused GEMMs.
 
-Three kernels serve forward and backward (``R_PAD``: the rank padded to a power of two >= 16,
-so that every 16-bit dot has K >= 16; the padding columns of ``A`` and ``B`` load as zeros):
+``R_PAD`` is the rank padded to a power of two >= 16, so that every 16-bit dot has K >= 16;
+the padding columns of ``A`` and ``B`` load as zeros.
 
-- ``_lora_down_kernel``: ``h = dropout(x) @ A.T / (1 - p)``, an fp32 ``(M, R_PAD)`` buffer.
-- ``_lora_gemm_kernel``: ``out = P @ Q + bias + scale * [keep *] (L @ U.T)``, the base GEMM
-  with the rank-R update accumulated into the same fp32 tile, written once. Forward uses
-  ``P = x, Q = W.T, L = h, U = B``; backward's dx uses ``P = dy, Q = W, L = dy @ B, U = A.T``
-  with the dropout mask applied to the rank-R term.
-- ``_lora_grad_kernel``: one pass over ``dy`` per row block gives ``g = dy @ B`` and adds
-  ``scale * dy.T @ h`` into dB, then one pass over ``x`` adds ``scale * g.T @ dropout(x)`` into dA.
+- ``_lora_down_kernel``: ``h = dropout(x) @ A.T / (1 - p)``, an fp32 ``(M, R_PAD)`` buffer
+  (one pass over x; the dropout hash is evaluated once per element).
+- ``_lora_forward_kernel``: the base GEMM ``x @ W.T`` whose fp32 tile also accumulates
+  ``scale * h @ B.T`` and the bias before it is written once.
+- ``_lora_backward_kernel``: the dx GEMM ``dy @ W`` that also accumulates ``g = dy @ B`` from
+  the same dy tiles, adds dB's share from them, fuses ``scale * keep * (g @ A) / (1-p)`` into
+  dx and adds dA from the masked x tile of the same columns.
 
 The dropout mask is the hash of :mod:`fastlora.ops.reference` on uint32 values, regenerated
 from (seed, row, col) wherever it is needed, never stored.
@@ -69,55 +69,52 @@ def _lora_down_kernel(
     tl.store(h_ptrs, acc * inv_keep, mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _lora_gemm_kernel(
-    p_ptr, q_ptr, low_ptr, up_ptr, bias_ptr, out_ptr, M, N, K, R,
-    stride_pm, stride_pk, stride_qk, stride_qn, stride_un, stride_ur, stride_om, stride_on,
-    scale, seed_lo, seed_hi, threshold,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """One ``(BLOCK_M, BLOCK_N)`` tile of ``P @ Q + bias + scale * [keep *] (L @ U.T)``.
-
-    ``P: (M, K)``, ``Q: (K, N)`` and ``U: (N, R)`` take any strides; ``L`` is the contiguous
-    fp32 ``(M, R_PAD)`` buffer of a thin kernel. The keep-mask (``DROPOUT``) is the dropout
-    hash at the output's (row, col).
-    """
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row block, column block), in groups of GROUP_M row blocks for L2 reuse."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_n
     first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    rows_in_group = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
+
+@triton.jit
+def _lora_forward_kernel(
+    x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_om, stride_on,
+    scale,
+    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x @ W.T + bias + scale * h @ B.T``, written once.
+
+    ``x: (M, K)``, ``W: (N, K)`` and ``B: (N, R)`` take any strides; ``h`` is the contiguous
+    fp32 ``(M, R_PAD)`` output of ``_lora_down_kernel`` (dropout already applied).
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    safe_m = (offs_m % M).to(tl.int64)  # out-of-range rows/cols re-read valid ones; never stored
+    safe_m = (offs_m % M).to(tl.int64)  # rows/cols past the end re-read valid ones and are never stored
     safe_n = (offs_n % N).to(tl.int64)
-    p_ptrs = p_ptr + safe_m[:, None] * stride_pm + offs_k[None, :] * stride_pk
-    q_ptrs = q_ptr + offs_k[:, None] * stride_qk + safe_n[None, :] * stride_qn
+    x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        p = tl.load(p_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        q = tl.load(q_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(p, q, acc, input_precision=PRECISION)
-        p_ptrs += BLOCK_K * stride_pk
-        q_ptrs += BLOCK_K * stride_qk
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
 
     offs_r = tl.arange(0, R_PAD)
-    low = tl.load(low_ptr + safe_m[:, None] * R_PAD + offs_r[None, :])
-    up_t = tl.load(up_ptr + offs_r[:, None] * stride_ur + safe_n[None, :] * stride_un,
-                   mask=offs_r[:, None] < R, other=0.0)
-    low = (low * scale).to(up_t.dtype)
-    if DROPOUT:
-        update = tl.dot(low, up_t, input_precision=PRECISION)
-        acc += tl.where(_keep_mask(offs_m, offs_n, seed_lo, seed_hi, threshold), update, 0.0)
-    else:
-        acc = tl.dot(low, up_t, acc, input_precision=PRECISION)
+    h = tl.load(h_ptr + safe_m[:, None] * R_PAD + offs_r[None, :])
+    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + safe_n[None, :] * stride_bn,
+                  mask=offs_r[:, None] < R, other=0.0)
+    acc = tl.dot((h * scale).to(b_t.dtype), b_t, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -125,49 +122,75 @@ def _lora_gemm_kernel(
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _lora_grad_kernel(
-    dy_ptr, b_ptr, h_ptr, x_ptr, g_ptr, da_ptr, db_ptr, M, N, K, R,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_xm, stride_xk,
+def _lora_backward_kernel(
+    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, h_ptr, dx_ptr, da_ptr, db_ptr, M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xm, stride_xk, stride_dxm, stride_dxk,
     scale, inv_keep, seed_lo, seed_hi, threshold,
-    NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, DROPOUT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, DROPOUT: tl.constexpr,
     R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One row block: ``g = dy @ B`` (stored), ``dB += scale * dy.T @ h``, ``dA += scale * g.T @ dropout(x)``.
+    """One ``(BLOCK_M, BLOCK_K)`` tile of dx, reading its rows of dy once for everything.
 
-    dA ``(R, K)`` and dB ``(N, R)`` are contiguous fp32 buffers that row blocks add into atomically.
+    The loop over the N output features accumulates ``dy @ W`` and ``g = dy @ B`` and, for
+    every num_k-th chunk of N, adds ``dy.T @ h`` into dB. The epilogue adds
+    ``scale * keep * (g @ A) / (1-p)`` to the dx tile, writes it once, and adds
+    ``scale * g.T @ dropout(x)`` for these columns into dA. dA ``(R, K)`` and dB ``(N, R)`` are
+    zeroed contiguous fp32 buffers that every program adds into atomically; ``h`` is
+    ``_lora_down_kernel``'s output (dropout and 1/(1-p) included).
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     row_ok = offs_m < M
-    rows64 = offs_m.to(tl.int64)
+    safe_m = (offs_m % M).to(tl.int64)  # rows past the end re-read valid ones; h and x zero them
+    safe_k = (offs_k % K).to(tl.int64)
+    dy_ptrs = dy_ptr + safe_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     if NEED_DB:
-        h = tl.load(h_ptr + rows64[:, None] * R_PAD + offs_r[None, :], mask=row_ok[:, None], other=0.0)
+        h = tl.load(h_ptr + safe_m[:, None] * R_PAD + offs_r[None, :], mask=row_ok[:, None], other=0.0)
         h = h.to(dy_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + offs_n
-        col_ok = cols < N
-        dy = tl.load(dy_ptr + rows64[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                    mask=col_ok[:, None] & (offs_r[None, :] < R), other=0.0)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        n_left = N - n * BLOCK_N
+        dy = tl.load(dy_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
+        if NEED_DX:
+            w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
+            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+        b = tl.load(b_ptrs, mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R), other=0.0)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
-        if NEED_DB:
-            db = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
-            tl.atomic_add(db_ptr + cols[:, None] * R + offs_r[None, :], db * scale,
-                          mask=col_ok[:, None] & (offs_r[None, :] < R))
-    tl.store(g_ptr + rows64[:, None] * R_PAD + offs_r[None, :], g, mask=row_ok[:, None])
+        if NEED_DB:  # noqa: SIM102 (a constexpr test: h only exists when NEED_DB)
+            if n % num_k == pid_k:  # the dB work is spread over the programs of this row block
+                db = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
+                tl.atomic_add(db_ptr + (n * BLOCK_N + offs_n)[:, None] * R + offs_r[None, :], db * scale,
+                              mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R))
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+        b_ptrs += BLOCK_N * stride_bn
+
+    g_scaled = (g * (scale * inv_keep)).to(dy_ptr.dtype.element_ty)
+    if DROPOUT:
+        keep = _keep_mask(offs_m, offs_k, seed_lo, seed_hi, threshold)
+    if NEED_DX:
+        a_t = tl.load(a_ptr + offs_r[:, None] * stride_ar + safe_k[None, :] * stride_ak,
+                      mask=offs_r[:, None] < R, other=0.0)
+        if DROPOUT:
+            acc += tl.where(keep, tl.dot(g_scaled, a_t, input_precision=PRECISION), 0.0)
+        else:
+            acc = tl.dot(g_scaled, a_t, acc, input_precision=PRECISION)
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_k[None, :] < K))
     if NEED_DA:
-        g_t = tl.trans(g.to(dy_ptr.dtype.element_ty))
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + offs_k
-            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
-            if DROPOUT:
-                x = tl.where(_keep_mask(offs_m, cols, seed_lo, seed_hi, threshold), x, 0.0)
-            da = tl.dot(g_t, x, input_precision=PRECISION)
-            tl.atomic_add(da_ptr + offs_r[:, None] * K + cols[None, :], da * (scale * inv_keep),
-                          mask=(offs_r[:, None] < R) & (cols[None, :] < K))
+        x = tl.load(x_ptr + safe_m[:, None] * stride_xm + safe_k[None, :] * stride_xk,
+                    mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = tl.where(keep, x, 0.0)
+        da = tl.dot(tl.trans(g_scaled), x, input_precision=PRECISION)
+        tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
+                      mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
