@@ -1,0 +1,48 @@
+// The vectorised inner loops of the extension, one table per instruction set, picked at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace fastlora {
+
+// The shared dropout hash, bit for bit as fastlora/ops/reference.py documents it.
+constexpr uint32_t kMixMul1 = 0x21F0AAADu;
+constexpr uint32_t kMixMul2 = 0x735A2D97u;
+constexpr uint32_t kColMul = 0x9E3779B9u;
+constexpr uint32_t kElementMul = 0x9E3779B1u;
+
+inline uint32_t mix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= kMixMul1;
+    h ^= h >> 15;
+    h *= kMixMul2;
+    h ^= h >> 15;
+    return h;
+}
+
+// The per-row key of the hash: mix(mix(row ^ seed_lo) ^ seed_hi).
+inline uint32_t dropout_row_key(uint64_t seed, int64_t row) {
+    return mix32(mix32(static_cast<uint32_t>(row) ^ static_cast<uint32_t>(seed)) ^ static_cast<uint32_t>(seed >> 32));
+}
+
+// The per-column key: mix(col * kColMul). Element (r, c) is kept iff
+// int32((row_key ^ col_key) * kElementMul) >= threshold, threshold = floor(p * 2^32) - 2^31.
+inline uint32_t dropout_col_key(int64_t col) { return mix32(static_cast<uint32_t>(col) * kColMul); }
+
+struct Kernels {
+    const char* name;
+    // out[k] = x[k] * (kept(row_key, col_keys[k]) ? keep_scale : 0) for k < n; out may equal x.
+    void (*dropout_row)(const float* x, float* out, int64_t n, uint32_t row_key, const uint32_t* col_keys,
+                        int32_t threshold, float keep_scale);
+    // For each of `rows` rows i: c[i, j] = bias[j] + alpha * sum_r h[i, r] * bt[r, j] for j < n
+    // (bias may be null for 0). c has row stride ldc, h row stride ldh, bt (rank, >= n) row stride ldbt.
+    void (*lowrank_rows)(float* c, int64_t ldc, const float* bias, const float* h, int64_t ldh,
+                         const float* bt, int64_t ldbt, int64_t rank, int64_t rows, int64_t n, float alpha);
+};
+
+// The table of each instruction set built into this binary; null where it is not built here.
+extern const Kernels* const portable_kernels;
+extern const Kernels* const avx2_kernels;
+extern const Kernels* const avx512_kernels;
+
+}  // namespace fastlora
