@@ -1,0 +1,38 @@
+"""Score E2E outputs with BLEU, NIST, METEOR, ROUGE-L and CIDEr as the official E2E metrics tool does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from metrics import METRICS, check_counts, read_grouped_refs, read_outputs, score
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("refs", help="references: one per line, a blank line between MRs")
+    parser.add_argument("outputs", help="system outputs: one line per MR, in the same order")
+    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    args = parser.parse_args(argv)
+
+    try:
+        refs = read_grouped_refs(args.refs)
+        outputs = read_outputs(args.outputs)
+        check_counts(refs, outputs)
+    except (OSError, UnicodeDecodeError) as err:
+        parser.error(str(err))
+    except ValueError as err:
+        parser.error(f"{args.refs} and {args.outputs} do not match: {err}")
+
+    scores = score(refs, outputs)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print("SCORES:\n==============")
+        for name in METRICS:
+            if name in scores:
+                print(f"{name}: {scores[name]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
