@@ -6,7 +6,7 @@ from conftest import TOLERANCE, backend_device, float64_reference, rel_err
 
 from fastlora import lora_linear
 from fastlora.ops import expand_slices
-from fastlora.ops.reference import COL_MUL, MIX_MUL_1, MIX_MUL_2, dropout_keep_mask, dropout_threshold
+from fastlora.ops.reference import COL_MUL, ELEMENT_MUL, MIX_MUL_1, MIX_MUL_2, dropout_keep_mask
 
 # (leading dims, in, out, rank): M=1, odd sizes, ranks 1..64, leading dims.
 SHAPES = [
@@ -155,7 +155,10 @@ def _python_keep(seed: int, row: int, col: int, p: float) -> bool:
         return h ^ (h >> 15)
 
     row_key = mix(mix(row ^ (seed & m)) ^ ((seed >> 32) & m))
-    return mix(row_key ^ ((col * COL_MUL) & m)) >= dropout_threshold(p)
+    col_key = mix((col * COL_MUL) & m)
+    hashed = ((row_key ^ col_key) * ELEMENT_MUL) & m
+    signed = hashed - 2**32 if hashed >= 2**31 else hashed
+    return signed >= int(p * 2**32) - 2**31
 
 
 def test_dropout_mask_matches_the_written_spec():

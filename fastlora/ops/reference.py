@@ -8,13 +8,15 @@ with W and b frozen. The dropout keep-mask is a pure function of (seed, row, col
 :func:`dropout_keep_mask`; the other backends implement the same hash bit for bit, so a
 seed gives the same mask on every backend and backward regenerates it instead of storing it.
 
-The hash (all arithmetic on unsigned 32-bit integers, wrapping)::
+The hash (uint32 arithmetic, wrapping; ``int32(u)`` reinterprets the bits as signed)::
 
     mix(h):   h ^= h >> 16; h *= 0x21F0AAAD; h ^= h >> 15; h *= 0x735A2D97; h ^= h >> 15
     row_key[r] = mix(mix(r ^ seed_lo) ^ seed_hi)        seed_lo/hi: low/high 32 bits of the seed
-    col_key[c] = c * 0x9E3779B9
-    keep[r, c] = mix(row_key[r] ^ col_key[c]) >= floor(p * 2**32)
+    col_key[c] = mix(c * 0x9E3779B9)
+    keep[r, c] = int32((row_key[r] ^ col_key[c]) * 0x9E3779B1) >= floor(p * 2**32) - 2**31
 
+Row and column keys are fully mixed once each; an element costs one xor, one multiply and one
+compare (the top bits of a multiplicative hash), which keeps this pure-PyTorch mask cheap.
 Kept elements are scaled by ``1 / (1 - p)`` (inverted dropout).
 """
 
@@ -27,11 +29,12 @@ _U32 = 0xFFFFFFFF
 MIX_MUL_1 = 0x21F0AAAD
 MIX_MUL_2 = 0x735A2D97
 COL_MUL = 0x9E3779B9
+ELEMENT_MUL = 0x9E3779B1
 
 
 def dropout_threshold(p: float) -> int:
-    """The uint32 threshold below which a hashed element is dropped."""
-    return int(p * 4294967296.0)
+    """The signed int32 threshold: an element is kept when its hash is at least this."""
+    return int(p * 4294967296.0) - 2**31
 
 
 def _mix(h: Tensor) -> Tensor:
@@ -44,27 +47,39 @@ def _mix(h: Tensor) -> Tensor:
     return h
 
 
-def dropout_keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
-    """Boolean ``(rows, cols)`` keep-mask of the shared counter-based dropout hash."""
+def _as_int32(u: Tensor) -> Tensor:
+    """uint32 values held in int64 reinterpreted as int32 bits."""
+    return (u - ((u >> 31) << 32)).to(torch.int32)
+
+
+def _hashed(seed: Tensor, rows: int, cols: int, device: torch.device) -> Tensor:
+    """The int32 ``(rows, cols)`` element hashes that the keep decision thresholds."""
     seed = seed.to(device=device, dtype=torch.int64)
     row_key = torch.arange(rows, device=device, dtype=torch.int64) ^ (seed & _U32)
     row_key = _mix(_mix(row_key) ^ ((seed >> 32) & _U32))
-    col_key = (torch.arange(cols, device=device, dtype=torch.int64) * COL_MUL) & _U32
-    return _mix(row_key[:, None] ^ col_key[None, :]) >= dropout_threshold(p)
+    col_key = _mix((torch.arange(cols, device=device, dtype=torch.int64) * COL_MUL) & _U32)
+    hashed = _as_int32(row_key)[:, None] ^ _as_int32(col_key)[None, :]
+    return hashed.mul_(ELEMENT_MUL - 2**32)  # int32 multiplication wraps like uint32
 
 
-def _dropped(x: Tensor, seed: Tensor, p: float) -> Tensor:
-    """``dropout(x)`` with the shared mask, as a new tensor."""
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
-    return x * keep * (1.0 / (1.0 - p))
+def dropout_keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
+    """Boolean ``(rows, cols)`` keep-mask of the shared counter-based dropout hash."""
+    return _hashed(seed, rows, cols, device) >= dropout_threshold(p)
+
+
+def _drop_mask(seed: Tensor, x: Tensor, p: float) -> Tensor:
+    """Boolean mask of the elements of 2-D ``x`` that dropout zeroes."""
+    return _hashed(seed, x.shape[0], x.shape[1], x.device) < dropout_threshold(p)
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
             scale: float, dropout_p: float, seed: Tensor) -> Tensor:
     """``(M, out)`` output: base product, bias and rank-R update accumulated in one buffer."""
     out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    x_lora = _dropped(x, seed, dropout_p) if dropout_p > 0 else x
-    out.addmm_(x_lora @ lora_A.t(), lora_B.t(), alpha=scale)
+    if dropout_p > 0:  # the 1 / (1 - p) of inverted dropout is folded into the scale
+        x = x.masked_fill(_drop_mask(seed, x, dropout_p), 0)
+        scale = scale / (1.0 - dropout_p)
+    out.addmm_(x @ lora_A.t(), lora_B.t(), alpha=scale)
     return out
 
 
@@ -74,18 +89,18 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     """``(dx, dA, dB)``, each computed only when ``needs`` asks for it; W and b are frozen."""
     need_dx, need_dA, need_dB = needs
     grad_h = grad_out @ lora_B  # (M, R): the gradient reaching x @ A.T, before the scale
-    if dropout_p > 0:
-        keep_scaled = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype)
-        keep_scaled *= 1.0 / (1.0 - dropout_p)
+    drop = _drop_mask(seed, x, dropout_p) if dropout_p > 0 else None
+    if drop is not None:
+        scale = scale / (1.0 - dropout_p)
     dx = dA = dB = None
     if need_dx:
         dx = grad_out @ weight
-        if dropout_p > 0:
-            dx.addcmul_(grad_h @ lora_A, keep_scaled, value=scale)
-        else:
+        if drop is None:
             dx.addmm_(grad_h, lora_A, alpha=scale)
+        else:
+            dx.add_((grad_h @ lora_A).masked_fill_(drop, 0), alpha=scale)
     if need_dA or need_dB:
-        x_lora = x * keep_scaled if dropout_p > 0 else x
+        x_lora = x.masked_fill(drop, 0) if drop is not None else x
         if need_dA:
             dA = (grad_h.t() @ x_lora).mul_(scale)
         if need_dB:
