@@ -24,8 +24,6 @@ OFFICIAL = {
 }
 
 needs_check_data = pytest.mark.skipif(not CHECK.is_dir(), reason=f"check data not found at {CHECK}")
-
-
 COCO_UNAVAILABLE = metrics.coco_unavailable()
 needs_java = pytest.mark.skipif(COCO_UNAVAILABLE is not None, reason=str(COCO_UNAVAILABLE))
 
@@ -39,7 +37,7 @@ def load(check: str) -> tuple[list[list[str]], list[str], dict[str, float]]:
     )
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(E2E / "evaluate.py"), *map(str, args)], capture_output=True, text=True, env=env
     )
