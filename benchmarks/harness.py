@@ -33,6 +33,14 @@ PEERS = ("peft", "loralib")
 _ENV = "FASTLORA_BACKEND"
 
 
+def spread(samples: list[float]) -> float:
+    """Half the interquartile range relative to the median (0.05 reads as ±5%)."""
+    if len(samples) < 2:
+        return math.nan
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / 2 / statistics.median(samples)
+
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark point: a projection shape, token count, rank, dropout, dtype and mode."""
@@ -124,11 +132,7 @@ class Result:
 
     @property
     def spread(self) -> float:
-        """Half the interquartile range relative to the median (0.05 reads as ±5%)."""
-        if len(self.samples) < 2:
-            return math.nan
-        q1, _, q3 = statistics.quantiles(self.samples, n=4, method="inclusive")
-        return (q3 - q1) / 2 / self.median
+        return spread(self.samples)
 
     def to_dict(self) -> dict:
         row = asdict(self)

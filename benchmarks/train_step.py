@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from harness import spread
 from torch import Tensor, nn
 
 import fastlora
@@ -70,13 +71,17 @@ class StepResult:
         return statistics.median(self.samples) if self.samples else float("nan")
 
     @property
+    def spread(self) -> float:
+        return spread(self.samples)
+
+    @property
     def tokens_per_s(self) -> float:
         return self.case.batch * self.case.seq / self.median
 
     def to_dict(self) -> dict:
         row = asdict(self)
         row["case"] = asdict(self.case)
-        row.update(median_s=self.median, tokens_per_s=self.tokens_per_s)
+        row.update(median_s=self.median, spread=self.spread, tokens_per_s=self.tokens_per_s)
         return row
 
 

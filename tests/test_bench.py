@@ -1,0 +1,80 @@
+"""The benchmark suite runs: every contender on a tiny case, memory counting, the outputs it writes."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import harness
+import run
+import train_step
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path]:
+    """One ``run.py --smoke`` on CPU (layer cases only), shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("results")
+    report = run.main(["--smoke", "--device", "cpu", "--no-train-step", "--repeats", "2", "--out", str(out)])
+    return report, out
+
+
+def test_every_available_contender_runs_each_mode_and_dropout(smoke):
+    report, _ = smoke
+    pool, _ = harness.contenders("cpu")
+    expected = {(c.name, mode, p) for c in pool for mode in c.modes for p in (0.0, 0.1)}
+    seen = {(r["contender"], r["case"]["mode"], r["case"]["dropout"]) for r in report["layer"]}
+    assert seen == expected
+    failures = [(r["contender"], r["reason"]) for r in report["layer"] if r["status"] != "ok"]
+    assert failures == []
+    for row in report["layer"]:
+        assert len(row["samples"]) == 2 and all(s > 0 for s in row["samples"])
+        assert row["median_s"] > 0 and row["speedup_vs_unfused"] > 0
+
+
+def test_lora_contenders_compute_the_same_layer(smoke):
+    report, _ = smoke
+    checked = [r for r in report["layer"] if r["rel_err"] is not None]
+    assert {r["contender"] for r in checked} >= {"unfused", "merged", "fastlora-reference", "peft", "loralib"}
+    assert all(r["rel_err"] < 1e-5 for r in checked), [(r["contender"], r["rel_err"]) for r in checked]
+
+
+def test_outputs_are_valid_json_markdown_and_png(smoke):
+    report, out = smoke
+    stem = report["meta"]["stem"]
+    assert stem.endswith("_smoke") and report["meta"]["device_tag"] in stem
+    data = json.loads((out / f"{stem}.json").read_text())
+    assert data["meta"]["threads"] == torch.get_num_threads()
+    assert len(data["layer"]) == len(report["layer"])
+    md = (out / f"{stem}.md").read_text()
+    assert "| fastlora-reference |" in md and "python benchmarks/run.py --smoke" in md
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_bytes_count_activations_once_and_skip_parameters():
+    case = harness.Case(24, 40, 5, 3, 0.0, "backward")
+    inputs = harness.make_inputs(case)
+    pool = {c.name: c for c in harness.contenders("cpu")[0]}
+    x_bytes, h_bytes = 5 * 24 * 4, 5 * 3 * 4
+    # plain F.linear with W frozen saves only W (a parameter): nothing counts
+    assert harness.saved_bytes(pool["plain"].build(inputs), inputs) == (0, 0)
+    # unfused saves x (for dA, x is also the input) and h = x·Aᵀ (for dB); W and A are parameters
+    assert harness.saved_bytes(pool["unfused"].build(inputs), inputs) == (x_bytes + h_bytes, h_bytes)
+
+
+def test_ratios_are_relative_to_unfused_and_plain():
+    case = harness.Case(8, 8, 1, 1, 0.0, "forward")
+    results = [harness.Result(case, name, samples=[t]) for name, t in (("plain", 1.0), ("unfused", 3.0), ("x", 2.0))]
+    assert harness.ratios(results)["x"] == {"speedup_vs_unfused": 1.5, "overhead_vs_plain": 1.0}
+
+
+def test_training_step_runs_every_variant():
+    case = train_step.StepCase("small", 1, 8, n_layer=1)
+    results = {r.variant: r for r in train_step.measure_step(case, repeats=1, warmup=1)}
+    assert {name: r.reason for name, r in results.items() if r.status != "ok"} == {}
+    assert results["floor"].trainable == 0
+    assert results["fastlora"].trainable == results["loralib"].trainable > 0  # q,v only: the same parameters
+    assert all(r.tokens_per_s > 0 and r.saved_bytes > 0 for r in results.values())
