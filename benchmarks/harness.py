@@ -303,7 +303,8 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
 # ---------------------------------------------------------------- running and timing
 
 
-def _call(built: Built, inputs: Inputs, mode: str, i: int) -> None:
+def call(built: Built, inputs: Inputs, mode: str, i: int) -> None:
+    """One forward (no grad) or forward + backward on the ``i``-th rotated input copy."""
     x = inputs.xs[i % len(inputs.xs)]
     if mode == "forward":
         with torch.no_grad():
@@ -321,13 +322,13 @@ def _time_calls(built: Built, inputs: Inputs, mode: str, calls: int) -> float:
         torch.cuda.synchronize()
         start.record()
         for i in range(calls):
-            _call(built, inputs, mode, i)
+            call(built, inputs, mode, i)
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3 / calls
     begin = time.perf_counter()
     for i in range(calls):
-        _call(built, inputs, mode, i)
+        call(built, inputs, mode, i)
     return (time.perf_counter() - begin) / calls
 
 
@@ -373,7 +374,7 @@ def peak_bytes(built: Built, inputs: Inputs, mode: str) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    _call(built, inputs, mode, 0)
+    call(built, inputs, mode, 0)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
 
@@ -384,7 +385,7 @@ def _prepare(contender: Contender, case: Case, inputs: Inputs, expected: Tensor 
     with contender.active():
         built = contender.build(inputs)
         for i in range(2):
-            _call(built, inputs, case.mode, i)
+            call(built, inputs, case.mode, i)
         if expected is not None and contender.name != "plain":
             result.rel_err = _rel_err(built, inputs, expected)
         if case.mode == "backward":
