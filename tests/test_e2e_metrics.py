@@ -113,8 +113,8 @@ def test_read_grouped_refs(tmp_path):
     path = tmp_path / "refs.txt"
     path.write_bytes(b"first one \r\nfirst two\r\n\r\n\r\nsecond\r\n\r\n")
     assert metrics.read_grouped_refs(path) == [["first one", "first two"], ["second"]]
-    path.write_text("only\nsingle\nreferences\n", encoding="utf-8")  # no blank line: one reference per MR
-    assert metrics.read_grouped_refs(path) == [["only"], ["single"], ["references"]]
+    path.write_text("one MR\nthree\nreferences\n", encoding="utf-8")
+    assert metrics.read_grouped_refs(path) == [["one MR", "three", "references"]]
 
 
 def test_mteval_tokenize_follows_mteval_v13a():

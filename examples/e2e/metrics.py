@@ -33,10 +33,7 @@ def read_outputs(path: str | Path) -> list[str]:
 
 
 def read_grouped_refs(path: str | Path) -> list[list[str]]:
-    """References grouped per MR: one per line, blank lines between MRs.
-
-    A file without any blank line holds one reference per MR, as the official tool reads it.
-    """
+    """References grouped per MR: one per line, blank lines between MRs (a file without one is a single MR)."""
     groups: list[list[str]] = [[]]
     for line in read_lines(path):
         if line:
@@ -45,8 +42,6 @@ def read_grouped_refs(path: str | Path) -> list[list[str]]:
             groups.append([])
     if not groups[-1]:
         groups.pop()
-    if len(groups) == 1:
-        return [[ref] for ref in groups[0]]
     return groups
 
 
