@@ -31,9 +31,10 @@ inline uint32_t dropout_col_key(int64_t col) { return mix32(static_cast<uint32_t
 
 struct Kernels {
     const char* name;
-    // out[k] = x[k] * (kept(row_key, col_keys[k]) ? keep_scale : 0) for k < n; out may equal x.
+    // out[k] = kept(row_key, col_keys[k]) ? x[k] : 0 for k < n (a dropped NaN becomes 0, as the
+    // reference's masked_fill does); out may equal x.
     void (*dropout_row)(const float* x, float* out, int64_t n, uint32_t row_key, const uint32_t* col_keys,
-                        int32_t threshold, float keep_scale);
+                        int32_t threshold);
     // For each of `rows` rows i: c[i, j] = bias[j] + alpha * sum_r h[i, r] * bt[r, j] for j < n
     // (bias may be null for 0). c has row stride ldc, h row stride ldh, bt (rank, >= n) row stride ldbt.
     void (*lowrank_rows)(float* c, int64_t ldc, const float* bias, const float* h, int64_t ldh,

@@ -62,14 +62,18 @@ void gemm_dy_w(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64
                           ld(lda), w.data + k0 * w.col_stride, ld(w.col_stride), 1.0f, c, ld(ldc));
 }
 
+// The LoRA scale with inverted dropout's 1 / (1 - p) folded in.
+float lora_scale(const LoraProblem& p) { return static_cast<float>(double{p.scale} / (1.0 - double{p.dropout_p})); }
+
 std::vector<uint32_t> column_keys(const LoraProblem& p) {
     std::vector<uint32_t> keys(static_cast<size_t>(p.dropout_p > 0.0f ? p.x.cols : 0));
     for (size_t c = 0; c < keys.size(); ++c) keys[c] = dropout_col_key(static_cast<int64_t>(c));
     return keys;
 }
 
-// The input rows [r0, r0 + rows) as the LoRA branch sees them: x itself without dropout, else
-// the dropped-out copy written to buf (rows x in). Returns the pointer and sets its row stride.
+// The input rows [r0, r0 + rows) as the LoRA branch sees them, up to the 1 / (1 - p) that
+// lora_scale folds in: x itself without dropout, else the masked copy written to buf
+// (rows x in). Returns the pointer and sets its row stride.
 const float* lora_input(const LoraProblem& p, const uint32_t* col_keys, int64_t r0, int64_t rows, float* buf,
                         int64_t* stride) {
     const Matrix& x = p.x;
@@ -78,10 +82,9 @@ const float* lora_input(const LoraProblem& p, const uint32_t* col_keys, int64_t 
         return x.data + r0 * x.row_stride;
     }
     const Kernels& k = active_kernels();
-    const float keep_scale = 1.0f / (1.0f - p.dropout_p);
     for (int64_t i = 0; i < rows; ++i)
         k.dropout_row(x.data + (r0 + i) * x.row_stride, buf + i * x.cols, x.cols, dropout_row_key(p.seed, r0 + i),
-                      col_keys, p.threshold, keep_scale);
+                      col_keys, p.threshold);
     *stride = x.cols;
     return buf;
 }
@@ -93,7 +96,7 @@ void project(const LoraProblem& p, const uint32_t* col_keys, Range rows, float* 
         int64_t lds;
         const float* xs = lora_input(p, col_keys, r0, n, buf, &lds);
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, to_int(n), to_int(p.rank), to_int(p.x.cols),
-                          p.scale, xs, ld(lds), p.lora_A, ld(p.x.cols), 0.0f, h + (r0 - rows.begin) * p.rank,
+                          lora_scale(p), xs, ld(lds), p.lora_A, ld(p.x.cols), 0.0f, h + (r0 - rows.begin) * p.rank,
                           ld(p.rank));
     }
 }
@@ -127,7 +130,7 @@ void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* 
                    float* dx, float* dA, float* dB, BackwardScratch& s) {
     const int64_t in = p.x.cols, out = p.weight.rows, rank = p.rank;
     const Kernels& k = active_kernels();
-    const float keep_scale = 1.0f / (1.0f - p.dropout_p);
+    const float scale = lora_scale(p);
     for (int64_t r0 = rows.begin; r0 < rows.end; r0 += kBlockRows) {
         const int n = to_int(std::min(kBlockRows, rows.end - r0));
         const float* dy_block = dy + r0 * ld_dy;
@@ -138,22 +141,22 @@ void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* 
             int64_t lds;
             const float* xs = lora_input(p, col_keys, r0, n, s.x_block.data(), &lds);
             if (dA)
-                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, p.scale,
+                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, scale,
                                   s.g.data(), ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
             if (dB) {
                 scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, to_int(rank), to_int(in), 1.0f, xs,
                                   ld(lds), p.lora_A, ld(in), 0.0f, s.h.data(), ld(rank));
-                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(out), to_int(rank), n, p.scale,
+                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(out), to_int(rank), n, scale,
                                   dy_block, ld(ld_dy), s.h.data(), ld(rank), 1.0f, dB, ld(rank));
             }
         }
         if (dx) {
             float* dx_block = dx + r0 * in;
-            k.lowrank_rows(dx_block, in, nullptr, s.g.data(), rank, p.lora_A, in, rank, n, in, p.scale);
+            k.lowrank_rows(dx_block, in, nullptr, s.g.data(), rank, p.lora_A, in, rank, n, in, scale);
             if (p.dropout_p > 0.0f)
                 for (int64_t i = 0; i < n; ++i)
                     k.dropout_row(dx_block + i * in, dx_block + i * in, in, dropout_row_key(p.seed, r0 + i),
-                                  col_keys, p.threshold, keep_scale);
+                                  col_keys, p.threshold);
         }
     }
 }

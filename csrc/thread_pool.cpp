@@ -1,7 +1,8 @@
-// The pool behind parallel_run: workers wait on a condition variable after a short spin.
+// The pool behind parallel_run: workers block on a condition variable after a short spin.
 #include "thread_pool.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <pthread.h>
@@ -21,7 +22,31 @@ inline void cpu_relax() {
 #endif
 }
 
-constexpr int kSpinIterations = 4000;  // a few microseconds: back-to-back calls skip the futex wake-up
+// Spinning this long before blocking lets back-to-back calls skip the futex wake-up.
+constexpr std::chrono::microseconds kSpin{50};
+
+// Waits until ready() holds: spins for kSpin, then yields the core to whoever needs it.
+template <class Ready>
+void spin_then_yield(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (!ready()) {
+        if (std::chrono::steady_clock::now() < until)
+            cpu_relax();
+        else
+            std::this_thread::yield();
+    }
+}
+
+// Spins for kSpin waiting for ready(); returns whether it came true.
+template <class Ready>
+bool spin(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (!ready()) {
+        if (std::chrono::steady_clock::now() >= until) return false;
+        cpu_relax();
+    }
+    return true;
+}
 
 class Pool {
 public:
@@ -39,7 +64,7 @@ public:
         }
         wake_.notify_all();
         task(0);
-        while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+        spin_then_yield([this] { return pending_.load(std::memory_order_acquire) == 0; });
         return true;
     }
 
@@ -54,17 +79,11 @@ private:
     void work(int index) {
         unsigned seen = 0;
         for (;;) {
-            unsigned now = generation_.load(std::memory_order_acquire);
-            for (int spin = 0; now == seen && spin < kSpinIterations; ++spin) {
-                cpu_relax();
-                now = generation_.load(std::memory_order_acquire);
-            }
-            if (now == seen) {
+            if (!spin([&] { return generation_.load(std::memory_order_acquire) != seen; })) {
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, [&] { return generation_.load() != seen; });
-                now = generation_.load();
             }
-            seen = now;
+            seen = generation_.load();
             const std::function<void(int)>* task;
             int wanted;
             {

@@ -10,6 +10,7 @@ that CPUID picked for its kernels.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 
 import torch
@@ -28,13 +29,12 @@ def _load_extension():
         raise ImportError(f"the cpu backend needs the scipy-openblas32 package: {error}") from error
     ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
     try:
-        from fastlora import _C
+        return importlib.import_module("fastlora._C")
     except ImportError as error:
         raise ImportError(
             f"fastlora._C, the C++ extension, is not built or does not load ({error}); reinstall "
             "fastlora with a C++ compiler present (FASTLORA_BUILD_EXT=1 makes a failed build an error)"
         ) from error
-    return _C
 
 
 _C = _load_extension()

@@ -1,0 +1,205 @@
+"""Tests specific to the C++ cpu backend: kernel paths, layouts, threads, robustness, bad calls."""
+
+import importlib
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import TOLERANCE, float64_reference, rel_err
+
+from fastlora.ops import reference
+from fastlora.ops.reference import dropout_keep_mask, dropout_threshold
+
+cpu = pytest.importorskip("fastlora.ops.cpu", reason="the C++ extension fastlora._C is not built")
+
+
+@pytest.fixture
+def two_threads():
+    """torch (and so the extension) on two threads, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=cpu.supported_isas())
+def isa(request):
+    """Each instruction set this CPU supports, selected in turn."""
+    before = cpu.isa()
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(before)
+
+
+def make(m, n_in, n_out, rank, conv1d=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n_in, generator=gen)
+    weight = torch.randn(n_out, n_in, generator=gen) * n_in**-0.5
+    if conv1d:  # the (out, in) view of a contiguous (in, out) buffer, as a transformers Conv1D holds it
+        weight = weight.t().contiguous().t()
+    bias = torch.randn(n_out, generator=gen)
+    lora_A = torch.randn(rank, n_in, generator=gen) * n_in**-0.5
+    lora_B = torch.randn(n_out, rank, generator=gen) * rank**-0.5
+    return x, weight, bias, lora_A, lora_B
+
+
+def check_forward_backward(x, weight, bias, lora_A, lora_B, scale, p, seed, tol=TOLERANCE[torch.float32]):
+    """The backend's forward and backward against the float64 reference with its explicit mask."""
+    seed_t = torch.tensor(seed)
+    y = cpu.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t)
+    grad = torch.randn_like(y)
+    dx, dA, dB = cpu.backward(grad, x, weight, lora_A, lora_B, scale, p, seed_t, (True, True, True))
+    y_ref, (x64, a64, b64) = float64_reference(x.requires_grad_(), weight, bias, lora_A.requires_grad_(),
+                                               lora_B.requires_grad_(), scale, p, seed)
+    y_ref.backward(grad.double())
+    for name, got, want in (("y", y, y_ref), ("dx", dx, x64.grad), ("dA", dA, a64.grad), ("dB", dB, b64.grad)):
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        assert rel_err(got, want) <= tol, f"{name} error {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 130, 700], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_every_kernel_path_matches_float64(isa, two_threads, m, conv1d):
+    """Column-split (small M) and row-split (large M) paths, both weight layouts, every ISA."""
+    check_forward_backward(*make(m, 97, 203, 5, conv1d=conv1d, seed=m), scale=1.5, p=0.1, seed=m + 7)
+
+
+@pytest.mark.parametrize("rank", [1, 17, 64])
+def test_ranks_and_sizes_off_the_vector_width(two_threads, rank):
+    check_forward_backward(*make(259, 131, 67, rank, seed=rank), scale=0.7, p=0.25, seed=3)
+
+
+def test_dropout_mask_is_the_reference_mask_bit_for_bit(isa):
+    """With W = 0, A = B = I and no bias, y is exactly dropout(x): its zeros are the dropped elements."""
+    n, p, seed = 75, 0.3, (5 << 32) + 17
+    x = torch.rand(301, n) + 0.5  # no zeros of its own
+    eye = torch.eye(n)
+    y = cpu.forward(x, torch.zeros(n, n), None, eye, eye, 1.0, p, torch.tensor(seed))
+    keep = dropout_keep_mask(torch.tensor(seed), 301, n, p, torch.device("cpu"))
+    assert torch.equal(y != 0, keep)
+    torch.testing.assert_close(y, x * keep / (1 - p), rtol=1e-6, atol=0)
+
+
+def test_isa_override():
+    assert cpu.supported_isas()[0] == "portable" and cpu.isa() in cpu.supported_isas()
+    with pytest.raises(ValueError, match="not available"):
+        cpu.set_isa("sse9")
+
+
+def test_missing_extension_is_an_import_error_naming_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastlora._C", None)
+    monkeypatch.delitem(sys.modules, "fastlora.ops.cpu")
+    with pytest.raises(ImportError, match=r"fastlora\._C"):
+        importlib.import_module("fastlora.ops.cpu")
+
+
+def test_concurrent_python_threads_get_correct_results(two_threads):
+    cases = [make(150 + 40 * i, 64, 96, 4, conv1d=i % 2 == 1, seed=i) for i in range(4)]
+    expected = [reference.forward(*c, 2.0, 0.2, torch.tensor(i)) for i, c in enumerate(cases)]
+    errors = []
+
+    def worker(i):
+        for _ in range(30):
+            y = cpu.forward(*cases[i], 2.0, 0.2, torch.tensor(i))
+            if rel_err(y, expected[i]) > 1e-5:
+                errors.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_repeated_calls_do_not_grow_memory():
+    x, weight, bias, lora_A, lora_B = make(64, 48, 80, 4)
+    seed = torch.tensor(1)
+    grad = torch.randn(64, 80)
+
+    def calls(n):
+        for _ in range(n):
+            cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)
+            cpu.backward(grad, x, weight, lora_A, lora_B, 1.0, 0.1, seed, (True, True, True))
+
+    calls(500)  # allocator and pool warm-up
+    before = _rss_bytes()
+    calls(5000)
+    assert _rss_bytes() - before < 8 * 2**20
+
+
+def test_nan_and_inf_propagate_as_in_the_reference(two_threads):
+    x, weight, bias, lora_A, lora_B = make(140, 40, 24, 4)
+    x[3, 5], x[77, 0], x[100, 39] = float("nan"), float("inf"), float("-inf")
+    seed = torch.tensor(9)
+    grad = torch.randn(140, 24)
+    grad[10, 2] = float("nan")
+    for p in (0.0, 0.5):
+        got = (cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed),
+               *cpu.backward(grad, x, weight, lora_A, lora_B, 1.0, p, seed, (True, True, True)))
+        want = (reference.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed),
+                *reference.backward(grad, x, weight, lora_A, lora_B, 1.0, p, seed, (True, True, True)))
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isposinf(), w.isposinf())
+            assert torch.equal(g.isneginf(), w.isneginf())
+
+
+def _good_args():
+    m, n_in, n_out, rank = 5, 6, 7, 2
+    f = np.float32
+    return dict(out=np.zeros((m, n_out), f), x=np.ones((m, n_in), f), weight=np.ones((n_out, n_in), f),
+                bias=np.ones(n_out, f), lora_A=np.ones((rank, n_in), f), lora_B=np.ones((n_out, rank), f),
+                scale=1.0, dropout_p=0.1, threshold=dropout_threshold(0.1), seed=3, threads=2)
+
+
+BAD_FORWARD_ARGS = {
+    "float64 x": dict(x=np.ones((5, 6))),
+    "1-D x": dict(x=np.ones(6, np.float32)),
+    "x in mismatch": dict(x=np.ones((5, 4), np.float32)),
+    "x column stride": dict(x=np.ones((5, 12), np.float32)[:, ::2]),
+    "weight no unit stride": dict(weight=np.ones((14, 12), np.float32)[::2, ::2]),
+    "weight out mismatch": dict(weight=np.ones((6, 6), np.float32)),
+    "bias shape": dict(bias=np.ones(3, np.float32)),
+    "lora_A shape": dict(lora_A=np.ones((2, 5), np.float32)),
+    "lora_A rank 0": dict(lora_A=np.ones((0, 6), np.float32), lora_B=np.ones((7, 0), np.float32)),
+    "lora_B shape": dict(lora_B=np.ones((7, 3), np.float32)),
+    "lora_B not contiguous": dict(lora_B=np.ones((2, 7), np.float32).T),
+    "out shape": dict(out=np.zeros((5, 6), np.float32)),
+    "out read-only": dict(out=np.broadcast_to(np.zeros(7, np.float32), (5, 7))),
+    "None weight": dict(weight=None),
+    "dropout 1": dict(dropout_p=1.0),
+    "nan scale": dict(scale=float("nan")),
+    "threshold range": dict(threshold=2**40),
+    "zero threads": dict(threads=0),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_FORWARD_ARGS, ids=list(BAD_FORWARD_ARGS))
+def test_malformed_direct_calls_raise(bad):
+    args = _good_args()
+    cpu._C.forward(**args)  # the good call works
+    args.update(BAD_FORWARD_ARGS[bad])
+    with pytest.raises((ValueError, TypeError)):
+        cpu._C.forward(**args)
+
+
+def test_malformed_backward_calls_raise():
+    a = _good_args()
+    common = dict(x=a["x"], weight=a["weight"], lora_A=a["lora_A"], lora_B=a["lora_B"], scale=1.0,
+                  dropout_p=0.1, threshold=a["threshold"], seed=1, threads=2)
+    grads = dict(dx=np.zeros((5, 6), np.float32), dA=np.zeros((2, 6), np.float32), dB=np.zeros((7, 2), np.float32))
+    cpu._C.backward(**grads, grad_out=np.ones((5, 7), np.float32), **common)
+    for bad in (dict(grad_out=np.ones((5, 6), np.float32)), dict(dx=np.zeros((6, 5), np.float32)),
+                dict(dA=np.zeros((3, 6), np.float32)), dict(dB=np.zeros((7, 2), np.float64))):
+        args = dict(grads, grad_out=np.ones((5, 7), np.float32), **common)
+        args.update(bad)
+        with pytest.raises((ValueError, TypeError)):
+            cpu._C.backward(**args)
