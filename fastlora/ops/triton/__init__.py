@@ -29,12 +29,18 @@ from fastlora.ops.triton._kernels import _lora_backward_kernel, _lora_down_kerne
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): wide tiles with 3-4 stages for Hopper, smaller
-# ones that suit older cards and small M. The backward kernel's tile is (BLOCK_M, BLOCK_K).
-_TILES = [
-    (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 5, 4), (128, 128, 32, 4, 4),
-]
+# Tile families, (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); the backward kernel's tile is
+# (BLOCK_M, BLOCK_K) and it loops over N in BLOCK_N steps. 16-bit: wide wgmma tiles with 3-4
+# stages for Hopper plus narrower ones for older cards. fp32 (IEEE dots run on FMA units):
+# small tiles, which also keep compile times short. Below SMALL_M rows one tile, no tuning.
+TILES = {
+    "16bit": [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4)],
+    "fp32": [(64, 64, 32, 3, 4), (128, 64, 32, 3, 4)],
+    "16bit-small-m": [(64, 64, 64, 4, 4)],
+    "fp32-small-m": [(64, 64, 32, 3, 4)],
+}
+SMALL_M = 1024
 
 
 def _zero_grad_buffers(args: dict) -> None:
@@ -43,19 +49,26 @@ def _zero_grad_buffers(args: dict) -> None:
     args["db_ptr"].zero_()
 
 
-def _configs(backward: bool) -> list[triton.Config]:
+def _configs(family: str, backward: bool) -> list[triton.Config]:
     hook = _zero_grad_buffers if backward else None
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bk if backward else bn, "BLOCK_K": bn if backward else bk,
                            "GROUP_M": 8}, num_stages=stages, num_warps=warps, pre_hook=hook)
-            for bm, bn, bk, stages, warps in _TILES]
+            for bm, bn, bk, stages, warps in TILES[family]]
 
 
-def _autotuned(kernel, backward: bool):
-    return None if INTERPRET else triton.autotune(_configs(backward), key=["M", "N", "K"])(kernel)
+def _autotuned(kernel, backward: bool) -> dict:
+    """One autotuner per tile family (none under the interpreter)."""
+    if INTERPRET:
+        return {}
+    return {family: triton.autotune(_configs(family, backward), key=["M", "N", "K"])(kernel) for family in TILES}
 
 
 _tuned_forward = _autotuned(_lora_forward_kernel, backward=False)
 _tuned_backward = _autotuned(_lora_backward_kernel, backward=True)
+
+
+def _family(rows: int, dtype: torch.dtype) -> str:
+    return ("fp32" if dtype == torch.float32 else "16bit") + ("-small-m" if rows < SMALL_M else "")
 
 
 def _rank_pad(rank: int) -> int:
@@ -80,17 +93,17 @@ def _dropout_args(dropout_p: float, seed: Tensor) -> dict:
         "inv_keep": 1.0 / (1.0 - dropout_p),
         "seed_lo": _int32_bits(seed_value & 0xFFFFFFFF),
         "seed_hi": _int32_bits(seed_value >> 32),
-        "threshold": _int32_bits(dropout_threshold(dropout_p)),
+        "threshold": dropout_threshold(dropout_p),
         "DROPOUT": dropout_p > 0,
     }
 
 
-def _launch(tuned, kernel, tiles, args: tuple, meta: dict) -> None:
+def _launch(tuned: dict, kernel, family: str, tiles, args: tuple, meta: dict) -> None:
     """Launch on a 1-D grid of ``tiles(config)`` programs: autotuned, or the fixed config when interpreting."""
     if INTERPRET:
         kernel[(tiles(INTERPRET_CONFIG),)](*args, **meta, **INTERPRET_CONFIG)
     else:
-        tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
+        tuned[family][lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
@@ -119,7 +132,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, R,
             *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
     meta = {"HAS_BIAS": bias is not None, "R_PAD": h.shape[1], "PRECISION": _precision(x.dtype)}
-    _launch(_tuned_forward, _lora_forward_kernel,
+    _launch(_tuned_forward, _lora_forward_kernel, _family(M, x.dtype),
             lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
     return out
 
@@ -142,6 +155,6 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
                 scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
         meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "NEED_DB": need_dB, "DROPOUT": drop["DROPOUT"],
                 "R_PAD": _rank_pad(R), "PRECISION": _precision(x.dtype)}
-        _launch(_tuned_backward, _lora_backward_kernel,
+        _launch(_tuned_backward, _lora_backward_kernel, _family(M, x.dtype),
                 lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta)
     return dx, dA.to(x.dtype) if need_dA else None, dB.to(x.dtype) if need_dB else None

@@ -34,12 +34,13 @@ def _mix(h):
 
 @triton.jit
 def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
-    """``(len(rows), len(cols))`` keep-mask; seed halves and threshold are int32 bit patterns."""
+    """``(len(rows), len(cols))`` keep-mask; seed halves are int32 bit patterns, threshold a signed int32."""
     lo = seed_lo.to(tl.uint32, bitcast=True)
     hi = seed_hi.to(tl.uint32, bitcast=True)
     row_key = _mix(_mix(rows.to(tl.uint32) ^ lo) ^ hi)
-    col_key = cols.to(tl.uint32) * 0x9E3779B9
-    return _mix(row_key[:, None] ^ col_key[None, :]) >= threshold.to(tl.uint32, bitcast=True)
+    col_key = _mix(cols.to(tl.uint32) * 0x9E3779B9)
+    hashed = (row_key[:, None] ^ col_key[None, :]) * 0x9E3779B1
+    return hashed.to(tl.int32, bitcast=True) >= threshold
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -169,7 +170,7 @@ def _lora_backward_kernel(
             if n % num_k == pid_k:  # the dB work is spread over the programs of this row block
                 db = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
                 tl.atomic_add(db_ptr + (n * BLOCK_N + offs_n)[:, None] * R + offs_r[None, :], db * scale,
-                              mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R))
+                              mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R), sem="relaxed")
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * stride_bn
@@ -193,4 +194,4 @@ def _lora_backward_kernel(
             x = tl.where(keep, x, 0.0)
         da = tl.dot(tl.trans(g_scaled), x, input_precision=PRECISION)
         tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
-                      mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+                      mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), sem="relaxed")
