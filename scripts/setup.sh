@@ -11,6 +11,6 @@ fi
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test,examples]"
 if ! command -v java >/dev/null 2>&1; then
-    echo "setup: java not found; METEOR (examples/e2e/evaluate.py) needs it: apt-get install default-jre-headless" >&2
+    echo "setup: java not found; METEOR, ROUGE-L and CIDEr (examples/e2e/evaluate.py) need it: apt-get install default-jre-headless" >&2
 fi
 .venv/bin/python -m fastlora
