@@ -380,12 +380,11 @@ def peak_bytes(built: Built, inputs: Inputs, mode: str) -> int:
 
 
 def _prepare(contender: Contender, case: Case, inputs: Inputs, expected: Tensor | None) -> tuple[Built, Result]:
-    """Build and warm up one contender (twice, compiling if it compiles) and take its memory figures."""
+    """Build and warm up one contender (compiling if it compiles) and take its memory figures."""
     result = Result(case, contender.name)
     with contender.active():
         built = contender.build(inputs)
-        for i in range(2):
-            call(built, inputs, case.mode, i)
+        call(built, inputs, case.mode, 0)
         if expected is not None and contender.name != "plain":
             result.rel_err = _rel_err(built, inputs, expected)
         if case.mode == "backward":
@@ -412,7 +411,7 @@ def measure(case: Case, pool: list[Contender], repeats: int = 7, min_sample_s: f
             failed.append(Result(case, contender.name, status="error", reason=f"{type(error).__name__}: {error}"))
             continue
         with contender.active():
-            once = _time_calls(built, inputs, case.mode, 1)
+            once = _time_calls(built, inputs, case.mode, 1)  # the second warm-up call, timed to calibrate
         result.calls_per_sample = max(1, min(1000, round(min_sample_s / max(once, 1e-9))))
         ready.append((contender, built, result))
     for round_ in range(repeats):

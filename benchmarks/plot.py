@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 _MODE_TITLES = {"forward": "forward (no grad)", "backward": "forward + backward (dx, dA, dB)"}
 
@@ -41,6 +42,8 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> Path | None:
             ax.bar(xs, [speed[c] for c in cases if c in speed], width, label=name, color=colors[name])
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.set_xticks(range(len(cases)), cases, fontsize=8)
         ax.set_ylabel("speedup vs unfused (x, log)")
         ax.set_title(_MODE_TITLES[mode])

@@ -50,6 +50,7 @@ class Suite:
     steps: list[StepCase] = field(default_factory=list)
     repeats: int = 5
     min_sample_s: float = 0.02
+    step_warmup: int = 2
     contenders: tuple[str, ...] | None = None  # None: every available contender
 
 
@@ -68,13 +69,13 @@ def make_suite(name: str, device: str) -> Suite:
     gpu = device == "cuda"
     if name == "smoke":
         return Suite(name, _grid(device, ((64, 96),), (16,), (4,), (0.0, 0.1), _dtypes(device)[:1]),
-                     [StepCase("small", 1, 16, n_layer=1, device=device)], repeats=2, min_sample_s=0.001)
+                     [StepCase("small", 1, 16, n_layer=1, device=device)], repeats=2, min_sample_s=0.001, step_warmup=1)
     if name == "quick":
         tokens = (512, 8192) if gpu else (8, 512)
         steps = ([StepCase("small", 8, 512, device=device), StepCase("medium", 4, 512, device=device)] if gpu
-                 else [StepCase("small", 1, 128, n_layer=2, device=device)])
+                 else [StepCase("small", 1, 64, n_layer=2, device=device)])
         return Suite(name, _grid(device, QUICK_SHAPES, tokens, (16,), (0.1,), _dtypes(device)[:1]), steps,
-                     repeats=5, min_sample_s=0.02)
+                     repeats=5, min_sample_s=0.02, step_warmup=2 if gpu else 1)
     if name == "full":
         tokens = ALL_TOKENS if gpu else tuple(m for m in ALL_TOKENS if m <= CPU_MAX_TOKENS)
         batch = 8 if gpu else 2
@@ -252,7 +253,7 @@ def run_suite(suite: Suite, device: str, progress: bool = True) -> tuple[list[di
             tqdm.write(layer_table(rows) + "\n", file=sys.stderr)
     step_rows: list[dict] = []
     for step in tqdm(suite.steps, desc="training step", disable=not progress, file=sys.stderr):
-        rows = _step_rows(measure_step(step, repeats=suite.repeats))
+        rows = _step_rows(measure_step(step, repeats=suite.repeats, warmup=suite.step_warmup))
         step_rows += rows
         if progress:
             tqdm.write(step_table(rows) + "\n", file=sys.stderr)
