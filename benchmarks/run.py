@@ -72,14 +72,16 @@ def make_suite(name: str, device: str) -> Suite:
                      [StepCase("small", 1, 16, n_layer=1, device=device)], repeats=2, min_sample_s=0.001, step_warmup=1)
     if name == "quick":
         tokens = (512, 8192) if gpu else (8, 512)
-        steps = ([StepCase("small", 8, 512, device=device), StepCase("medium", 4, 512, device=device)] if gpu
+        steps = ([StepCase("small", 8, 512, device=device, autocast="bfloat16"),
+                  StepCase("medium", 4, 512, device=device, autocast="bfloat16")] if gpu
                  else [StepCase("small", 1, 64, n_layer=2, device=device)])
         return Suite(name, _grid(device, QUICK_SHAPES, tokens, (16,), (0.1,), _dtypes(device)[:1]), steps,
                      repeats=5, min_sample_s=0.02, step_warmup=2 if gpu else 1)
     if name == "full":
         tokens = ALL_TOKENS if gpu else tuple(m for m in ALL_TOKENS if m <= CPU_MAX_TOKENS)
         batch = 8 if gpu else 2
-        steps = [StepCase(size, batch, 512 if gpu else 256, device=device) for size in ("small", "medium")]
+        steps = [StepCase(size, batch, 512 if gpu else 256, device=device, autocast="bfloat16" if gpu else None)
+                 for size in ("small", "medium")]
         return Suite(name, _grid(device, ALL_SHAPES, tokens, (4, 16, 64), (0.0, 0.1)), steps,
                      repeats=9, min_sample_s=0.05)
     if name == "reference-vs-unfused":

@@ -12,8 +12,9 @@ LoRA goes on q and v of every ``c_attn`` (r=4, alpha=32, dropout 0.1), the LoRA 
 - ``floor``: the same model with every weight frozen and no adapter, fed ``inputs_embeds`` that
   require grad so that backward still runs through every layer, as LoRA training needs.
 
-One step is ``zero_grad``, forward with labels, backward and ``AdamW.step`` (the floor has no
-parameters to step). All variants live in one process and are timed in interleaved rounds.
+One step is ``zero_grad``, forward with labels (under ``torch.autocast`` when the case asks),
+backward and ``AdamW.step`` (the floor has no parameters to step). All variants live in one
+process and are timed in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class StepCase:
     seq: int
     n_layer: int | None = None
     device: str = "cpu"
+    autocast: str | None = None  # e.g. "bfloat16": weights stay fp32, compute runs under torch.autocast
 
     @property
     def label(self) -> str:
         depth = f" {self.n_layer} layers" if self.n_layer else ""
-        return f"gpt2-{self.size}{depth} batch={self.batch} seq={self.seq}"
+        amp = f" {self.autocast} autocast" if self.autocast else ""
+        return f"gpt2-{self.size}{depth} batch={self.batch} seq={self.seq}{amp}"
 
 
 @dataclass
@@ -138,16 +141,19 @@ ADAPT: dict[str, Callable[[nn.Module], nn.Module]] = {
 class _Trainer:
     """A model, its optimizer (None for the floor) and one training step on fixed tokens."""
 
-    def __init__(self, variant: str, model: nn.Module, tokens: Tensor) -> None:
+    def __init__(self, variant: str, model: nn.Module, tokens: Tensor, autocast: str | None) -> None:
         self.variant, self.model, self.tokens = variant, ADAPT[variant](model), tokens
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        self.autocast = autocast
 
     def loss(self) -> Tensor:
-        if self.variant == "floor":
-            embeds = self.model.transformer.wte(self.tokens).detach().requires_grad_()
-            return self.model(inputs_embeds=embeds, labels=self.tokens).loss
-        return self.model(input_ids=self.tokens, labels=self.tokens).loss
+        dtype = getattr(torch, self.autocast) if self.autocast else None
+        with torch.autocast(self.tokens.device.type, dtype=dtype, enabled=dtype is not None):
+            if self.variant == "floor":
+                embeds = self.model.transformer.wte(self.tokens).detach().requires_grad_()
+                return self.model(inputs_embeds=embeds, labels=self.tokens).loss
+            return self.model(input_ids=self.tokens, labels=self.tokens).loss
 
     def step(self) -> None:
         if self.optimizer is not None:
@@ -204,7 +210,7 @@ def measure_step(case: StepCase, variants: tuple[str, ...] = VARIANTS, repeats: 
     for variant in variants:
         result = StepResult(case, variant)
         try:
-            trainer = _Trainer(variant, copy.deepcopy(base), tokens)
+            trainer = _Trainer(variant, copy.deepcopy(base), tokens, case.autocast)
             for _ in range(warmup):
                 trainer.step()
             result.trainable = sum(p.numel() for p in trainer.params)
