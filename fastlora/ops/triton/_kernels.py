@@ -18,7 +18,10 @@ from (seed, row, col) wherever it is needed, never stored.
 import triton
 import triton.language as tl
 
-_NO_SPECIALIZE = ["seed_lo", "seed_hi", "threshold"]
+# Scalars not worth a compiled variant per value class (==1, multiple of 16, other): the seed
+# words, and the row count and rank, which only bound masks along non-contiguous axes. N, K
+# and the strides stay specialized: their divisibility lets loads vectorize.
+_NO_SPECIALIZE = ["M", "R", "seed_lo", "seed_hi", "threshold"]
 
 
 @triton.jit
@@ -81,7 +84,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE[:2])
 def _lora_forward_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_om, stride_on,

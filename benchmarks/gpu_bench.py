@@ -1,0 +1,321 @@
+"""GPU timing of the triton backend: the LoRA layer vs cuBLAS and eager PyTorch, a GPT-2 training step vs peft.
+
+Layer: bf16, GPT-2 Medium/Large projection shapes, M tokens in {2048, 8192, 16384}, r in {4, 16},
+dropout 0 and 0.1. Contenders, timed interleaved (order rotating every round) with CUDA events,
+medians of the rounds:
+
+- ``plain``: ``F.linear(x, W, b)`` (cuBLAS), the floor; its forward+backward computes dx only.
+- ``unfused``: the eager peft-style ``base(x) + B(A(dropout(x))) * scale`` with ``torch`` dropout.
+- ``fastlora``: :func:`fastlora.lora_linear` on the triton backend.
+
+Training step: GPT-2 Medium shapes (random weights from the config), LoRA r=4, alpha=32,
+dropout 0.1 on ``c_attn`` under bf16 autocast, AdamW; tokens/s and peak memory for peft
+(``c_attn``: q, k and v) and fastlora (q and v through slices, and q, k, v without them).
+
+``--dry-run`` runs every code path on tiny fp32 shapes on the CPU under ``TRITON_INTERPRET=1``
+(numbers meaningless). Results go to ``--out``: ``gpu_bench.json`` and ``gpu_bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastlora imports triton
+os.environ.setdefault("FASTLORA_BACKEND", "triton")  # an unavailable triton backend is an error, not a fallback
+
+import fastlora  # noqa: E402
+
+SHAPES = {  # name: (in_features, out_features)
+    "gpt2-medium c_attn": (1024, 3072),
+    "gpt2-medium mlp.c_fc": (1024, 4096),
+    "gpt2-medium mlp.c_proj": (4096, 1024),
+    "gpt2-large c_attn": (1280, 3840),
+    "gpt2-large mlp.c_fc": (1280, 5120),
+}
+TOKENS = (2048, 8192, 16384)
+RANKS = (4, 16)
+DROPOUTS = (0.0, 0.1)
+CONTENDERS = ("plain", "unfused", "fastlora")
+ALPHA = 32.0
+
+
+def timed_median(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed in interleaved rounds."""
+    cuda = torch.cuda.is_available()
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    if cuda:
+        torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fns[name]()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fns[name]()
+                samples[name].append((time.perf_counter() - t0) * 1e3 / iters)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def layer_inputs(n_in: int, n_out: int, tokens: int, rank: int, dtype: torch.dtype, device: str) -> dict:
+    """A GPT-2 style layer: Conv1D weight (in, out) used as its (out, in) transpose, adapter, x, dy."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0, grad=False):
+        t = torch.randn(*shape, generator=gen, device=device) * scale
+        return t.to(dtype).requires_grad_(grad)
+
+    return {
+        "x": rand(tokens, n_in, grad=True),
+        "weight": rand(n_in, n_out, scale=n_in**-0.5).t(),
+        "bias": rand(n_out, scale=0.1),
+        "lora_A": rand(rank, n_in, scale=n_in**-0.5, grad=True),
+        "lora_B": rand(n_out, rank, scale=rank**-0.5, grad=True),
+        "dy": rand(tokens, n_out),
+    }
+
+
+def layer_fns(t: dict, p: float, scale: float) -> dict[str, dict[str, Callable[[], object]]]:
+    """For each mode, each contender's call on the tensors ``t``."""
+    x, weight, bias, A, B, dy = (t[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "dy"))
+
+    def plain():
+        return F.linear(x, weight, bias)
+
+    def unfused():
+        return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, p, training=True), A), B) * scale
+
+    def fused():
+        return fastlora.lora_linear(x, weight, bias, A, B, scale, p)
+
+    def forward_only(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    def forward_backward(fn, inputs):
+        return lambda: torch.autograd.grad(fn(), inputs, dy)
+
+    lora_inputs = (x, A, B)
+    return {
+        "forward": {"plain": forward_only(plain), "unfused": forward_only(unfused), "fastlora": forward_only(fused)},
+        "forward+backward": {"plain": forward_backward(plain, (x,)), "unfused": forward_backward(unfused, lora_inputs),
+                             "fastlora": forward_backward(fused, lora_inputs)},
+    }
+
+
+def check_layer(t: dict, scale: float) -> float:
+    """fastlora's relative error against the fp32 unfused computation (dropout off), as a sanity check."""
+    with torch.no_grad():
+        f32 = {k: v.float() for k, v in t.items()}
+        update = (f32["x"] @ f32["lora_A"].t()) @ f32["lora_B"].t() * scale
+        expected = F.linear(f32["x"], f32["weight"], f32["bias"]) + update
+        got = fastlora.lora_linear(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], scale, 0.0).float()
+        return ((got - expected).norm() / expected.norm()).item()
+
+
+def bench_layers(args, dtype: torch.dtype, device: str, record: Callable[[str, object], None]) -> None:
+    rows = []
+    for shape_name, (n_in, n_out) in args.shapes.items():
+        for tokens in args.tokens:
+            for rank in args.ranks:
+                t = layer_inputs(n_in, n_out, tokens, rank, dtype, device)
+                scale = ALPHA / rank
+                error = check_layer(t, scale)
+                for p in args.dropouts:
+                    for mode, fns in layer_fns(t, p, scale).items():
+                        ms = timed_median(fns, args.rounds, args.iters)
+                        row = {"shape": shape_name, "in": n_in, "out": n_out, "tokens": tokens, "r": rank, "p": p,
+                               "mode": mode, "ms": ms, "fastlora_rel_err_p0": error,
+                               "fastlora/plain": ms["fastlora"] / ms["plain"],
+                               "unfused/fastlora": ms["unfused"] / ms["fastlora"]}
+                        rows.append(row)
+                        print(f"{shape_name:24s} M={tokens:6d} r={rank:2d} p={p:.1f} {mode:17s} "
+                              + " ".join(f"{k}={v:.4f}ms" for k, v in ms.items())
+                              + f"  fastlora/plain={row['fastlora/plain']:.3f} unfused/fastlora="
+                              f"{row['unfused/fastlora']:.3f} err={error:.1e}", flush=True)
+                        record("layers", rows)
+                del t
+
+
+def gpt2_model(args, device: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(**args.gpt2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GPT2LMHeadModel(config)
+
+
+def adapt(model, contender: str):
+    """Put the contender's LoRA (r=4, alpha=32, dropout 0.1) on c_attn; everything else frozen."""
+    if contender == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
+        return get_peft_model(model, cfg)
+    slices = {"c_attn": [True, False, True]} if contender == "fastlora q,v" else {}
+    return fastlora.inject(model, fastlora.LoraConfig(r=4, alpha=32, dropout=0.1, target_modules=["c_attn"],
+                                                      slices=slices))
+
+
+def train_step_run(args, contender: str, device: str) -> dict:
+    """Tokens/s over timed steps and peak memory of one contender's LoRA training."""
+    model = adapt(gpt2_model(args, device), contender)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(args.gpt2["vocab_size"], (args.batch, args.seq), generator=gen, device=device)
+    cuda = device == "cuda"
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup_steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss = loss.item()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {"contender": contender, "tokens_per_s": args.batch * args.seq * args.steps / seconds,
+            "peak_mib": peak, "loss": loss, "trainable": sum(p.numel() for p in params)}
+
+
+def bench_training(args, device: str, record: Callable[[str, object], None]) -> None:
+    """Each contender alone on the GPU, the sequence repeated; median tokens/s, max peak memory."""
+    contenders = ("peft", "fastlora q,v", "fastlora q,k,v")
+    runs: dict[str, list[dict]] = {c: [] for c in contenders}
+    for _ in range(args.repeats):
+        for contender in contenders:
+            run = train_step_run(args, contender, device)
+            gc.collect()  # the contender's model goes before the next one is built
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            runs[contender].append(run)
+            print(f"train step {contender:15s} {run['tokens_per_s']:10.0f} tok/s  peak {run['peak_mib']} MiB  "
+                  f"loss {run['loss']:.3f}  trainable {run['trainable']}", flush=True)
+            record("training_runs", runs)
+    summary = {}
+    for contender, rs in runs.items():
+        peaks = [r["peak_mib"] for r in rs if r["peak_mib"] is not None]
+        summary[contender] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                              "peak_mib": max(peaks) if peaks else None, "trainable": rs[0]["trainable"]}
+    record("training", summary)
+
+
+def markdown(layers: list[dict], training: dict | None, env: dict) -> str:
+    lines = [f"GPU: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
+             "| shape | M | r | p | mode | plain ms | unfused ms | fastlora ms | fastlora/plain | unfused/fastlora |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in layers:
+        ms = r["ms"]
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['r']} | {r['p']} | {r['mode']} | {ms['plain']:.4f} | "
+                     f"{ms['unfused']:.4f} | {ms['fastlora']:.4f} | {r['fastlora/plain']:.3f} | "
+                     f"{r['unfused/fastlora']:.3f} |")
+    if training:
+        peft = training.get("peft")
+        lines += ["", "| training step (GPT-2 Medium shapes, r=4, alpha=32, dropout 0.1, bf16 autocast) | tokens/s "
+                  "| peak MiB | trainable | tokens/s vs peft | peak vs peft |", "|---|---:|---:|---:|---:|---:|"]
+        for name, s in training.items():
+            speed = s["tokens_per_s"] / peft["tokens_per_s"] if peft else float("nan")
+            mem = s["peak_mib"] / peft["peak_mib"] if peft and s["peak_mib"] and peft["peak_mib"] else float("nan")
+            peak = f"{s['peak_mib']:.0f}" if s["peak_mib"] is not None else "n/a"
+            lines.append(f"| {name} | {s['tokens_per_s']:.0f} | {peak} | {s['trainable']} | {speed:.3f} | {mem:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1 dry run)"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__, "fastlora": fastlora.__version__,
+            "cuda": torch.version.cuda, "date": date,
+            "backends": {k: (v.available, v.reason) for k, v in fastlora.backends().items()}}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."), help="directory for gpu_bench.json and gpu_bench.md")
+    parser.add_argument("--dry-run", action="store_true", help="tiny fp32 shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
+    args = parser.parse_args()
+    args.shapes, args.tokens, args.ranks, args.dropouts = SHAPES, TOKENS, RANKS, DROPOUTS
+    args.rounds, args.iters = 7, 10
+    args.gpt2 = {"n_embd": 1024, "n_layer": 24, "n_head": 16, "n_positions": 1024, "vocab_size": 50257}
+    args.batch, args.seq, args.warmup_steps, args.steps, args.repeats = 8, 1024, 3, 10, 2
+    if args.dry_run:
+        args.shapes, args.tokens, args.ranks = {"tiny": (64, 96)}, (40,), (4,)
+        args.rounds, args.iters = 2, 1
+        args.gpt2 = {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 500}
+        args.batch, args.seq, args.warmup_steps, args.steps, args.repeats = 2, 16, 1, 1, 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.dry_run:
+        sys.exit("gpu_bench.py needs a CUDA GPU (use --dry-run to exercise it on CPU)")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {"environment": environment(device)}
+    print(json.dumps(results["environment"], indent=1), flush=True)
+
+    def record(key: str, value: object) -> None:
+        """Save everything measured so far: a run cut short by a timeout still leaves its numbers."""
+        results[key] = value
+        (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
+        table = markdown(results.get("layers", []), results.get("training"), results["environment"])
+        (args.out / "gpu_bench.md").write_text(table)
+
+    if not args.skip_training:  # first: the end-to-end targets matter most if time runs out
+        try:
+            bench_training(args, device, record)
+        except Exception as error:  # keep going to the layer timings
+            record("training_error", repr(error))
+            print(f"training step benchmark failed: {error!r}", flush=True)
+    if not args.skip_layers:
+        bench_layers(args, dtype, device, record)
+    print((args.out / "gpu_bench.md").read_text() if (args.out / "gpu_bench.md").exists() else "nothing measured")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine without network (its image has torch, triton,
+# transformers, peft, pytest, pytest-benchmark): install fastlora, print the card, run the test
+# suite on the GPU (every dtype, bf16 included), then time the triton backend. Every step is
+# capped with `timeout` (and by what is left of an 8-minute budget, most important steps
+# first), logged to $OUT/<step>.log, and a failing step does not stop the next.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh     # $OUT defaults to benchmarks/results/gpu-<UTC time>
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+PY="$(command -v python || command -v python3)"
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-470}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout is importable even if the install fails
+export PYTHONUNBUFFERED=1
+export FASTLORA_BUILD_EXT=0  # the C++ CPU extension is not what this machine is for: save its build time
+
+step() {  # step NAME CAP_S COMMAND...: run within min(CAP_S, budget left), keep the log, print its tail
+    local name=$1 cap=$2
+    shift 2
+    local left=$((BUDGET_S - (SECONDS - START)))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 15 ]; then
+        echo "=== $name: skipped, ${left}s of the budget left"
+        echo "$name skipped" >>"$OUT/steps.txt"
+        return
+    fi
+    echo "=== [$((SECONDS - START))s] $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n "${TAIL:-25}" "$OUT/$name.log"
+    echo "=== [$((SECONDS - START))s] $name: exit $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
+    echo "$name $rc" >>"$OUT/steps.txt"
+}
+
+{
+    date -u
+    nvidia-smi || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
+} >"$OUT/card.txt" 2>&1
+cat "$OUT/card.txt"
+
+step versions 30 "$PY" -c "
+import platform, torch, triton
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+print('device', torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())
+for name in ('transformers', 'peft', 'pytest', 'pytest_benchmark'):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as error:
+        print(name, 'unavailable:', error)
+"
+step install 90 "$PY" -m pip install --no-build-isolation --no-deps -e .
+step backends 30 "$PY" -m fastlora
+# Correctness first, triton-focused (no -x: every failure is worth seeing), then the timings,
+# then the rest of the suite.
+TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops.py tests/test_ops_triton.py -q --maxfail=15 -p no:cacheprovider
+TAIL=70 step gpu_bench 210 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+step pytest_rest 90 "$PY" -m pytest tests -x -q -p no:cacheprovider \
+    --ignore=tests/test_ops.py --ignore=tests/test_ops_triton.py
+if [ -f benchmarks/run.py ]; then
+    step run_quick 90 "$PY" benchmarks/run.py --quick --no-plot --out "$OUT"
+fi
+
+echo "=== steps (name exit-code), $((SECONDS - START))s in all:"
+cat "$OUT/steps.txt"
+[ -f "$OUT/gpu_bench.md" ] && cat "$OUT/gpu_bench.md"
+ls -la "$OUT"
