@@ -99,7 +99,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=1.5, help="seconds of timing per case")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch.set_num_threads (one thread is steadier on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.ranks, args.layouts = [1, 8, 128, 512], [4], ["linear"]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernels {cpu.isa()}, "

@@ -35,10 +35,17 @@ struct Kernels {
     // reference's masked_fill does); out may equal x.
     void (*dropout_row)(const float* x, float* out, int64_t n, uint32_t row_key, const uint32_t* col_keys,
                         int32_t threshold);
-    // For each of `rows` rows i: c[i, j] = bias[j] + alpha * sum_r h[i, r] * bt[r, j] for j < n
-    // (bias may be null for 0). c has row stride ldc, h row stride ldh, bt (rank, >= n) row stride ldbt.
+    // For each of `rows` rows i and j < n: c[i, j] = bias[j] + (accumulate ? c[i, j] : 0) +
+    // alpha * sum_r h[i, r] * bt[r, j] (bias may be null for 0). c has row stride ldc, h row
+    // stride ldh, bt (rank, >= n) row stride ldbt. The rank-R update, and with rank = in and
+    // bt = W^T the whole product of a few rows with a column-major W, streaming W once.
     void (*lowrank_rows)(float* c, int64_t ldc, const float* bias, const float* h, int64_t ldh,
-                         const float* bt, int64_t ldbt, int64_t rank, int64_t rows, int64_t n, float alpha);
+                         const float* bt, int64_t ldbt, int64_t rank, int64_t rows, int64_t n, float alpha,
+                         bool accumulate);
+    // c[i, j] += sum_p a[i, p] * w[j, p] for i < rows, j < n, p < k: a few rows (the decode case)
+    // times a row-major W^T, streaming W once per group of up to 8 rows.
+    void (*small_gemm_nt)(float* c, int64_t ldc, const float* a, int64_t lda, int64_t rows, const float* w,
+                          int64_t ldw, int64_t n, int64_t k);
 };
 
 // The table of each instruction set built into this binary; null where it is not built here.

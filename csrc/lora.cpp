@@ -1,5 +1,6 @@
-// The fused LoRA passes: OpenBLAS single-threaded sgemm for the base products, our kernels for
-// the dropout hash and the rank-R update, our thread pool for the parallelism.
+// The fused LoRA passes: OpenBLAS single-threaded sgemm for the base products of many rows, our
+// kernels for those of a few rows, the dropout hash and the rank-R update; our thread pool for
+// the parallelism.
 #include "lora.h"
 
 #include <cblas.h>
@@ -17,7 +18,8 @@ namespace {
 constexpr int64_t kBlockRows = 64;        // rows whose dropped-out x and rank-R terms are made together
 constexpr int64_t kRowsPerThread = 64;    // below this many rows per thread, threads split columns
 constexpr int64_t kColsPerThread = 256;   // the least output columns worth a thread
-constexpr int64_t kColAlign = 16;         // column splits fall on whole cache lines
+constexpr int64_t kColAlign = 64;         // column splits fall on whole kernel tiles
+constexpr int64_t kSmallRows = 8;         // up to this many rows, W is streamed by our kernels
 
 int to_int(int64_t v) { return static_cast<int>(v); }  // sizes were checked to fit a blasint
 int ld(int64_t v) { return to_int(std::max<int64_t>(v, 1)); }
@@ -38,11 +40,17 @@ int share(int threads, int64_t units, int64_t least) {
     return static_cast<int>(std::clamp<int64_t>(units / least, 1, std::max(threads, 1)));
 }
 
-// c (rows x cols, ldc) += a (rows x in, lda) * W[n0 : n0 + cols, :]^T
+// c (rows x cols, ldc) += a (rows x in, lda) * W[n0 : n0 + cols, :]^T. A few rows take our
+// streaming kernels (W read once, no packing); more take OpenBLAS.
 void gemm_x_wt(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64_t n0, int64_t cols, float* c,
                int64_t ldc) {
     const int64_t in = w.cols;
-    if (w.col_stride == 1)
+    const bool row_major = w.col_stride == 1;
+    if (rows <= kSmallRows && row_major)
+        active_kernels().small_gemm_nt(c, ldc, a, lda, rows, w.data + n0 * w.row_stride, w.row_stride, cols, in);
+    else if (rows <= kSmallRows)
+        active_kernels().lowrank_rows(c, ldc, nullptr, a, lda, w.data + n0, w.col_stride, in, rows, cols, 1.0f, true);
+    else if (row_major)
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, to_int(rows), to_int(cols), to_int(in), 1.0f, a,
                           ld(lda), w.data + n0 * w.row_stride, ld(w.row_stride), 1.0f, c, ld(ldc));
     else
@@ -50,11 +58,16 @@ void gemm_x_wt(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64
                           a, ld(lda), w.data + n0, ld(w.col_stride), 1.0f, c, ld(ldc));
 }
 
-// c (rows x cols, ldc) += a (rows x out, lda) * W[:, k0 : k0 + cols]
+// c (rows x cols, ldc) += a (rows x out, lda) * W[:, k0 : k0 + cols], dispatched as gemm_x_wt.
 void gemm_dy_w(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64_t k0, int64_t cols, float* c,
                int64_t ldc) {
     const int64_t out = w.rows;
-    if (w.col_stride == 1)
+    const bool row_major = w.col_stride == 1;
+    if (rows <= kSmallRows && row_major)
+        active_kernels().lowrank_rows(c, ldc, nullptr, a, lda, w.data + k0, w.row_stride, out, rows, cols, 1.0f, true);
+    else if (rows <= kSmallRows)
+        active_kernels().small_gemm_nt(c, ldc, a, lda, rows, w.data + k0 * w.col_stride, w.col_stride, cols, out);
+    else if (row_major)
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, to_int(rows), to_int(cols), to_int(out), 1.0f,
                           a, ld(lda), w.data + k0, ld(w.row_stride), 1.0f, c, ld(ldc));
     else
@@ -106,7 +119,7 @@ void forward_tile(const LoraProblem& p, Range rows, Range cols, const float* h, 
     const int64_t n_out = p.weight.rows;
     float* c = out + rows.begin * n_out + cols.begin;
     active_kernels().lowrank_rows(c, n_out, p.bias ? p.bias + cols.begin : nullptr, h, p.rank, bt + cols.begin,
-                                  n_out, p.rank, rows.size(), cols.size(), 1.0f);
+                                  n_out, p.rank, rows.size(), cols.size(), 1.0f, false);
     gemm_x_wt(p.x.data + rows.begin * p.x.row_stride, p.x.row_stride, rows.size(), p.weight, cols.begin, cols.size(),
               c, n_out);
 }
@@ -152,7 +165,7 @@ void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* 
         }
         if (dx) {
             float* dx_block = dx + r0 * in;
-            k.lowrank_rows(dx_block, in, nullptr, s.g.data(), rank, p.lora_A, in, rank, n, in, scale);
+            k.lowrank_rows(dx_block, in, nullptr, s.g.data(), rank, p.lora_A, in, rank, n, in, scale, false);
             if (p.dropout_p > 0.0f)
                 for (int64_t i = 0; i < n; ++i)
                     k.dropout_row(dx_block + i * in, dx_block + i * in, in, dropout_row_key(p.seed, r0 + i),

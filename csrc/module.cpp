@@ -21,9 +21,11 @@ namespace {
 
 [[noreturn]] void fail(const std::string& message) { throw py::value_error(message); }
 
-void check(bool ok, const std::string& message) {
-    if (!ok) fail(message);
-}
+// Builds the message only on failure: the checks run on every call.
+#define CHECK_ARG(condition, message) \
+    do {                              \
+        if (!(condition)) fail(message); \
+    } while (0)
 
 std::string shape_of(const py::array& a) {
     std::string s = "(";
@@ -33,16 +35,16 @@ std::string shape_of(const py::array& a) {
 
 // A float32 array with the given dims; strides converted to elements and non-negative.
 void check_array(const py::array& a, const char* name, py::ssize_t ndim) {
-    check(a.dtype().is(py::dtype::of<float>()), std::string(name) + " must be float32, got " +
+    CHECK_ARG(a.dtype().is(py::dtype::of<float>()), std::string(name) + " must be float32, got " +
                                                     std::string(py::str(a.dtype())));
-    check(a.ndim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dims, got shape " +
+    CHECK_ARG(a.ndim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dims, got shape " +
                                 shape_of(a));
     for (py::ssize_t d = 0; d < ndim; ++d) {
-        check(a.shape(d) < INT_MAX, std::string(name) + " is too large for 32-bit BLAS: " + shape_of(a));
-        check(a.strides(d) >= 0 && a.strides(d) % static_cast<py::ssize_t>(sizeof(float)) == 0,
+        CHECK_ARG(a.shape(d) < INT_MAX, std::string(name) + " is too large for 32-bit BLAS: " + shape_of(a));
+        CHECK_ARG(a.strides(d) >= 0 && a.strides(d) % static_cast<py::ssize_t>(sizeof(float)) == 0,
               std::string(name) + " has unsupported strides");
     }
-    check(a.size() == 0 || a.data() != nullptr, std::string(name) + " has a null data pointer");
+    CHECK_ARG(a.size() == 0 || a.data() != nullptr, std::string(name) + " has a null data pointer");
 }
 
 // A 2-D array as a Matrix, requiring it row-major (unit column stride) or, if column_major_ok,
@@ -57,11 +59,11 @@ Matrix matrix(const py::array& a, const char* name, bool column_major_ok) {
     const bool row_major = cs == 1 && rs >= cols;
     if (!row_major && cols <= 1 && rows > 1) cs = std::max<int64_t>(rows, 1);  // one column: also column-major
     const bool col_major = rs == 1 && cs >= rows;
-    check(row_major || (column_major_ok && col_major),
+    CHECK_ARG(row_major || (column_major_ok && col_major),
           std::string(name) + " must be " + (column_major_ok ? "row- or column-major" : "row-major with unit column stride") +
               ", got shape " + shape_of(a) + " with element strides (" + std::to_string(rs) + ", " +
               std::to_string(cs) + ")");
-    check(rs < INT_MAX && cs < INT_MAX, std::string(name) + " has strides too large for 32-bit BLAS");
+    CHECK_ARG(rs < INT_MAX && cs < INT_MAX, std::string(name) + " has strides too large for 32-bit BLAS");
     if (row_major) return {static_cast<const float*>(a.data()), rows, cols, rs, 1};
     return {static_cast<const float*>(a.data()), rows, cols, 1, cs};
 }
@@ -78,14 +80,14 @@ const float* contiguous(const py::array& a, const char* name, std::initializer_l
         ++d;
     }
     want += shape.size() == 1 ? ",)" : ")";
-    check(same, std::string(name) + " must have shape " + want + ", got " + shape_of(a));
-    check(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+    CHECK_ARG(same, std::string(name) + " must have shape " + want + ", got " + shape_of(a));
+    CHECK_ARG(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
     return static_cast<const float*>(a.data());
 }
 
 float* writable(const py::array& a, const char* name, std::initializer_list<int64_t> shape) {
     const float* data = contiguous(a, name, shape);
-    check(a.writeable(), std::string(name) + " must be writable");
+    CHECK_ARG(a.writeable(), std::string(name) + " must be writable");
     return const_cast<float*>(data);
 }
 
@@ -95,18 +97,18 @@ fastlora::LoraProblem problem(const py::array& x, const py::array& weight, const
     const Matrix xm = matrix(x, "x", false);
     const Matrix wm = matrix(weight, "weight", true);
     const int64_t in = xm.cols, out = wm.rows;
-    check(wm.cols == in, "weight must be (out, " + std::to_string(in) + ") to match x " + shape_of(x) + ", got " +
+    CHECK_ARG(wm.cols == in, "weight must be (out, " + std::to_string(in) + ") to match x " + shape_of(x) + ", got " +
                              shape_of(weight));
-    check(lora_A.ndim() == 2, "lora_A must be 2-D (rank, in), got shape " + shape_of(lora_A));
+    CHECK_ARG(lora_A.ndim() == 2, "lora_A must be 2-D (rank, in), got shape " + shape_of(lora_A));
     const int64_t rank = lora_A.shape(0);
-    check(rank >= 1, "lora_A must have at least one row (rank >= 1)");
+    CHECK_ARG(rank >= 1, "lora_A must have at least one row (rank >= 1)");
     const float* a = contiguous(lora_A, "lora_A", {rank, in});
     const float* b = contiguous(lora_B, "lora_B", {out, rank});
     const float* bias_data = bias ? contiguous(*bias, "bias", {out}) : nullptr;
-    check(std::isfinite(scale), "scale must be finite");
-    check(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got " + std::to_string(dropout_p));
-    check(threshold >= INT32_MIN && threshold <= INT32_MAX, "threshold must be an int32");
-    check(threads >= 1, "threads must be >= 1");
+    CHECK_ARG(std::isfinite(scale), "scale must be finite");
+    CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got " + std::to_string(dropout_p));
+    CHECK_ARG(threshold >= INT32_MIN && threshold <= INT32_MAX, "threshold must be an int32");
+    CHECK_ARG(threads >= 1, "threads must be >= 1");
     return {xm,
             wm,
             bias_data,
@@ -136,7 +138,7 @@ void backward(const std::optional<py::array>& dx, const std::optional<py::array>
     const fastlora::LoraProblem p = problem(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, threshold,
                                             seed, threads);
     const Matrix dy = matrix(grad_out, "grad_out", false);
-    check(dy.rows == p.x.rows && dy.cols == p.weight.rows,
+    CHECK_ARG(dy.rows == p.x.rows && dy.cols == p.weight.rows,
           "grad_out must be (" + std::to_string(p.x.rows) + ", " + std::to_string(p.weight.rows) + "), got " +
               shape_of(grad_out));
     float* dx_data = dx ? writable(*dx, "dx", {p.x.rows, p.x.cols}) : nullptr;
