@@ -233,9 +233,9 @@ def comparison_table(rows: list[dict], markdown: bool = False) -> str:
     lines = [[r["case"], f"{r['reference_ms']:.1f} ±{r['reference_spread']:.0%}",
               f"{r['unfused_ms']:.1f} ±{r['unfused_spread']:.0%}", f"{r['time_ratio']:.2f}",
               f"{_fmt_bytes(r['reference_saved_bytes'])} / {_fmt_bytes(r['unfused_saved_bytes'])}",
-              f"{r['saved_ratio']:.2f}",
+              f"{r['saved_ratio']:.3f}",
               f"{_fmt_bytes(r['reference_saved_beyond_x'])} / {_fmt_bytes(r['unfused_saved_beyond_x'])}",
-              f"{r['saved_beyond_x_ratio']:.4f}"] for r in rows]
+              f"{r['saved_beyond_x_ratio']:.1e}"] for r in rows]
     return _table(head, lines, markdown)
 
 
@@ -308,6 +308,17 @@ def console(report: dict) -> str:
     return "\n".join(parts)
 
 
+def _json_safe(value):
+    """``value`` with NaN and infinities replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_outputs(report: dict, out_dir: Path, plot: bool = True) -> list[Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and (when there are layer results) ``<stem>.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +329,7 @@ def write_outputs(report: dict, out_dir: Path, plot: bool = True) -> list[Path]:
     report["chart"] = chart.name if chart else None
     if chart:
         written.append(chart)
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(_json_safe(report), indent=1, allow_nan=False) + "\n")
     (out_dir / f"{stem}.md").write_text(markdown(report))
     return [*written, out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
 

@@ -46,7 +46,7 @@ def test_outputs_are_valid_json_markdown_and_png(smoke):
     report, out = smoke
     stem = report["meta"]["stem"]
     assert stem.endswith("_smoke") and report["meta"]["device_tag"] in stem
-    data = json.loads((out / f"{stem}.json").read_text())
+    data = json.loads((out / f"{stem}.json").read_text(), parse_constant=pytest.fail)  # strict: no NaN
     assert data["meta"]["threads"] == torch.get_num_threads()
     assert len(data["layer"]) == len(report["layer"])
     md = (out / f"{stem}.md").read_text()
