@@ -106,8 +106,9 @@ def layer_fns(t: dict, p: float, scale: float) -> dict[str, dict[str, Callable[[
     def plain():
         return F.linear(x, weight, bias)
 
-    def unfused():
-        return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, p, training=True), A), B) * scale
+    def unfused():  # peft: nn.Identity instead of dropout when p == 0
+        x_lora = F.dropout(x, p, training=True) if p > 0 else x
+        return F.linear(x, weight, bias) + F.linear(F.linear(x_lora, A), B) * scale
 
     def fused():
         return fastlora.lora_linear(x, weight, bias, A, B, scale, p)

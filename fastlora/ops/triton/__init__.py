@@ -10,6 +10,7 @@ Kernels live in :mod:`fastlora.ops.triton._kernels`; this module chooses configs
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -103,7 +104,8 @@ def _launch(tuned: dict, kernel, family: str, tiles, args: tuple, meta: dict) ->
     if INTERPRET:
         kernel[(tiles(INTERPRET_CONFIG),)](*args, **meta, **INTERPRET_CONFIG)
     else:
-        tuned[family][lambda cfg: (tiles(cfg),)](*args, **meta)
+        with torch.cuda.device(args[0].device):  # the tensors' GPU, whichever is current
+            tuned[family][lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
@@ -112,12 +114,13 @@ def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
     r_pad = _rank_pad(R)
     h = torch.empty(M, r_pad, device=x.device, dtype=torch.float32)
     block_m = 32 if INTERPRET or M < 4096 else 64
-    _lora_down_kernel[(triton.cdiv(M, block_m),)](
-        x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
-        drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
-        DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=64,
-        num_warps=4,
-    )
+    with contextlib.nullcontext() if INTERPRET else torch.cuda.device(x.device):
+        _lora_down_kernel[(triton.cdiv(M, block_m),)](
+            x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
+            drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
+            DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=64,
+            num_warps=4,
+        )
     return h
 
 
