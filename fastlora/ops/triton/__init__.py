@@ -1,11 +1,12 @@
 """The triton backend: fused LoRA forward and backward on CUDA tensors (or on CPU under TRITON_INTERPRET=1).
 
-Forward is two launches: a thin pass ``h = dropout(x) @ A.T`` (fp32, ``(M, R_PAD)``) and the
-base GEMM whose fp32 tile also accumulates ``scale * h @ B.T`` and the bias before being
-written once. Backward is two launches: a thin pass that reads ``dy`` once for ``g = dy @ B``
-and dB, then ``x`` once for dA; and the dx GEMM ``dy @ W`` with ``scale * keep * (g @ A) / (1-p)``
-fused in. The dropout mask is regenerated from the seed in every kernel that needs it.
-Kernels live in :mod:`fastlora.ops.triton._kernels`; this module chooses configs and launches.
+Forward is two launches: a thin pass ``h = dropout(x) @ A.T / (1-p)`` (fp32, ``(M, R_PAD)``)
+and the base GEMM whose fp32 tile also accumulates ``scale * h @ B.T`` and the bias before
+being written once. Backward is two launches too: the same thin pass (for dB, when asked),
+and the dx GEMM ``dy @ W`` that reads each dy tile once for dx, ``g = dy @ B`` and dB's share,
+fuses ``scale * keep * (g @ A) / (1-p)`` into dx and adds dA from the masked x tile. The
+dropout mask is regenerated from the seed in every kernel that needs it, never stored.
+Kernels live in :mod:`fastlora.ops.triton._kernels`; this module picks configs and launches.
 """
 
 from __future__ import annotations
