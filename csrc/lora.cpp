@@ -124,6 +124,12 @@ void forward_tile(const LoraProblem& p, Range rows, Range cols, const float* h, 
               c, n_out);
 }
 
+// Whether threads should split the rows of an (m x cols) product with W rather than its
+// columns: when x's part (m rows) is the larger operand, and there are enough rows to share.
+bool split_rows(const LoraProblem& p, int64_t m, int64_t cols) {
+    return m > kSmallRows && m >= cols && m >= kRowsPerThread * p.threads;
+}
+
 std::vector<float> transpose(const float* m, int64_t rows, int64_t cols) {
     std::vector<float> t(static_cast<size_t>(rows * cols));
     for (int64_t i = 0; i < rows; ++i)
@@ -181,19 +187,24 @@ void lora_forward(const LoraProblem& p, float* out) {
     if (m == 0 || n_out == 0) return;
     const std::vector<float> bt = transpose(p.lora_B, n_out, rank);
     const std::vector<uint32_t> col_keys = column_keys(p);
+    // h = scale * dropout(x) A^T, its rows shared among threads.
+    std::vector<float> h(static_cast<size_t>(m * rank));
+    const int np = share(p.threads, m, kBlockRows);
     const int64_t buf_size = p.dropout_p > 0.0f ? kBlockRows * in : 0;
-    if (m >= kRowsPerThread * p.threads) {  // each thread: its own rows, all columns
+    std::vector<float> buf(static_cast<size_t>(np * buf_size));
+    parallel_run(np, [&](int t) {
+        const Range rows = part(m, np, t, 1);
+        project(p, col_keys.data(), rows, h.data() + rows.begin * rank, buf.data() + t * buf_size);
+    });
+    // Then each output tile gets bias + h B^T and += x W^T. Each thread packs its part of W and
+    // all of x, or all of W and its part of x: whichever part is the larger matrix gets split.
+    if (split_rows(p, m, n_out)) {
         const int n = share(p.threads, m, kRowsPerThread);
-        std::vector<float> h(static_cast<size_t>(m * rank)), buf(static_cast<size_t>(n * buf_size));
         parallel_run(n, [&](int t) {
             const Range rows = part(m, n, t, 1);
-            float* h_rows = h.data() + rows.begin * rank;
-            project(p, col_keys.data(), rows, h_rows, buf.data() + t * buf_size);
-            forward_tile(p, rows, {0, n_out}, h_rows, bt.data(), out);
+            forward_tile(p, rows, {0, n_out}, h.data() + rows.begin * rank, bt.data(), out);
         });
-    } else {  // few rows: project them once, then each thread streams its own columns of W
-        std::vector<float> h(static_cast<size_t>(m * rank)), buf(static_cast<size_t>(buf_size));
-        project(p, col_keys.data(), {0, m}, h.data(), buf.data());
+    } else {
         const int n = share(p.threads, n_out, kColsPerThread);
         parallel_run(n, [&](int t) { forward_tile(p, {0, m}, part(n_out, n, t, kColAlign), h.data(), bt.data(), out); });
     }
@@ -204,9 +215,8 @@ void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* 
     if (dA) std::fill(dA, dA + rank * in, 0.0f);
     if (dB) std::fill(dB, dB + n_out * rank, 0.0f);
     if (m == 0) return;
-    const bool split_rows = m >= kRowsPerThread * p.threads;
-    const int n = split_rows ? share(p.threads, m, kRowsPerThread) : 1;
     const std::vector<uint32_t> col_keys = column_keys(p);
+    const int n = share(p.threads, m, kBlockRows);
     std::vector<BackwardScratch> scratch(static_cast<size_t>(n));
     for (int t = 0; t < n; ++t) {
         BackwardScratch& s = scratch[static_cast<size_t>(t)];
@@ -218,17 +228,22 @@ void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* 
     }
     parallel_run(n, [&](int t) {  // thread 0 accumulates straight into dA, dB; the others into scratch
         BackwardScratch& s = scratch[static_cast<size_t>(t)];
-        const Range rows = part(m, n, t, 1);
-        backward_thin(p, col_keys.data(), dy, ld_dy, rows, dx, t == 0 || !dA ? dA : s.dA.data(), t == 0 || !dB ? dB : s.dB.data(), s);
-        if (dx && split_rows)
-            gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), p.weight, 0, in, dx + rows.begin * in, in);
+        backward_thin(p, col_keys.data(), dy, ld_dy, part(m, n, t, 1), dx, t == 0 || !dA ? dA : s.dA.data(),
+                      t == 0 || !dB ? dB : s.dB.data(), s);
     });
     for (int t = 1; t < n; ++t) {
         const BackwardScratch& s = scratch[static_cast<size_t>(t)];
         if (dA) for (int64_t i = 0; i < rank * in; ++i) dA[i] += s.dA[static_cast<size_t>(i)];
         if (dB) for (int64_t i = 0; i < n_out * rank; ++i) dB[i] += s.dB[static_cast<size_t>(i)];
     }
-    if (dx && !split_rows) {  // few rows: each thread takes its own columns of dx (and of W)
+    if (!dx) return;
+    if (split_rows(p, m, in)) {  // dx += dy W, split as forward splits its tiles
+        const int nr = share(p.threads, m, kRowsPerThread);
+        parallel_run(nr, [&](int t) {
+            const Range rows = part(m, nr, t, 1);
+            gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), p.weight, 0, in, dx + rows.begin * in, in);
+        });
+    } else {
         const int nc = share(p.threads, in, kColsPerThread);
         parallel_run(nc, [&](int t) {
             const Range cols = part(in, nc, t, kColAlign);
