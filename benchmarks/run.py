@@ -16,6 +16,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -112,6 +113,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none): other work on the machine."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def describe(device: str, suite: str, argv: list[str]) -> dict:
     """Everything a reader needs to know about the run: machine, versions, backends, threads, date."""
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -126,6 +135,7 @@ def describe(device: str, suite: str, argv: list[str]) -> dict:
         "device_name": name,
         "device_tag": tag,
         "threads": threads,
+        "load_average_at_start": _load_average(),
         "torch": torch.__version__,
         "fastlora": fastlora.__version__,
         "python": platform.python_version(),
@@ -272,7 +282,8 @@ def markdown(report: dict) -> str:
         f"- command: `{meta['command']}`",
         f"- machine: {meta['device_name']} ({meta['device']}), {meta['threads']} threads; "
         f"torch {meta['torch']}, fastlora {meta['fastlora']}, Python {meta['python']}",
-        f"- date: {meta['date']}",
+        f"- date: {meta['date']}; load average (1/5/15 min) at start {meta['load_average_at_start']}, "
+        f"at end {meta.get('load_average_at_end')}",
         "- method: warm-up, then interleaved rounds of all contenders (order rotated each round); "
         "median per call, spread = half the interquartile range over the median",
     ]
@@ -347,6 +358,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-train-step", action="store_true", help="skip the GPT-2 training-step benchmark")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     parser.add_argument("--repeats", type=int, help="interleaved rounds (default per suite)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before running (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     args.suite = args.suite or "quick"
@@ -362,10 +374,14 @@ def main(argv: list[str] | None = None) -> dict:
         suite.repeats = args.repeats
     if args.no_train_step:
         suite.steps = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
     meta = describe(device, suite.name, argv)
     print(f"{meta['title']}\n{meta['command']}\ntorch threads: {meta['threads']}; "
+          f"load average {meta['load_average_at_start']}; "
           f"{len(suite.cases)} layer cases, {len(suite.steps)} training-step cases", file=sys.stderr)
     layer, steps, missing = run_suite(suite, device)
+    meta["load_average_at_end"] = _load_average()
     report = {"meta": meta, "unavailable": missing, "layer": layer, "train_step": steps,
               "reference_vs_unfused": reference_vs_unfused(layer) if suite.name == "reference-vs-unfused" else []}
     written = write_outputs(report, args.out, plot=not args.no_plot)
