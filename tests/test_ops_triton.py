@@ -121,21 +121,21 @@ def ptx(fn, constexprs, unit_strides):
     source = ASTSource(fn, signature, constexprs={**constexprs, **{s: 1 for s in unit_strides}}, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
-    return compiled.asm["ptx"]
+    return compiled.asm["ptx"], compiled.metadata.shared
 
 common = {"R_PAD": 16, "PRECISION": "tf32", "BLOCK_M": bm, "GROUP_M": 8}
-fwd = ptx(kernels._lora_forward_kernel, {**common, "HAS_BIAS": True, "BLOCK_N": bn, "BLOCK_K": bk},
+fwd, fwd_shared = ptx(kernels._lora_forward_kernel, {**common, "HAS_BIAS": True, "BLOCK_N": bn, "BLOCK_K": bk},
           ["stride_xk", "stride_wn", "stride_br", "stride_on"])
-bwd = ptx(kernels._lora_backward_kernel, {**common, "NEED_DX": True, "NEED_DA": True, "NEED_DB": True,
+bwd, bwd_shared = ptx(kernels._lora_backward_kernel, {**common, "NEED_DX": True, "NEED_DA": True, "NEED_DB": True,
                                           "DROPOUT": True, "BLOCK_N": bk, "BLOCK_K": bn},
           ["stride_dyn", "stride_wn", "stride_ak", "stride_br", "stride_xk", "stride_dxk"])
-down = ptx(kernels._lora_down_kernel, {"DROPOUT": True, "R_PAD": 16, "PRECISION": "tf32", "BLOCK_M": 64,
+ptx(kernels._lora_down_kernel, {"DROPOUT": True, "R_PAD": 16, "PRECISION": "tf32", "BLOCK_M": 64,
                                        "BLOCK_K": 64}, ["stride_xk", "stride_ak"])
 for name, code in (("forward", fwd), ("backward", bwd)):
     assert "wgmma.mma_async" in code, f"{name}: no wgmma"
     assert "cp.async" in code, f"{name}: loads are not pipelined"
 assert "red.global" in bwd, "backward: dA/dB not accumulated with relaxed reductions"
-print("compiled for sm_90")
+print("compiled for sm_90; shared bytes", fwd_shared, bwd_shared)
 '''
 
 
@@ -155,6 +155,24 @@ def test_kernels_compile_for_hopper_with_pipelined_wgmma():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled for sm_90" in result.stdout
+    fwd_shared, bwd_shared = map(int, result.stdout.split()[-2:])
+    tile = triton_backend.TILES["16bit"][0]
+    assert fwd_shared <= triton_backend._smem_bytes(tile, 16, 2, backward=False)
+    assert bwd_shared <= triton_backend._smem_bytes(tile, 16, 2, backward=True)
+
+
+H100_SMEM, SMALL_CARD_SMEM = 232448, 101376
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_tiles_that_do_not_fit_shared_memory_are_dropped(backward):
+    assert triton_backend._fitting_tiles(backward, "16bit", 16, H100_SMEM) == triton_backend.TILES["16bit"]
+    for family in triton_backend.TILES:
+        for r_pad in (16, 64, 256):
+            elem = 4 if family.startswith("fp32") else 2
+            for smem in (H100_SMEM, SMALL_CARD_SMEM):
+                tiles = triton_backend._fitting_tiles(backward, family, r_pad, smem)
+                assert tiles and all(triton_backend._smem_bytes(t, r_pad, elem, backward) <= smem for t in tiles)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ Kernels live in :mod:`fastlora.ops.triton._kernels`; this module picks configs a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -31,10 +32,13 @@ from fastlora.ops.triton._kernels import _lora_backward_kernel, _lora_down_kerne
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
-# Tile families, (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); the backward kernel's tile is
-# (BLOCK_M, BLOCK_K) and it loops over N in BLOCK_N steps. 16-bit: wide wgmma tiles with 3-4
-# stages for Hopper plus narrower ones for older cards. fp32 (IEEE dots run on FMA units):
-# small tiles, which also keep compile times short. Below SMALL_M rows one tile, no tuning.
+# Tile families, (rows, columns, loop step, stages, warps): the forward kernel's (BLOCK_M,
+# BLOCK_N, BLOCK_K); the backward kernel's (BLOCK_M, BLOCK_K, BLOCK_N), as its output tile
+# spans in-features (K) and its loop runs over out-features (N). 16-bit: wide
+# wgmma tiles with 3-4 stages for Hopper plus narrower ones for older cards. fp32 (IEEE dots
+# run on FMA units): small tiles, which also keep compile times short. Below SMALL_M rows one
+# tile, no tuning. Tiles whose pipeline would not fit the GPU's shared memory are dropped;
+# FALLBACK_TILE fits any GPU for padded ranks up to 256 (large ranks on small cards).
 TILES = {
     "16bit": [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
               (128, 64, 64, 4, 4)],
@@ -42,6 +46,7 @@ TILES = {
     "16bit-small-m": [(64, 64, 64, 4, 4)],
     "fp32-small-m": [(64, 64, 32, 3, 4)],
 }
+FALLBACK_TILE = (32, 32, 16, 2, 4)
 SMALL_M = 1024
 
 
@@ -51,22 +56,41 @@ def _zero_grad_buffers(args: dict) -> None:
     args["db_ptr"].zero_()
 
 
-def _configs(family: str, backward: bool) -> list[triton.Config]:
+def _smem_bytes(tile: tuple, r_pad: int, elem: int, backward: bool) -> int:
+    """Shared memory of a tile's software pipeline (an upper estimate of what Triton allocates)."""
+    rows, cols, step, stages, _ = tile
+    if backward:  # per stage dy (rows, step), W (step, cols), B (step, r_pad); and h (rows, r_pad)
+        return (stages * (rows * step + step * cols + step * r_pad) + rows * r_pad) * elem
+    return (stages * (rows * step + step * cols) + (rows + cols) * r_pad) * elem  # per stage x, W; then h, B
+
+
+def _fitting_tiles(backward: bool, family: str, r_pad: int, smem_limit: int) -> list[tuple]:
+    """The family's tiles whose pipeline fits ``smem_limit`` bytes, or the fallback tile."""
+    elem = 4 if family.startswith("fp32") else 2
+    return [t for t in TILES[family] if _smem_bytes(t, r_pad, elem, backward) <= smem_limit] or [FALLBACK_TILE]
+
+
+@functools.cache
+def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int):
+    """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes."""
+    tiles = _fitting_tiles(backward, family, r_pad, smem_limit)
     hook = _zero_grad_buffers if backward else None
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bk if backward else bn, "BLOCK_K": bn if backward else bk,
-                           "GROUP_M": 8}, num_stages=stages, num_warps=warps, pre_hook=hook)
-            for bm, bn, bk, stages, warps in TILES[family]]
+    configs = [triton.Config({"BLOCK_M": rows, "BLOCK_K" if backward else "BLOCK_N": cols,
+                              "BLOCK_N" if backward else "BLOCK_K": step, "GROUP_M": 8},
+                             num_stages=stages, num_warps=warps, pre_hook=hook)
+               for rows, cols, step, stages, warps in tiles]
+    kernel = _lora_backward_kernel if backward else _lora_forward_kernel
+    return triton.autotune(configs, key=["M", "N", "K"])(kernel)
 
 
-def _autotuned(kernel, backward: bool) -> dict:
-    """One autotuner per tile family (none under the interpreter)."""
-    if INTERPRET:
-        return {}
-    return {family: triton.autotune(_configs(family, backward), key=["M", "N", "K"])(kernel) for family in TILES}
-
-
-_tuned_forward = _autotuned(_lora_forward_kernel, backward=False)
-_tuned_backward = _autotuned(_lora_backward_kernel, backward=True)
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    """Bytes of shared memory one program may use on this GPU."""
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    except Exception:  # a triton without this query: torch's figure, else the smallest of current GPUs
+        props = torch.cuda.get_device_properties(device_index)
+        return getattr(props, "shared_memory_per_block_optin", 101376)
 
 
 def _family(rows: int, dtype: torch.dtype) -> str:
@@ -100,13 +124,16 @@ def _dropout_args(dropout_p: float, seed: Tensor) -> dict:
     }
 
 
-def _launch(tuned: dict, kernel, family: str, tiles, args: tuple, meta: dict) -> None:
+def _launch(backward: bool, tiles, args: tuple, meta: dict) -> None:
     """Launch on a 1-D grid of ``tiles(config)`` programs: autotuned, or the fixed config when interpreting."""
     if INTERPRET:
+        kernel = _lora_backward_kernel if backward else _lora_forward_kernel
         kernel[(tiles(INTERPRET_CONFIG),)](*args, **meta, **INTERPRET_CONFIG)
-    else:
-        with torch.cuda.device(args[0].device):  # the tensors' GPU, whichever is current
-            tuned[family][lambda cfg: (tiles(cfg),)](*args, **meta)
+        return
+    x = args[0]
+    tuned = _autotuned(backward, _family(x.shape[0], x.dtype), meta["R_PAD"], _smem_limit(x.device.index))
+    with torch.cuda.device(x.device):  # the tensors' GPU, whichever is current
+        tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
@@ -115,12 +142,13 @@ def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
     r_pad = _rank_pad(R)
     h = torch.empty(M, r_pad, device=x.device, dtype=torch.float32)
     block_m = 32 if INTERPRET or M < 4096 else 64
+    block_k = 64 if r_pad <= 64 else 32  # two stages of (x, A) tiles fit any GPU's shared memory
     with contextlib.nullcontext() if INTERPRET else torch.cuda.device(x.device):
         _lora_down_kernel[(triton.cdiv(M, block_m),)](
             x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
             drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
-            DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=64,
-            num_warps=4,
+            DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
+            BLOCK_K=block_k, num_warps=4, num_stages=2,
         )
     return h
 
@@ -136,8 +164,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, R,
             *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
     meta = {"HAS_BIAS": bias is not None, "R_PAD": h.shape[1], "PRECISION": _precision(x.dtype)}
-    _launch(_tuned_forward, _lora_forward_kernel, _family(M, x.dtype),
-            lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
+    _launch(False, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
     return out
 
 
@@ -159,6 +186,5 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
                 scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
         meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "NEED_DB": need_dB, "DROPOUT": drop["DROPOUT"],
                 "R_PAD": _rank_pad(R), "PRECISION": _precision(x.dtype)}
-        _launch(_tuned_backward, _lora_backward_kernel, _family(M, x.dtype),
-                lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta)
+        _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta)
     return dx, dA.to(x.dtype) if need_dA else None, dB.to(x.dtype) if need_dB else None
