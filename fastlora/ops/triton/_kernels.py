@@ -19,9 +19,11 @@ import triton
 import triton.language as tl
 
 # Scalars not worth a compiled variant per value class (==1, multiple of 16, other): the seed
-# words, and the row count and rank, which only bound masks along non-contiguous axes. N, K
-# and the strides stay specialized: their divisibility lets loads vectorize.
-_NO_SPECIALIZE = ["M", "R", "seed_lo", "seed_hi", "threshold"]
+# words; the row count and rank, which only bound masks along non-contiguous axes; and B's
+# row stride (the rank, for a contiguous B), which only addresses one small tile. N, K and the
+# other strides stay specialized: their divisibility lets the big loads vectorize.
+_SHAPE = ["M", "R"]
+_SEED = ["seed_lo", "seed_hi", "threshold"]
 
 
 @triton.jit
@@ -46,7 +48,7 @@ def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
     return hashed.to(tl.int32, bitcast=True) >= threshold
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit(do_not_specialize=_SHAPE + _SEED)
 def _lora_down_kernel(
     x_ptr, a_ptr, h_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
@@ -84,7 +86,7 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE[:2])
+@triton.jit(do_not_specialize=[*_SHAPE, "stride_bn"])
 def _lora_forward_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_om, stride_on,
@@ -125,7 +127,7 @@ def _lora_forward_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit(do_not_specialize=[*_SHAPE, "stride_bn", *_SEED])
 def _lora_backward_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, h_ptr, dx_ptr, da_ptr, db_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
