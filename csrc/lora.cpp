@@ -120,7 +120,8 @@ void forward_tile(const LoraProblem& p, Range rows, Range cols, const float* h, 
     float* c = out + rows.begin * n_out + cols.begin;
     active_kernels().lowrank_rows(c, n_out, p.bias ? p.bias + cols.begin : nullptr, h, p.rank, bt + cols.begin,
                                   n_out, p.rank, rows.size(), cols.size(), 1.0f, false);
-    gemm_x_wt(p.x.data + rows.begin * p.x.row_stride, p.x.row_stride, rows.size(), p.weight, cols.begin, cols.size(),
+    if (p.base_product)
+        gemm_x_wt(p.x.data + rows.begin * p.x.row_stride, p.x.row_stride, rows.size(), p.weight, cols.begin, cols.size(),
               c, n_out);
 }
 
@@ -236,7 +237,7 @@ void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* 
         if (dA) for (int64_t i = 0; i < rank * in; ++i) dA[i] += s.dA[static_cast<size_t>(i)];
         if (dB) for (int64_t i = 0; i < n_out * rank; ++i) dB[i] += s.dB[static_cast<size_t>(i)];
     }
-    if (!dx) return;
+    if (!dx || !p.base_product) return;
     if (split_rows(p, m, in)) {  // dx += dy W, split as forward splits its tiles
         const int nr = share(p.threads, m, kRowsPerThread);
         parallel_run(nr, [&](int t) {

@@ -26,13 +26,16 @@ struct LoraProblem {
     int32_t threshold;  // an element is kept iff its signed hash >= threshold
     uint64_t seed;
     int threads;
+    bool base_product;  // false: leave x W^T (forward) and dy W (backward's dx) to the caller
 };
 
-// out (M, out) contiguous = x W^T + bias + scale * dropout(x) A^T B^T.
+// out (M, out) contiguous = x W^T + bias + scale * dropout(x) A^T B^T (without x W^T when
+// problem.base_product is false).
 void lora_forward(const LoraProblem& problem, float* out);
 
 // grad_out (M, out) row-major with row stride ld_grad. Each of dx (M, in), dA (rank, in),
-// dB (out, rank) (contiguous) is computed when non-null.
+// dB (out, rank) (contiguous) is computed when non-null; dx lacks dy W when
+// problem.base_product is false.
 void lora_backward(const LoraProblem& problem, const float* grad_out, int64_t ld_grad, float* dx, float* dA,
                    float* dB);
 

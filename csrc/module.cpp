@@ -93,7 +93,7 @@ float* writable(const py::array& a, const char* name, std::initializer_list<int6
 
 fastlora::LoraProblem problem(const py::array& x, const py::array& weight, const std::optional<py::array>& bias,
                               const py::array& lora_A, const py::array& lora_B, double scale, double dropout_p,
-                              int64_t threshold, int64_t seed, int threads) {
+                              int64_t threshold, int64_t seed, int threads, bool base_product) {
     const Matrix xm = matrix(x, "x", false);
     const Matrix wm = matrix(weight, "weight", true);
     const int64_t in = xm.cols, out = wm.rows;
@@ -119,13 +119,15 @@ fastlora::LoraProblem problem(const py::array& x, const py::array& weight, const
             static_cast<float>(dropout_p),
             static_cast<int32_t>(threshold),
             static_cast<uint64_t>(seed),
-            std::min(threads, 256)};
+            std::min(threads, 256),
+            base_product};
 }
 
 void forward(const py::array& out, const py::array& x, const py::array& weight, const std::optional<py::array>& bias,
              const py::array& lora_A, const py::array& lora_B, double scale, double dropout_p, int64_t threshold,
-             int64_t seed, int threads) {
-    const fastlora::LoraProblem p = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, threshold, seed, threads);
+             int64_t seed, int threads, bool base_product) {
+    const fastlora::LoraProblem p = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, threshold, seed, threads,
+                                            base_product);
     float* y = writable(out, "out", {p.x.rows, p.weight.rows});
     py::gil_scoped_release release;
     fastlora::lora_forward(p, y);
@@ -134,9 +136,9 @@ void forward(const py::array& out, const py::array& x, const py::array& weight, 
 void backward(const std::optional<py::array>& dx, const std::optional<py::array>& dA,
               const std::optional<py::array>& dB, const py::array& grad_out, const py::array& x,
               const py::array& weight, const py::array& lora_A, const py::array& lora_B, double scale,
-              double dropout_p, int64_t threshold, int64_t seed, int threads) {
+              double dropout_p, int64_t threshold, int64_t seed, int threads, bool base_product) {
     const fastlora::LoraProblem p = problem(x, weight, std::nullopt, lora_A, lora_B, scale, dropout_p, threshold,
-                                            seed, threads);
+                                            seed, threads, base_product);
     const Matrix dy = matrix(grad_out, "grad_out", false);
     CHECK_ARG(dy.rows == p.x.rows && dy.cols == p.weight.rows,
           "grad_out must be (" + std::to_string(p.x.rows) + ", " + std::to_string(p.weight.rows) + "), got " +
@@ -155,12 +157,14 @@ PYBIND11_MODULE(_C, m) {
     scipy_openblas_set_num_threads(1);  // parallelism comes from fastlora's own pool, sized by the caller
     m.def("forward", &forward, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"),
           py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"), py::arg("threshold"), py::arg("seed"),
-          py::arg("threads"),
-          "out[:] = x weight^T + bias + scale (dropout(x) lora_A^T) lora_B^T; dropout keeps signed hash >= threshold.");
+          py::arg("threads"), py::arg("base_product") = true,
+          "out[:] = x weight^T + bias + scale (dropout(x) lora_A^T) lora_B^T, dropout keeping elements whose "
+          "signed hash >= threshold; without x weight^T if base_product is False.");
     m.def("backward", &backward, py::arg("dx"), py::arg("dA"), py::arg("dB"), py::arg("grad_out"), py::arg("x"),
           py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"),
-          py::arg("threshold"), py::arg("seed"), py::arg("threads"),
-          "Writes dx, dA, dB (each skipped when None) of the forward with the same arguments.");
+          py::arg("threshold"), py::arg("seed"), py::arg("threads"), py::arg("base_product") = true,
+          "Writes dx, dA, dB (each skipped when None) of the forward with the same arguments; dx without "
+          "grad_out weight if base_product is False.");
     m.def("supported_isas", &fastlora::supported_isas, "Instruction sets usable on this CPU, narrowest first.");
     m.def("isa", [] { return std::string(fastlora::active_kernels().name); }, "The instruction set in use.");
     m.def("set_isa", [](const std::string& name) {

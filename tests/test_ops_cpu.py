@@ -33,6 +33,15 @@ def isa(request):
     cpu.set_isa(before)
 
 
+@pytest.fixture(params=cpu.GEMMS)
+def gemm(request):
+    """Each GEMM for the base product, selected in turn."""
+    before = cpu.gemm()
+    cpu.set_gemm(request.param)
+    yield request.param
+    cpu.set_gemm(before)
+
+
 def make(m, n_in, n_out, rank, conv1d=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, n_in, generator=gen)
@@ -61,8 +70,8 @@ def check_forward_backward(x, weight, bias, lora_A, lora_B, scale, p, seed, tol=
 
 @pytest.mark.parametrize("m", [1, 3, 8, 130, 700], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_every_kernel_path_matches_float64(isa, two_threads, m, conv1d):
-    """Column-split (small M) and row-split (large M) paths, both weight layouts, every ISA."""
+def test_every_kernel_path_matches_float64(isa, gemm, two_threads, m, conv1d):
+    """Streaming (M <= 8), column-split and row-split paths, both weight layouts, both GEMMs, every ISA."""
     check_forward_backward(*make(m, 97, 203, 5, conv1d=conv1d, seed=m), scale=1.5, p=0.1, seed=m + 7)
 
 
@@ -82,10 +91,13 @@ def test_dropout_mask_is_the_reference_mask_bit_for_bit(isa):
     torch.testing.assert_close(y, x * keep / (1 - p), rtol=1e-6, atol=0)
 
 
-def test_isa_override():
+def test_isa_and_gemm_overrides():
     assert cpu.supported_isas()[0] == "portable" and cpu.isa() in cpu.supported_isas()
     with pytest.raises(ValueError, match="not available"):
         cpu.set_isa("sse9")
+    assert cpu.gemm() in cpu.GEMMS
+    with pytest.raises(ValueError, match="unknown GEMM"):
+        cpu.set_gemm("atlas")
 
 
 def test_missing_extension_is_an_import_error_naming_it(monkeypatch):
@@ -95,7 +107,7 @@ def test_missing_extension_is_an_import_error_naming_it(monkeypatch):
         importlib.import_module("fastlora.ops.cpu")
 
 
-def test_concurrent_python_threads_get_correct_results(two_threads):
+def test_concurrent_python_threads_get_correct_results(two_threads, gemm):
     cases = [make(150 + 40 * i, 64, 96, 4, conv1d=i % 2 == 1, seed=i) for i in range(4)]
     expected = [reference.forward(*c, 2.0, 0.2, torch.tensor(i)) for i, c in enumerate(cases)]
     errors = []
@@ -136,7 +148,7 @@ def test_repeated_calls_do_not_grow_memory():
     assert _rss_bytes() - before < 8 * 2**20
 
 
-def test_nan_and_inf_propagate_as_in_the_reference(two_threads):
+def test_nan_and_inf_propagate_as_in_the_reference(two_threads, gemm):
     x, weight, bias, lora_A, lora_B = make(140, 40, 24, 4)
     x[3, 5], x[77, 0], x[100, 39] = float("nan"), float("inf"), float("-inf")
     seed = torch.tensor(9)

@@ -1,10 +1,13 @@
 """The cpu backend: fp32 LoRA forward and backward in the C++ extension ``fastlora._C``.
 
-The extension computes the base product with OpenBLAS (from the ``scipy-openblas32`` wheel)
-and fuses bias, dropout and the rank-R update around it; it runs on torch's thread count.
-Importing this module raises ImportError, with the reason, when the extension is missing.
-``FASTLORA_CPU_ISA=portable|avx2|avx512`` (or :func:`set_isa`) overrides the instruction set
-that CPUID picked for its kernels.
+The extension writes bias + dropout + rank-R update into the output (and dx's masked rank-R
+term, dA and dB in one pass in backward); the base product ``x W^T`` (``dy W``) is accumulated
+onto it by one of two GEMMs, see :func:`set_gemm`: PyTorch's own (``torch``, the default when
+PyTorch has MKL, whose sgemm is the fastest here) or OpenBLAS inside the extension
+(``openblas``, from the ``scipy-openblas32`` wheel, the default otherwise). It runs on torch's
+thread count. Importing this module raises ImportError, with the reason, when the extension
+is missing. ``FASTLORA_CPU_ISA=portable|avx2|avx512`` (or :func:`set_isa`) overrides the
+instruction set CPUID picked; ``FASTLORA_CPU_GEMM=torch|openblas`` the GEMM.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from torch import Tensor
 from fastlora.ops.reference import dropout_threshold
 
 ISA_ENV_VAR = "FASTLORA_CPU_ISA"
+GEMM_ENV_VAR = "FASTLORA_CPU_GEMM"
+GEMMS = ("torch", "openblas")
 
 
 def _load_extension():
@@ -40,6 +45,24 @@ def _load_extension():
 _C = _load_extension()
 if os.environ.get(ISA_ENV_VAR):
     _C.set_isa(os.environ[ISA_ENV_VAR].strip().lower())
+_gemm = "torch" if torch.backends.mkl.is_available() else "openblas"
+
+
+def gemm() -> str:
+    """Which GEMM computes the base product: ``torch`` or ``openblas``."""
+    return _gemm
+
+
+def set_gemm(name: str) -> None:
+    """Compute the base product with PyTorch's GEMM (``torch``) or the extension's OpenBLAS."""
+    global _gemm
+    if name not in GEMMS:
+        raise ValueError(f"unknown GEMM {name!r}: choose one of {', '.join(GEMMS)}")
+    _gemm = name
+
+
+if os.environ.get(GEMM_ENV_VAR):
+    set_gemm(os.environ[GEMM_ENV_VAR].strip().lower())
 
 
 def isa() -> str:
@@ -79,25 +102,32 @@ def _seed(seed: Tensor) -> int:
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
             scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    """``(M, out)`` output, computed by :func:`fastlora._C.forward`."""
+    """``(M, out)`` output: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM."""
+    x, weight = _rows_unit_stride(x), _weight_view(weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    _C.forward(_np(out), _np(_rows_unit_stride(x)), _np(_weight_view(weight)),
-               None if bias is None else _np(bias.contiguous()), _np(lora_A.contiguous()),
-               _np(lora_B.contiguous()), scale, dropout_p, dropout_threshold(dropout_p), _seed(seed),
-               torch.get_num_threads())
+    in_extension = _gemm == "openblas"
+    _C.forward(_np(out), _np(x), _np(weight), None if bias is None else _np(bias.contiguous()),
+               _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
+               dropout_threshold(dropout_p), _seed(seed), torch.get_num_threads(), in_extension)
+    if not in_extension:
+        out.addmm_(x.detach(), weight.detach().t())
     return out
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
              scale: float, dropout_p: float, seed: Tensor,
              needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dA, dB)``, each computed only when ``needs`` asks for it, by :func:`fastlora._C.backward`."""
+    """``(dx, dA, dB)``, each only when ``needs`` asks for it: :func:`fastlora._C.backward`, then
+    ``dx += dy W`` if torch does the GEMM."""
     need_dx, need_dA, need_dB = needs
+    grad_out, weight = _rows_unit_stride(grad_out), _weight_view(weight)
     dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None
     dA = torch.empty(lora_A.shape, dtype=x.dtype) if need_dA else None
     dB = torch.empty(lora_B.shape, dtype=x.dtype) if need_dB else None
-    _C.backward(*(None if g is None else _np(g) for g in (dx, dA, dB)), _np(_rows_unit_stride(grad_out)),
-                _np(_rows_unit_stride(x)), _np(_weight_view(weight)), _np(lora_A.contiguous()),
-                _np(lora_B.contiguous()), scale, dropout_p, dropout_threshold(dropout_p), _seed(seed),
-                torch.get_num_threads())
+    in_extension = _gemm == "openblas"
+    _C.backward(*(None if g is None else _np(g) for g in (dx, dA, dB)), _np(grad_out), _np(_rows_unit_stride(x)),
+                _np(weight), _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
+                dropout_threshold(dropout_p), _seed(seed), torch.get_num_threads(), in_extension)
+    if need_dx and not in_extension:
+        dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dA, dB
