@@ -197,7 +197,7 @@ def train_step_run(args, contender: str, device: str) -> dict:
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
