@@ -1,0 +1,120 @@
+"""Generate one E2E output per unique MR with the paper's beam search; write outputs and grouped references.
+
+    python examples/e2e/generate.py --run runs/lora-m --data e2e --out runs/lora-m/test     # after train.py
+    python examples/e2e/generate.py --model gpt2-medium --adapter ADAPTER_DIR --data e2e --out OUT
+    python examples/e2e/generate.py --model MERGED_MODEL_DIR --data e2e --out OUT
+
+Writes ``OUT/outputs.txt`` (one line per MR), ``OUT/refs.txt`` (the MR's references, one per line,
+a blank line between MRs: the evaluator's input format) and ``OUT/mrs.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+import fastlora
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", help="a train.py run directory: its base model and final adapter/model")
+    p.add_argument("--model", help="base model: gpt2 | gpt2-medium | gpt2-large | PATH (or merged weights)")
+    p.add_argument("--adapter", help="LoRA adapter directory (fastlora or peft format)")
+    p.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (untrained baseline)")
+    p.add_argument("--data", default="synthetic", help="synthetic | e2e | txt | hf | a .csv/.txt file")
+    p.add_argument("--data-dir")
+    p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE))
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--limit", type=int, help="only the first N unique MRs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=16, help="MRs per generate() call")
+    p.add_argument("--num-beams", type=int, default=10)
+    p.add_argument("--length-penalty", type=float, default=0.9)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, str | None, str]:
+    """(model to load, adapter dir or None, tokenizer source) from --run or --model/--adapter."""
+    if args.run:
+        info = common.read_json(Path(args.run) / "run.json")
+        if args.no_adapter:
+            return info["base"], None, info["base"]
+        if info["method"] == "full":
+            return info["final"], None, info["final"]
+        return info["base"], info["final"], info["base"]
+    if not args.model:
+        raise SystemExit("give --run RUN_DIR or --model (with --adapter for a LoRA adapter)")
+    return args.model, args.adapter, args.model
+
+
+def load(model_ref: str, adapter: str | None, device: torch.device) -> torch.nn.Module:
+    """The model in eval mode; a LoRA adapter is loaded and merged (zero overhead at inference)."""
+    model = common.load_model(model_ref)
+    if adapter:
+        fastlora.load_adapter(model, adapter)
+        fastlora.merge(model)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, mrs: list[common.MR], args: argparse.Namespace, device: torch.device) -> list[str]:
+    """One beam-search output per MR, batched with left padding."""
+    tokenizer.padding_side = "left"
+    outputs = []
+    for start in tqdm(range(0, len(mrs), args.batch_size), desc="generate", disable=args.no_progress):
+        prompts = [common.prompt(mr) for mr in mrs[start:start + args.batch_size]]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        tokens = model.generate(**batch, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
+                                early_stopping=True, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        new = tokens[:, batch["input_ids"].shape[1]:]
+        outputs += [clean(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return outputs
+
+
+def clean(text: str) -> str:
+    """One line of output text: the first line, whitespace collapsed."""
+    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+
+
+def write_outputs(out: Path, groups: list[tuple[common.MR, list[str]]], outputs: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_atomic(out / "outputs.txt", "".join(o + "\n" for o in outputs))
+    common.write_atomic(out / "refs.txt", "\n".join("".join(r + "\n" for r in refs) for _, refs in groups))
+    common.write_atomic(out / "mrs.txt", "".join(common.format_mr(mr) + "\n" for mr, _ in groups))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_ref, adapter, tokenizer_ref = resolve(args)
+    groups = common.group_by_mr(common.load_examples(args.data, args.split, args.data_dir, args.cache_dir, args.seed))
+    groups = groups[:args.limit] if args.limit else groups
+    tokenizer = common.load_tokenizer(tokenizer_ref)
+    model = load(model_ref, adapter, device)
+    outputs = generate(model, tokenizer, [mr for mr, _ in groups], args, device)
+    out = Path(args.out)
+    write_outputs(out, groups, outputs)
+    print(f"wrote {len(outputs)} outputs to {out / 'outputs.txt'} and grouped references to {out / 'refs.txt'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
