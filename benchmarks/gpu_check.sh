@@ -6,10 +6,22 @@
 # first), logged to $OUT/<step>.log, and a failing step does not stop the next.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh     # $OUT defaults to benchmarks/results/gpu-<UTC time>
+#
+# The device tool brings back at most 8 files from $OUT: logs are written to a work folder and
+# packed into $OUT/logs.tar.gz at exit; $OUT keeps the card, the step codes and gpu_bench.{md,json}.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
-mkdir -p "$OUT"
+RESULTS="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
+OUT="$(mktemp -d)"
+mkdir -p "$RESULTS"
+pack() {
+    for f in card.txt steps.txt gpu_bench.md gpu_bench.json; do
+        [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/"
+    done
+    tar czf "$RESULTS/logs.tar.gz" -C "$OUT" .
+}
+trap pack EXIT
+trap 'exit 143' TERM
 PY="$(command -v python || command -v python3)"
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-470}
