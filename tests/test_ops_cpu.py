@@ -24,6 +24,15 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread():
+    """torch (and so the extension) on one thread: tiny calls skip thread wake-ups."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=cpu.supported_isas())
 def isa(request):
     """Each instruction set this CPU supports, selected in turn."""
@@ -132,7 +141,7 @@ def _rss_bytes() -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
-def test_repeated_calls_do_not_grow_memory():
+def test_repeated_calls_do_not_grow_memory(one_thread):
     x, weight, bias, lora_A, lora_B = make(64, 48, 80, 4)
     seed = torch.tensor(1)
     grad = torch.randn(64, 80)

@@ -4,10 +4,13 @@ The extension writes bias + dropout + rank-R update into the output (and dx's ma
 term, dA and dB in one pass in backward); the base product ``x W^T`` (``dy W``) is accumulated
 onto it by one of two GEMMs, see :func:`set_gemm`: PyTorch's own (``torch``, the default when
 PyTorch has MKL, whose sgemm is the fastest here) or OpenBLAS inside the extension
-(``openblas``, from the ``scipy-openblas32`` wheel, the default otherwise). It runs on torch's
-thread count. Importing this module raises ImportError, with the reason, when the extension
-is missing. ``FASTLORA_CPU_ISA=portable|avx2|avx512`` (or :func:`set_isa`) overrides the
-instruction set CPUID picked; ``FASTLORA_CPU_GEMM=torch|openblas`` the GEMM.
+(``openblas``, from the ``scipy-openblas32`` wheel, the default otherwise). Either way a
+forward of at most 8 rows with a row-major (``nn.Linear``) weight streams W once through the
+extension's own kernel, which beats both GEMMs there. It runs on torch's thread count.
+
+Importing this module raises ImportError, with the reason, when the extension is missing.
+``FASTLORA_CPU_ISA=portable|avx2|avx512`` (or :func:`set_isa`) overrides the instruction set
+CPUID picked; ``FASTLORA_CPU_GEMM=torch|openblas`` (or :func:`set_gemm`) the GEMM.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ _C = _load_extension()
 if os.environ.get(ISA_ENV_VAR):
     _C.set_isa(os.environ[ISA_ENV_VAR].strip().lower())
 _gemm = "torch" if torch.backends.mkl.is_available() else "openblas"
+STREAMED_ROWS = 8  # the extension's own kernel takes forwards of up to this many rows
 
 
 def gemm() -> str:
@@ -105,7 +109,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     """``(M, out)`` output: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM."""
     x, weight = _rows_unit_stride(x), _weight_view(weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    in_extension = _gemm == "openblas"
+    in_extension = _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
     _C.forward(_np(out), _np(x), _np(weight), None if bias is None else _np(bias.contiguous()),
                _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
                dropout_threshold(dropout_p), _seed(seed), torch.get_num_threads(), in_extension)
