@@ -23,7 +23,7 @@ inline void cpu_relax() {
 }
 
 // Spinning this long before blocking lets back-to-back calls skip the futex wake-up.
-constexpr std::chrono::microseconds kSpin{50};
+constexpr std::chrono::microseconds kSpin{20};
 
 // Waits until ready() holds: spins for kSpin, then yields the core to whoever needs it.
 template <class Ready>
