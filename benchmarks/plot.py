@@ -41,11 +41,15 @@ def plot_speedup(rows: list[dict], path: Path, title: str) -> Path | None:
             xs = [i + (k - (len(names) - 1) / 2) * width for i, c in enumerate(cases) if c in speed]
             ax.bar(xs, [speed[c] for c in cases if c in speed], width, label=name, color=colors[name])
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        values = [r["speedup_vs_unfused"] for r in mode_rows]
+        wide = max(values) / min(values) > 8  # a log axis only where a linear one would squash the bars
+        if wide:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
+        ax.set_ylim(top=max(values) * (2.0 if wide else 1.3))  # headroom for the legend
         ax.set_xticks(range(len(cases)), cases, fontsize=8)
-        ax.set_ylabel("speedup vs unfused (x, log)")
+        ax.set_ylabel("speedup vs unfused (x" + (", log)" if wide else ")"))
         ax.set_title(_MODE_TITLES[mode])
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8, ncol=min(len(names), 4))

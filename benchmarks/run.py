@@ -52,6 +52,7 @@ class Suite:
     repeats: int = 5
     min_sample_s: float = 0.02
     step_warmup: int = 2
+    step_repeats: int = 5
     contenders: tuple[str, ...] | None = None  # None: every available contender
 
 
@@ -70,21 +71,22 @@ def make_suite(name: str, device: str) -> Suite:
     gpu = device == "cuda"
     if name == "smoke":
         return Suite(name, _grid(device, ((64, 96),), (16,), (4,), (0.0, 0.1), _dtypes(device)[:1]),
-                     [StepCase("small", 1, 16, n_layer=1, device=device)], repeats=2, min_sample_s=0.001, step_warmup=1)
+                     [StepCase("small", 1, 16, n_layer=1, device=device)], repeats=2, min_sample_s=0.001, step_warmup=1,
+                     step_repeats=2)
     if name == "quick":
         tokens = (512, 8192) if gpu else (8, 512)
         steps = ([StepCase("small", 8, 512, device=device, autocast="bfloat16"),
                   StepCase("medium", 4, 512, device=device, autocast="bfloat16")] if gpu
                  else [StepCase("small", 1, 64, n_layer=2, device=device)])
         return Suite(name, _grid(device, QUICK_SHAPES, tokens, (16,), (0.1,), _dtypes(device)[:1]), steps,
-                     repeats=5, min_sample_s=0.02, step_warmup=2 if gpu else 1)
+                     repeats=5, min_sample_s=0.02, step_warmup=2 if gpu else 1, step_repeats=5 if gpu else 9)
     if name == "full":
         tokens = ALL_TOKENS if gpu else tuple(m for m in ALL_TOKENS if m <= CPU_MAX_TOKENS)
         batch = 8 if gpu else 2
         steps = [StepCase(size, batch, 512 if gpu else 256, device=device, autocast="bfloat16" if gpu else None)
                  for size in ("small", "medium")]
         return Suite(name, _grid(device, ALL_SHAPES, tokens, (4, 16, 64), (0.0, 0.1)), steps,
-                     repeats=9, min_sample_s=0.05)
+                     repeats=9, min_sample_s=0.05, step_repeats=9)
     if name == "reference-vs-unfused":
         cases = _grid("cpu", MEDIUM_SHAPES, (2048,), (4, 16), (0.1,), ("float32",), ("backward",))
         return Suite(name, cases, repeats=9, min_sample_s=0.2,
@@ -139,7 +141,7 @@ def describe(device: str, suite: str, argv: list[str]) -> dict:
         "torch": torch.__version__,
         "fastlora": fastlora.__version__,
         "python": platform.python_version(),
-        "title": f"fastlora {suite} benchmark — {name} ({device}, {threads} threads) — {now:%Y-%m-%d}",
+        "title": f"fastlora {suite} benchmark — {name} ({device}, threads={threads}) — {now:%Y-%m-%d}",
         "stem": f"{now:%Y-%m-%d}_{tag}_{suite}",
     }
 
@@ -176,6 +178,17 @@ def layer_table(rows: list[dict], markdown: bool = False) -> str:
                       _fmt_bytes(r["saved_bytes"]), _fmt_bytes(r["saved_bytes_beyond_input"]),
                       _fmt_bytes(r["peak_bytes"]), "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"])
     return _table(head, lines, markdown)
+
+
+def speedup_table(rows: list[dict], mode: str) -> str:
+    """Markdown: one row per case, one column per contender, cells = speedup vs unfused."""
+    rows = [r for r in rows if r["case"]["mode"] == mode and r["status"] == "ok"]
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    cells: dict[str, dict[str, str]] = {}
+    for r in rows:
+        cells.setdefault(Case(**r["case"]).label, {})[r["contender"]] = f"{r['speedup_vs_unfused']:.2f}x"
+    lines = [[label, *(named.get(n, "") for n in names)] for label, named in cells.items()]
+    return _table(["case", *names], lines, markdown=True)
 
 
 def step_table(rows: list[dict], markdown: bool = False) -> str:
@@ -265,7 +278,7 @@ def run_suite(suite: Suite, device: str, progress: bool = True) -> tuple[list[di
             tqdm.write(layer_table(rows) + "\n", file=sys.stderr)
     step_rows: list[dict] = []
     for step in tqdm(suite.steps, desc="training step", disable=not progress, file=sys.stderr):
-        rows = _step_rows(measure_step(step, repeats=suite.repeats, warmup=suite.step_warmup))
+        rows = _step_rows(measure_step(step, repeats=suite.step_repeats, warmup=suite.step_warmup))
         step_rows += rows
         if progress:
             tqdm.write(step_table(rows) + "\n", file=sys.stderr)
@@ -280,7 +293,7 @@ def markdown(report: dict) -> str:
     parts = [
         f"# {meta['title']}", "",
         f"- command: `{meta['command']}`",
-        f"- machine: {meta['device_name']} ({meta['device']}), {meta['threads']} threads; "
+        f"- machine: {meta['device_name']} ({meta['device']}), torch threads={meta['threads']}; "
         f"torch {meta['torch']}, fastlora {meta['fastlora']}, Python {meta['python']}",
         f"- date: {meta['date']}; load average (1/5/15 min) at start {meta['load_average_at_start']}, "
         f"at end {meta.get('load_average_at_end')}",
@@ -293,9 +306,12 @@ def markdown(report: dict) -> str:
         parts += ["", "## Reference backend vs unfused (fp32 CPU, forward + backward)", "",
                   comparison_table(report["reference_vs_unfused"], markdown=True)]
     if report["layer"]:
-        parts += ["", "## Layer", "", layer_table(report["layer"], markdown=True)]
+        for mode, title in (("forward", "forward (no grad)"), ("backward", "forward + backward")):
+            if any(r["case"]["mode"] == mode for r in report["layer"]):
+                parts += ["", f"## Speedup vs unfused, {title}", "", speedup_table(report["layer"], mode)]
         if report.get("chart"):
             parts += ["", f"![speedup vs unfused]({report['chart']})"]
+        parts += ["", "## Layer, all figures", "", layer_table(report["layer"], markdown=True)]
     if report["train_step"]:
         parts += ["", "## GPT-2 training step (LoRA r=4, alpha=32, dropout 0.1 on q,v of c_attn)", "",
                   step_table(report["train_step"], markdown=True)]
@@ -371,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cpu" if args.suite == "reference-vs-unfused" else args.device
     suite = make_suite(args.suite, device)
     if args.repeats:
-        suite.repeats = args.repeats
+        suite.repeats = suite.step_repeats = args.repeats
     if args.no_train_step:
         suite.steps = []
     if args.threads:
