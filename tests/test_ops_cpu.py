@@ -84,9 +84,20 @@ def test_every_kernel_path_matches_float64(isa, gemm, two_threads, m, conv1d):
     check_forward_backward(*make(m, 97, 203, 5, conv1d=conv1d, seed=m), scale=1.5, p=0.1, seed=m + 7)
 
 
-@pytest.mark.parametrize("rank", [1, 17, 64])
-def test_ranks_and_sizes_off_the_vector_width(two_threads, rank):
-    check_forward_backward(*make(259, 131, 67, rank, seed=rank), scale=0.7, p=0.25, seed=3)
+@pytest.mark.parametrize(("m", "rank"), [(259, 1), (259, 17), (4096, 64)])
+def test_ranks_and_sizes_off_the_vector_width(two_threads, m, rank):
+    check_forward_backward(*make(m, 131, 67, rank, seed=rank), scale=0.7, p=0.25, seed=3)
+
+
+@pytest.mark.parametrize("m", [1, 130, 700])
+def test_row_strided_x_is_used_in_place(two_threads, gemm, m):
+    """x with a row stride wider than its rows (a column slice) needs no copy."""
+    x, weight, bias, lora_A, lora_B = make(m, 40, 72, 4, seed=m)
+    wide = torch.randn(m, 100)
+    wide[:, :40] = x
+    x_view = wide[:, :40]
+    assert x_view.stride() == (100, 1)
+    check_forward_backward(x_view, weight, bias, lora_A, lora_B, scale=1.0, p=0.1, seed=m)
 
 
 def test_dropout_mask_is_the_reference_mask_bit_for_bit(isa):
