@@ -90,8 +90,8 @@ def test_ranks_and_sizes_off_the_vector_width(two_threads, m, rank):
 
 
 @pytest.mark.parametrize("m", [1, 130, 700])
-def test_row_strided_x_is_used_in_place(two_threads, gemm, m):
-    """x with a row stride wider than its rows (a column slice) needs no copy."""
+def test_row_strided_x(two_threads, gemm, m):
+    """x with a row stride wider than its rows (a column slice, which the backend passes uncopied)."""
     x, weight, bias, lora_A, lora_B = make(m, 40, 72, 4, seed=m)
     wide = torch.randn(m, 100)
     wide[:, :40] = x
