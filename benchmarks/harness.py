@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -253,9 +254,12 @@ def contenders(device: str = "cpu") -> tuple[list[Contender], dict[str, str]]:
             missing[f"fastlora-{name}"] = f"runs on {home}, this run is on {device}"
         else:
             available.append(Contender(f"fastlora-{name}", _build_fastlora, backend=name))
-    available += [Contender("plain", _build_plain), Contender("unfused", _build_unfused),
-                  Contender("unfused-compiled", _build_unfused_compiled),
-                  Contender("merged", _build_merged, modes=("forward",))]
+    available += [Contender("plain", _build_plain), Contender("unfused", _build_unfused)]
+    if device == "cpu" and not any(shutil.which(cc) for cc in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+        missing["unfused-compiled"] = "torch.compile on CPU needs a C++ compiler and none was found"
+    else:
+        available.append(Contender("unfused-compiled", _build_unfused_compiled))
+    available.append(Contender("merged", _build_merged, modes=("forward",)))
     for name, build in (("peft", _build_peft), ("loralib", _build_loralib)):
         reason = _installed(name)
         if reason:
