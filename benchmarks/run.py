@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,16 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _checkout() -> str | None:
+    """The measured checkout's commit (``-dirty`` with uncommitted changes), or None outside git."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
 def describe(device: str, suite: str, argv: list[str]) -> dict:
     """Everything a reader needs to know about the run: machine, versions, backends, threads, date."""
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -140,6 +151,7 @@ def describe(device: str, suite: str, argv: list[str]) -> dict:
         "load_average_at_start": _load_average(),
         "torch": torch.__version__,
         "fastlora": fastlora.__version__,
+        "commit": _checkout(),
         "python": platform.python_version(),
         "title": f"fastlora {suite} benchmark — {name} ({device}, threads={threads}) — {now:%Y-%m-%d}",
         "stem": f"{now:%Y-%m-%d}_{tag}_{suite}",
@@ -294,7 +306,7 @@ def markdown(report: dict) -> str:
         f"# {meta['title']}", "",
         f"- command: `{meta['command']}`",
         f"- machine: {meta['device_name']} ({meta['device']}), torch threads={meta['threads']}; "
-        f"torch {meta['torch']}, fastlora {meta['fastlora']}, Python {meta['python']}",
+        f"torch {meta['torch']}, fastlora {meta['fastlora']} (commit {meta.get('commit')}), Python {meta['python']}",
         f"- date: {meta['date']}; load average (1/5/15 min) at start {meta['load_average_at_start']}, "
         f"at end {meta.get('load_average_at_end')}",
         "- method: warm-up, then interleaved rounds of all contenders (order rotated each round); "
