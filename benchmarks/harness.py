@@ -375,6 +375,8 @@ def saved_bytes(built: Built, inputs: Inputs) -> tuple[int, int]:
 
 def peak_bytes(built: Built, inputs: Inputs, mode: str) -> int:
     """CUDA memory allocated at the peak of one call, above what was allocated before it."""
+    for t in (*inputs.xs, inputs.lora_A, inputs.lora_B, *built.params):
+        t.grad = None  # so that "before" holds no grads of earlier calls
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
