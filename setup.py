@@ -31,6 +31,7 @@ def _extension(optional: bool):
 
     sources = ["module.cpp", "lora.cpp", "thread_pool.cpp", "cpu_features.cpp",
                "kernels_portable.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"]
+    headers = ["lora.h", "thread_pool.h", "cpu_features.h", "kernels.h", "kernels_impl.inc"]
     # Baseline code stays portable (plain x86-64 / armv8); wider code paths carry their own
     # function-level target attributes and are chosen at run time.
     flags = ["-O3", "-fno-math-errno"]
@@ -39,6 +40,7 @@ def _extension(optional: bool):
     return Pybind11Extension(
         "fastlora._C",
         [os.path.join("csrc", name) for name in sources],
+        depends=[os.path.join("csrc", name) for name in headers],  # rebuild triggers; shipped in sdists
         include_dirs=[scipy_openblas32.get_include_dir()],
         library_dirs=[scipy_openblas32.get_lib_dir()],
         libraries=[scipy_openblas32.get_library()],
