@@ -121,7 +121,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, budget_s:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short subset (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a short subset (a few minutes at the default budget)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 128, 512, 2048])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
