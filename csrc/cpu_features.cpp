@@ -36,6 +36,14 @@ std::atomic<const Kernels*> active{usable_tables().back()};
 
 }  // namespace
 
+std::string cpu_vendor() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_is("intel")) return "intel";
+    if (__builtin_cpu_is("amd")) return "amd";
+#endif
+    return "other";
+}
+
 std::vector<std::string> supported_isas() {
     std::vector<std::string> names;
     for (const Kernels* table : usable_tables()) names.emplace_back(table->name);

@@ -8,6 +8,8 @@
 
 namespace fastlora {
 
+// "intel", "amd" or "other": which vendor's CPU this is (x86 only; "other" elsewhere).
+std::string cpu_vendor();
 // Names of the instruction sets this CPU and this build both support, narrowest first.
 std::vector<std::string> supported_isas();
 // The kernel table in use.

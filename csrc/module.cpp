@@ -174,5 +174,6 @@ PYBIND11_MODULE(_C, m) {
             throw py::value_error(e.what());
         }
     }, py::arg("name"), "Use this instruction set's kernels (one of supported_isas()).");
+    m.def("cpu_vendor", &fastlora::cpu_vendor, "The CPU's vendor: intel, amd or other.");
     m.def("blas_core", [] { return std::string(scipy_openblas_get_corename()); }, "OpenBLAS's kernel family here.");
 }

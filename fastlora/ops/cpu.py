@@ -2,9 +2,10 @@
 
 The extension writes bias + dropout + rank-R update into the output (and dx's masked rank-R
 term, dA and dB in one pass in backward); the base product ``x W^T`` (``dy W``) is accumulated
-onto it by one of two GEMMs, see :func:`set_gemm`: PyTorch's own (``torch``, the default when
-PyTorch has MKL, whose sgemm is the fastest here) or OpenBLAS inside the extension
-(``openblas``, from the ``scipy-openblas32`` wheel, the default otherwise). Either way a
+onto it by one of two GEMMs, see :func:`set_gemm`: PyTorch's own (``torch``, the default on
+Intel CPUs when PyTorch has MKL, whose sgemm beats OpenBLAS's there) or OpenBLAS inside the
+extension (``openblas``, from the ``scipy-openblas32`` wheel, the default otherwise: on AMD
+Zen it outran PyTorch's MKL). Either way a
 forward of at most 8 rows with a row-major (``nn.Linear``) weight streams W once through the
 extension's own kernel, which beats both GEMMs there. It runs on torch's thread count.
 
@@ -48,7 +49,7 @@ def _load_extension():
 _C = _load_extension()
 if os.environ.get(ISA_ENV_VAR):
     _C.set_isa(os.environ[ISA_ENV_VAR].strip().lower())
-_gemm = "torch" if torch.backends.mkl.is_available() else "openblas"
+_gemm = "torch" if torch.backends.mkl.is_available() and _C.cpu_vendor() == "intel" else "openblas"
 STREAMED_ROWS = 8  # the extension's own kernel takes forwards of up to this many rows
 
 
