@@ -156,9 +156,15 @@ _compiled_unfused: Callable[..., Tensor] | None = None
 
 
 def _compiled() -> Callable[..., Tensor]:
-    """One ``torch.compile`` of :func:`unfused_lora` shared by all cases (recompiles per shape as needed)."""
+    """One ``torch.compile`` of :func:`unfused_lora` shared by all cases (recompiles per shape as needed).
+
+    Grad mode, dropout on/off and x needing grad each make a variant; a grid needs more than
+    dynamo's default limit of 8, past which it would silently run the function eagerly.
+    """
     global _compiled_unfused
     if _compiled_unfused is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
         _compiled_unfused = torch.compile(unfused_lora)
     return _compiled_unfused
 

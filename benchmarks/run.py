@@ -80,7 +80,7 @@ def make_suite(name: str, device: str) -> Suite:
                   StepCase("medium", 4, 512, device=device, autocast="bfloat16")] if gpu
                  else [StepCase("small", 1, 64, n_layer=2, device=device)])
         return Suite(name, _grid(device, QUICK_SHAPES, tokens, (16,), (0.1,), _dtypes(device)[:1]), steps,
-                     repeats=7, min_sample_s=0.02, step_warmup=2 if gpu else 1, step_repeats=5 if gpu else 9)
+                     repeats=7, min_sample_s=0.02, step_warmup=2 if gpu else 1, step_repeats=5 if gpu else 15)
     if name == "full":
         tokens = ALL_TOKENS if gpu else tuple(m for m in ALL_TOKENS if m <= CPU_MAX_TOKENS)
         batch = 8 if gpu else 2
