@@ -98,11 +98,12 @@ def _weight_view(weight: Tensor) -> Tensor:
 
 
 def _np(t: Tensor):
-    return t.detach().numpy()
+    """A numpy view of t's buffer (no copy)."""
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
-def _seed(seed: Tensor) -> int:
-    return int(seed.item())
+def _seed(seed: Tensor, dropout_p: float) -> int:
+    return int(seed.item()) if dropout_p > 0 else 0
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -113,7 +114,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     in_extension = _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
     _C.forward(_np(out), _np(x), _np(weight), None if bias is None else _np(bias.contiguous()),
                _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
-               dropout_threshold(dropout_p), _seed(seed), torch.get_num_threads(), in_extension)
+               dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(), in_extension)
     if not in_extension:
         out.addmm_(x.detach(), weight.detach().t())
     return out
@@ -132,7 +133,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     in_extension = _gemm == "openblas"
     _C.backward(*(None if g is None else _np(g) for g in (dx, dA, dB)), _np(grad_out), _np(_rows_unit_stride(x)),
                 _np(weight), _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
-                dropout_threshold(dropout_p), _seed(seed), torch.get_num_threads(), in_extension)
+                dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(), in_extension)
     if need_dx and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dA, dB
