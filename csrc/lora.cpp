@@ -1,12 +1,12 @@
-// The fused LoRA passes: OpenBLAS single-threaded sgemm for the base products of many rows, our
-// kernels for those of a few rows, the dropout hash and the rank-R update; our thread pool for
-// the parallelism.
+// The fused LoRA passes: our kernels for the dropout hash, the rank-R update and the base
+// product of a few rows; OpenBLAS single-threaded sgemm for the thin products and, unless the
+// caller adds it itself (base_product false), the base product of many rows; our thread pool
+// for the parallelism.
 #include "lora.h"
 
 #include <cblas.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "cpu_features.h"
@@ -16,7 +16,7 @@ namespace fastlora {
 namespace {
 
 constexpr int64_t kBlockRows = 64;        // rows whose dropped-out x and rank-R terms are made together
-constexpr int64_t kRowsPerThread = 64;    // below this many rows per thread, threads split columns
+constexpr int64_t kRowsPerThread = 64;    // threads split rows only with at least this many each
 constexpr int64_t kColsPerThread = 256;   // the least output columns worth a thread
 constexpr int64_t kColAlign = 64;         // column splits fall on whole kernel tiles
 constexpr int64_t kSmallRows = 8;         // up to this many rows, W is streamed by our kernels
@@ -114,7 +114,8 @@ void project(const LoraProblem& p, const uint32_t* col_keys, Range rows, float* 
     }
 }
 
-// Columns [cols) of out rows [rows): bias + h B^T (h holds those rows), then += x W^T.
+// Columns [cols) of out rows [rows): bias + h B^T (h holds those rows), then, if the extension
+// does the base product, += x W^T.
 void forward_tile(const LoraProblem& p, Range rows, Range cols, const float* h, const float* bt, float* out) {
     const int64_t n_out = p.weight.rows;
     float* c = out + rows.begin * n_out + cols.begin;
