@@ -23,9 +23,10 @@ import generate
 import metrics
 import train
 
-# Smoke-scale settings (the paper's are train.py's defaults): a short run needs a higher learning rate.
+# Smoke-scale settings (the paper's are train.py's defaults): a short run needs a higher learning rate;
+# one thread per process: the tiny model's matrices are too small to gain from more, and a busy machine loses.
 TRAIN_ARGS = ["--data", "synthetic", "--max-steps", "500", "--warmup-steps", "30", "--save-every", "250",
-              "--log-every", "25", "--tiny-pretrain-steps", "300"]
+              "--log-every", "25", "--tiny-pretrain-steps", "300", "--threads", "1"]
 LEARNING_RATES = {"lora": "4e-3", "full": "1e-3"}
 TEST_MRS = "50"
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         ("lora", ["--run", str(runs["lora"])]), ("full", ["--run", str(runs["full"])])):
         folder = out / name / "test" if name == "untrained" else runs[name] / "test"
         generate.main([*extra, "--data", "synthetic", "--split", "test", "--limit", TEST_MRS, "--batch-size", TEST_MRS,
-                       "--out", str(folder), *quiet])
+                       "--threads", "1", "--out", str(folder), *quiet])
         scores[name] = evaluate(folder)
     compare.main([str(runs["lora"]), str(runs["full"]), "--out", str(out / "compare")])
     first, last = losses(runs["lora"])
