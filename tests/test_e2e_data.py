@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -98,6 +101,44 @@ def test_missing_files_offline_say_where_to_put_which_file(tmp_path, monkeypatch
     message = str(error.value)
     assert "trainset.csv" in message and str(tmp_path / "data") in message and "tuetschek/e2e-dataset" in message
     assert not (tmp_path / "cache" / "trainset.csv").exists()
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """Serve a folder over HTTP on localhost as the download source; returns a function taking the folder."""
+    servers = []
+
+    def start(folder: Path) -> None:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        handler.log_message = lambda *args: None
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        monkeypatch.setattr(common, "OFFICIAL_URL", f"http://127.0.0.1:{server.server_port}/")
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@needs_data
+def test_download_verifies_then_caches(tmp_path, serve):
+    serve(DATA)
+    cache = tmp_path / "cache"
+    assert common.official_csv("dev", tmp_path / "empty", cache) == cache / "devset.csv"
+    assert common.sha256(cache / "devset.csv") == common.OFFICIAL_FILES["devset.csv"][1]
+    assert len(common.load_examples("e2e", "dev", None, cache)) == 4672  # now from the cache
+
+
+@needs_data
+def test_corrupt_download_is_rejected_and_not_cached(tmp_path, serve):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "devset.csv").write_bytes((DATA / "devset.csv").read_bytes().replace(b"Alimentum", b"Alimentun"))
+    serve(mirror)
+    with pytest.raises(common.DataError, match=r"is not the official devset\.csv"):
+        common.official_csv("dev", None, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_synthetic_data_is_seeded_varied_and_covers_all_slots():

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -146,22 +147,26 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(path: Path) -> None:
-    """Raise DataError unless ``path`` has the canonical size and checksum of its official file."""
-    size, checksum = OFFICIAL_FILES[path.name]
+def verify(path: Path, name: str | None = None) -> None:
+    """Raise DataError unless ``path`` has the canonical size and checksum of the official file ``name``."""
+    name = name or path.name
+    size, checksum = OFFICIAL_FILES[name]
     if path.stat().st_size != size or sha256(path) != checksum:
-        raise DataError(f"{path} is not the official {path.name} ({size} bytes, sha256 {checksum}); "
-                        f"delete it and download it again from {OFFICIAL_URL}{path.name}")
+        raise DataError(f"{path} is not the official {name} ({size} bytes, sha256 {checksum}); "
+                        f"delete it and download it again from {OFFICIAL_URL}{name}")
 
 
 def download(name: str, cache_dir: Path, timeout: float = 30.0) -> Path:
-    """Fetch an official CSV into ``cache_dir`` (verified, written atomically) and return its path."""
+    """Fetch an official CSV into ``cache_dir`` and return its path; only a verified file is ever renamed in."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     target, temp = cache_dir / name, cache_dir / f".{name}.part"
-    with urllib.request.urlopen(OFFICIAL_URL + name, timeout=timeout) as response, open(temp, "wb") as out:
-        out.write(response.read())
-    os.replace(temp, target)
-    verify(target)
+    try:
+        with urllib.request.urlopen(OFFICIAL_URL + name, timeout=timeout) as response, open(temp, "wb") as out:
+            shutil.copyfileobj(response, out)
+        verify(temp, name)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
     return target
 
 
