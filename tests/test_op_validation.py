@@ -22,7 +22,7 @@ def good():
     ({"bias": torch.randn(11)}, r"bias must have shape \(12,\) to match weight \(12, 8\), got \(11,\)"),
     ({"lora_A": torch.randn(2, 7)}, r"lora_A must be \(R, 8\) to match weight \(12, 8\), got \(2, 7\)"),
     ({"lora_B": torch.randn(12, 3)}, r"lora_B must have shape \(12, 2\) .* got \(12, 3\)"),
-    ({"lora_B": torch.randn(12, 2, dtype=torch.float64)}, "lora_B has dtype torch.float64 but x has torch.float32"),
+    ({"lora_B": torch.randn(12, 2, dtype=torch.float64)}, "lora_B is torch.float64 on cpu but x is torch.float32"),
     ({"x": torch.ones(3, 8, dtype=torch.int64), "weight": torch.ones(12, 8, dtype=torch.int64),
       "bias": None, "lora_A": torch.ones(2, 8, dtype=torch.int64), "lora_B": torch.ones(12, 2, dtype=torch.int64)},
      "x must be floating point"),

@@ -1,10 +1,11 @@
-"""The one fastlora op: ``lora_linear``, a torch custom op with autograd over every backend.
+"""The one fastlora op: ``lora_linear``, with autograd over every backend, eager and compiled.
 
-``torch.ops.fastlora.lora_linear`` (2-D, dense rank-R update) and its backward are
-registered with ``torch.library`` together with shape-only fake implementations, so
-``torch.compile(fullgraph=True)`` traces through models that use them. The Python function
-:func:`lora_linear` validates arguments, applies autocast, draws the dropout seed, flattens
-leading dims and expands ``slices`` into a block-structured B before calling the op.
+In eager mode the op runs as a plain ``autograd.Function`` (the lowest per-call overhead).
+Under ``torch.compile`` it runs as the torch custom ops ``fastlora::lora_linear`` and
+``fastlora::lora_linear_backward`` (registered with ``torch.library`` with shape-only fake
+implementations), so ``fullgraph=True`` traces models that use it. Both paths share the same
+forward, context and gradient code. :func:`lora_linear` validates arguments, applies autocast,
+draws the dropout seed, flattens leading dims and expands ``slices`` into a block-structured B.
 """
 
 from __future__ import annotations
@@ -17,12 +18,56 @@ from torch import Tensor
 from fastlora.ops.dispatch import select
 
 _SEED_LIMIT = 2**62
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when dropout is off (never read)
+
+
+def _run_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 scale: float, dropout_p: float, seed: Tensor) -> Tensor:
+    return select(x).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+
+
+def _run_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                  dropout_p: float, seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool):
+    return select(x).backward(grad_out.contiguous(), x, weight, lora_A, lora_B, scale, dropout_p, seed,
+                              (need_dx, need_dA, need_dB))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, lora_A, lora_B, scale, dropout_p, seed = inputs
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.save_for_backward(x, weight, lora_A, lora_B, seed)
+
+
+def _gradients(ctx, grad_out: Tensor, run_backward) -> tuple:
+    """The op's input gradients (dx, dA, dB; None for the rest) through ``run_backward``."""
+    x, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+    if need_dW or need_db:
+        raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
+    dx, dA, dB = run_backward(grad_out, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, seed,
+                              need_dx, need_dA, need_dB)
+    return (dx if need_dx else None), None, None, (dA if need_dA else None), (dB if need_dB else None), \
+        None, None, None
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """The eager path: forward and backward straight to the selected backend."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+        out = _run_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scale, dropout_p, seed), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _gradients(ctx, grad_out, _run_backward)
 
 
 @torch.library.custom_op("fastlora::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                     scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    return select(x).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return _run_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
 
 
 @_lora_linear_op.register_fake
@@ -34,8 +79,7 @@ def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
 def _lora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                              scale: float, dropout_p: float, seed: Tensor,
                              need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    grads = select(x).backward(grad_out.contiguous(), x, weight, lora_A, lora_B, scale, dropout_p, seed,
-                               (need_dx, need_dA, need_dB))
+    grads = _run_backward(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need_dA, need_dB)
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -46,68 +90,58 @@ def _(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need
     return maybe(need_dx, x), maybe(need_dA, lora_A), maybe(need_dB, lora_B)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, _, lora_A, lora_B, scale, dropout_p, seed = inputs
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.save_for_backward(x, weight, lora_A, lora_B, seed)
+_lora_linear_op.register_autograd(lambda ctx, grad_out: _gradients(ctx, grad_out, _lora_linear_backward_op),
+                                  setup_context=_setup_context)
 
 
-def _backward(ctx, grad_out):
-    x, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-    if need_dW or need_db:
-        raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
-    dx, dA, dB = _lora_linear_backward_op(grad_out, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p,
-                                          seed, need_dx, need_dA, need_dB)
-    return (dx if need_dx else None), None, None, (dA if need_dA else None), (dB if need_dB else None), \
-        None, None, None
-
-
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _apply(*args) -> Tensor:
+    """The custom op while torch.compile traces, the autograd.Function otherwise."""
+    if torch.compiler.is_compiling():
+        return _lora_linear_op(*args)
+    return _LoraLinearFunction.apply(*args)
 
 
 def _shape(t: Tensor | None) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
 def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None:
-    """Raise a ValueError naming the argument and shapes for any inconsistent input."""
-    _check(x.dim() >= 1, f"x must have at least one dim, got shape {_shape(x)}")
-    _check(weight.dim() == 2, f"weight must be 2-D (out, in), got shape {_shape(weight)}")
+    """Raise a ValueError naming the argument and shapes for any inconsistent input.
+
+    Messages are formatted only on failure: this runs on every call.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {_shape(weight)}")
     out_features, in_features = weight.shape
-    _check(x.shape[-1] == in_features,
-           f"x's last dim must equal weight's in_features: x {_shape(x)}, weight {_shape(weight)}")
-    _check(bias is None or tuple(bias.shape) == (out_features,),
-           f"bias must have shape ({out_features},) to match weight {_shape(weight)}, got {_shape(bias)}")
-    _check(lora_A.dim() == 2 and lora_A.shape[1] == in_features,
-           f"lora_A must be (R, {in_features}) to match weight {_shape(weight)}, got {_shape(lora_A)}")
-    groups = len(slices) if slices is not None else 1
-    active = sum(map(bool, slices)) if slices is not None else 1
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dim must equal weight's in_features: x {_shape(x)}, weight {_shape(weight)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"bias must have shape ({out_features},) to match weight {_shape(weight)}, "
+                         f"got {_shape(bias)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be (R, {in_features}) to match weight {_shape(weight)}, got {_shape(lora_A)}")
+    groups, active = 1, 1
     if slices is not None:
-        _check(groups >= 1 and active >= 1 and out_features % groups == 0,
-               f"slices {list(slices)} must enable at least one of groups that divide out_features={out_features}")
-    _check(lora_A.shape[0] % active == 0,
-           f"lora_A's rows {lora_A.shape[0]} must be rank x {active} enabled slices, got {_shape(lora_A)}")
-    rank = lora_A.shape[0] // active
-    expected_B = (out_features // groups * active, rank)
-    _check(lora_B.dim() == 2 and tuple(lora_B.shape) == expected_B,
-           f"lora_B must have shape {expected_B} for weight {_shape(weight)}, lora_A {_shape(lora_A)} "
-           f"and slices {None if slices is None else list(slices)}, got {_shape(lora_B)}")
-    tensors = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        _check(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
-        _check(t.dtype == x.dtype, f"{name} has dtype {t.dtype} but x has {x.dtype} (all must match)")
-    _check(x.dtype.is_floating_point, f"x must be floating point, got {x.dtype}")
-    _check(0.0 <= dropout_p < 1.0, f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check(isinstance(scale, (int, float)) and abs(float(scale)) < float("inf"),
-           f"scale must be a finite number, got {scale!r}")
+        groups, active = len(slices), sum(map(bool, slices))
+        if active < 1 or out_features % groups:
+            raise ValueError(f"slices {list(slices)} must enable at least one of groups that divide "
+                             f"out_features={out_features}")
+    if lora_A.shape[0] % active:
+        raise ValueError(f"lora_A's rows {lora_A.shape[0]} must be rank x {active} enabled slices, "
+                         f"got {_shape(lora_A)}")
+    expected_B = (out_features // groups * active, lora_A.shape[0] // active)
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != expected_B:
+        raise ValueError(f"lora_B must have shape {expected_B} for weight {_shape(weight)}, lora_A {_shape(lora_A)} "
+                         f"and slices {None if slices is None else list(slices)}, got {_shape(lora_B)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t is not None and (t.device != x.device or t.dtype != x.dtype):
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device} (all must match)")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(scale, (int, float)) or not abs(float(scale)) < float("inf"):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
 def expand_slices(lora_B: Tensor, slices: Sequence[bool], out_features: int) -> Tensor:
@@ -151,7 +185,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         bias = bias.to(dtype) if bias is not None else None
     p = float(dropout_p) if training else 0.0
     if p == 0.0:
-        seed_tensor = torch.zeros((), dtype=torch.int64)
+        seed_tensor = _NO_SEED
     elif seed is None:
         seed_tensor = torch.randint(_SEED_LIMIT, (), dtype=torch.int64)
     else:
@@ -159,5 +193,5 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     out_features = weight.shape[0]
     if slices is not None:
         lora_B = expand_slices(lora_B, slices, out_features)
-    flat = _lora_linear_op(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, seed_tensor)
+    flat = _apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, seed_tensor)
     return flat.view(*x.shape[:-1], out_features)
