@@ -12,7 +12,7 @@ from conftest import TOLERANCE, rel_err
 from fastlora.ops import reference
 from fastlora.ops.reference import dropout_keep_mask
 
-triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton backend unavailable here")
+triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEEDS = [0, 12345, (7 << 32) + 99, 2**62 - 1, -3]
 
