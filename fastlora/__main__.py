@@ -11,17 +11,18 @@ from fastlora.ops.dispatch import ENV_VAR, backends, forced_backend
 
 
 def _cpu_features() -> str:
+    """The cpu backend's view (ISA, GEMM) when the extension loads, else the kernel's CPU flags."""
     try:
-        from fastlora import _C  # type: ignore[attr-defined]
+        from fastlora.ops import cpu
     except ImportError:
-        flags = set()
         try:
             with open("/proc/cpuinfo") as f:
                 flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
         except OSError:
-            pass
+            flags = []
         return " ".join(sorted({"avx2", "fma", "avx512f"} & set(flags))) or "unknown"
-    return str(_C.cpu_features()) if hasattr(_C, "cpu_features") else "see fastlora._C"
+    return (f"{cpu._C.cpu_vendor()}, kernels {cpu.isa()} (supported: {', '.join(cpu.supported_isas())}), "
+            f"base GEMM {cpu.gemm()}, OpenBLAS core {cpu._C.blas_core()}")
 
 
 def report() -> str:
