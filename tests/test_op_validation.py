@@ -76,3 +76,19 @@ def test_python_m_fastlora_prints_the_backend_table():
     assert "torch" in out and "backend" in out
     for name in ("reference", "cpu", "triton"):
         assert name in out
+
+
+def test_a_backend_that_breaks_on_import_is_reported_not_fatal(monkeypatch):
+    from fastlora.ops import dispatch
+
+    def broken(name):
+        raise AttributeError("module 'fastlora._C' has no attribute 'cpu_vendor'")
+
+    dispatch._load.cache_clear()
+    monkeypatch.setattr(dispatch.importlib, "import_module", broken)
+    try:
+        table = dispatch.backends()
+        assert not table["cpu"].available and "AttributeError" in table["cpu"].reason
+    finally:
+        monkeypatch.undo()
+        dispatch._load.cache_clear()

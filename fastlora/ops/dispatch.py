@@ -40,6 +40,8 @@ def _load(name: str) -> ModuleType | str:
         return importlib.import_module(f"fastlora.ops.{name}")
     except ImportError as error:
         return str(error) or type(error).__name__
+    except Exception as error:  # e.g. a stale extension build missing a function: unavailable, not fatal
+        return f"failed to load: {type(error).__name__}: {error}"
 
 
 def backends() -> dict[str, BackendStatus]:
