@@ -50,8 +50,8 @@ def ratio(a: float, b: float) -> str:
 
 def table(lora: dict, full: dict, lora_scores: dict | None, full_scores: dict | None) -> str:
     """The Markdown comparison; E2E rows only for metrics both runs have."""
-    if lora["model"] != full["model"]:
-        print(f"warning: the runs used different models ({lora['model']} vs {full['model']})", file=sys.stderr)
+    if lora["base"] != full["base"]:
+        print(f"warning: the runs used different base models ({lora['base']} vs {full['base']})", file=sys.stderr)
     lines = [f"LoRA vs full fine-tuning of {lora['model']} ({lora['device']}, {lora['world_size']} process(es); "
              f"memory: {lora['memory_kind']})", "",
              "| measure | LoRA | full | LoRA / full |", "| --- | ---: | ---: | ---: |"]

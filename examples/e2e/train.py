@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import statistics
@@ -282,11 +281,28 @@ class StopFlag:
         self.requested = True
 
 
-def peak_memory(device: torch.device, rss_before: int) -> tuple[int, str]:
-    """Peak training memory: CUDA max allocated, or on CPU the growth of the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before, "cpu peak RSS growth"
+class MemoryMeter:
+    """Peak training memory: CUDA max allocated, or on CPU the peak growth of the resident set over its
+    value when training started, sampled after each forward, backward and optimizer step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS growth"
+        self.start = 0 if device.type == "cuda" else self._rss()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def sample(self) -> None:
+        if self.device.type == "cpu":
+            self.peak = max(self.peak, self._rss() - self.start)
+
+    def result(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.peak
 
 
 def dir_bytes(path: Path) -> int:
@@ -353,9 +369,7 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
     run, stop, log_path = Path(args.out), StopFlag(), Path(args.out) / "log.jsonl"
     steps_per_epoch = len(encoded) // args.batch_size
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if dist.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dist.device)
+    memory = MemoryMeter(dist.device)
     times, token_counts, order = [], [], None
     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
     model.train()
@@ -370,8 +384,10 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
         with autocast:
             logits = model(input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device)).logits
         loss_sum, tokens = token_loss(logits, labels, args.label_smoothing)
+        memory.sample()
         global_tokens = dist.sum(tokens.to(dist.device).float())
         (loss_sum * dist.world / global_tokens).backward()
+        memory.sample()
         loss = (dist.sum(loss_sum.detach()) / global_tokens).item()
         if not math.isfinite(loss):
             last = latest_checkpoint(run)
@@ -380,6 +396,7 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
             raise SystemExit(1)
         optimizer.step()
         scheduler.step()
+        memory.sample()
         optimizer.zero_grad(set_to_none=True)
         if dist.device.type == "cuda":
             torch.cuda.synchronize(dist.device)
@@ -404,11 +421,10 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
         if args.signal_at_step == step + 1:
             os.kill(os.getpid(), getattr(signal, f"SIG{args.signal}"))
     bar.close()
-    memory, memory_kind = peak_memory(dist.device, rss_before)
     timed = times[1:] or times
     return {"steps": total, "median_step_s": statistics.median(timed) if timed else float("nan"),
             "tokens_per_s": sum(token_counts[1:] or token_counts) / max(sum(timed), 1e-9),
-            "peak_memory_bytes": memory, "memory_kind": memory_kind}
+            "peak_memory_bytes": memory.result(), "memory_kind": memory.kind}
 
 
 def write_log(path: Path, step: int, epoch: int, window: dict, lr: float) -> None:
