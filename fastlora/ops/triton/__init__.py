@@ -2,11 +2,13 @@
 
 Forward is two launches: a thin pass ``h = dropout(x) @ A.T / (1-p)`` (fp32, ``(M, R_PAD)``)
 and the base GEMM whose fp32 tile also accumulates ``scale * h @ B.T`` and the bias before
-being written once. Backward is two launches too: the same thin pass (for dB, when asked),
-and the dx GEMM ``dy @ W`` that reads each dy tile once for dx, ``g = dy @ B`` and dB's share,
-fuses ``scale * keep * (g @ A) / (1-p)`` into dx and adds dA from the masked x tile. The
-dropout mask is regenerated from the seed in every kernel that needs it, never stored.
-Kernels live in :mod:`fastlora.ops.triton._kernels`; this module picks configs and launches.
+being written once. Backward is up to three: the dx GEMM ``dy @ W`` that reads each dy tile
+once for dx and ``g = dy @ B``, fuses ``scale * keep * (g @ A) / (1-p)`` into dx and adds dA
+from the masked x tile (when dx or dA is asked for); and, for dB, the thin pass for h again
+and ``scale * dy.T @ h`` over splits of the rows. The dropout mask is regenerated from the
+seed in every kernel that needs it, never stored. Kernels live in
+:mod:`fastlora.ops.triton._kernels` (with the rules that keep them correct on a GPU, where
+the interpreter cannot tell); this module picks configs and launches.
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
 from fastlora.ops.reference import dropout_threshold  # noqa: E402
-from fastlora.ops.triton._kernels import _lora_backward_kernel, _lora_down_kernel, _lora_forward_kernel  # noqa: E402
+from fastlora.ops.triton._kernels import (  # noqa: E402
+    _lora_backward_kernel,
+    _lora_db_kernel,
+    _lora_down_kernel,
+    _lora_forward_kernel,
+)
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+# The interpreter's stand-in for the SM count: dB of a layer with at most 64 outputs then
+# splits its rows from 33 rows on, so that the tests reach both its store and atomic paths.
+INTERPRET_SMS = 2
 # Tile families, (rows, columns, loop step, stages, warps): the forward kernel's (BLOCK_M,
 # BLOCK_N, BLOCK_K); the backward kernel's (BLOCK_M, BLOCK_K, BLOCK_N), as its output tile
 # spans in-features (K) and its loop runs over out-features (N). 16-bit: wide
@@ -48,19 +58,22 @@ TILES = {
 }
 FALLBACK_TILE = (32, 32, 16, 2, 4)
 SMALL_M = 1024
+# dB kernel: programs per SM to aim for when splitting the rows, and the accumulator's size
+# in elements ((BLOCK_N, R_PAD) fp32, 32 registers a thread at 4 warps).
+DB_PROGRAMS_PER_SM = 2
+DB_ACC_ELEMS = 4096
 
 
-def _zero_grad_buffers(args: dict) -> None:
-    """Before every (also every autotuning) launch: the atomically accumulated dA and dB start at zero."""
+def _zero_da(args: dict) -> None:
+    """Before every (also every autotuning) launch: the atomically accumulated dA starts at zero."""
     args["da_ptr"].zero_()
-    args["db_ptr"].zero_()
 
 
 def _smem_bytes(tile: tuple, r_pad: int, elem: int, backward: bool) -> int:
     """Shared memory of a tile's software pipeline (an upper estimate of what Triton allocates)."""
     rows, cols, step, stages, _ = tile
-    if backward:  # per stage dy (rows, step), W (step, cols), B (step, r_pad); and h (rows, r_pad)
-        return (stages * (rows * step + step * cols + step * r_pad) + rows * r_pad) * elem
+    if backward:  # per stage dy (rows, step), W (step, cols), B (step, r_pad)
+        return stages * (rows * step + step * cols + step * r_pad) * elem
     return (stages * (rows * step + step * cols) + (rows + cols) * r_pad) * elem  # per stage x, W; then h, B
 
 
@@ -71,16 +84,20 @@ def _fitting_tiles(backward: bool, family: str, r_pad: int, smem_limit: int) -> 
 
 
 @functools.cache
-def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int):
-    """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes."""
+def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int, zero_da: bool):
+    """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes.
+
+    Keyed on N and K only: M changes with every batch shape and is covered by the family
+    (small M or not), so a new sequence length does not re-run the tuning.
+    """
     tiles = _fitting_tiles(backward, family, r_pad, smem_limit)
-    hook = _zero_grad_buffers if backward else None
+    hook = _zero_da if zero_da else None
     configs = [triton.Config({"BLOCK_M": rows, "BLOCK_K" if backward else "BLOCK_N": cols,
                               "BLOCK_N" if backward else "BLOCK_K": step, "GROUP_M": 8},
                              num_stages=stages, num_warps=warps, pre_hook=hook)
                for rows, cols, step, stages, warps in tiles]
     kernel = _lora_backward_kernel if backward else _lora_forward_kernel
-    return triton.autotune(configs, key=["M", "N", "K"])(kernel)
+    return triton.autotune(configs, key=["N", "K"])(kernel)
 
 
 @functools.cache
@@ -91,6 +108,11 @@ def _smem_limit(device_index: int) -> int:
     except Exception:  # a triton without this query: torch's figure, else the smallest of current GPUs
         props = torch.cuda.get_device_properties(device_index)
         return getattr(props, "shared_memory_per_block_optin", 101376)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _family(rows: int, dtype: torch.dtype) -> str:
@@ -112,28 +134,38 @@ def _int32_bits(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+_NO_DROPOUT = {"inv_keep": 1.0, "seed_lo": 0, "seed_hi": 0, "threshold": 0, "DROPOUT": False}
+
+
 def _dropout_args(dropout_p: float, seed: Tensor) -> dict:
     """The kernels' dropout scalars: the seed's 32-bit halves, the threshold and 1/(1-p)."""
+    if dropout_p == 0:
+        return _NO_DROPOUT
     seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
     return {
         "inv_keep": 1.0 / (1.0 - dropout_p),
         "seed_lo": _int32_bits(seed_value & 0xFFFFFFFF),
         "seed_hi": _int32_bits(seed_value >> 32),
         "threshold": dropout_threshold(dropout_p),
-        "DROPOUT": dropout_p > 0,
+        "DROPOUT": True,
     }
 
 
-def _launch(backward: bool, tiles, args: tuple, meta: dict) -> None:
+def _on_device(x: Tensor):
+    """Launches go to the tensors' GPU, whichever is current (a no-op under the interpreter)."""
+    return contextlib.nullcontext() if INTERPRET else torch.cuda.device(x.device)
+
+
+def _launch(backward: bool, tiles, args: tuple, meta: dict, zero_da: bool = False) -> None:
     """Launch on a 1-D grid of ``tiles(config)`` programs: autotuned, or the fixed config when interpreting."""
     if INTERPRET:
         kernel = _lora_backward_kernel if backward else _lora_forward_kernel
         kernel[(tiles(INTERPRET_CONFIG),)](*args, **meta, **INTERPRET_CONFIG)
         return
-    x = args[0]
-    tuned = _autotuned(backward, _family(x.shape[0], x.dtype), meta["R_PAD"], _smem_limit(x.device.index))
-    with torch.cuda.device(x.device):  # the tensors' GPU, whichever is current
-        tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
+    rows = args[0]  # x, or dy in backward: (M, ...) in the input dtype
+    family = _family(rows.shape[0], rows.dtype)
+    tuned = _autotuned(backward, family, meta["R_PAD"], _smem_limit(rows.device.index), zero_da)
+    tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
@@ -143,14 +175,68 @@ def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
     h = torch.empty(M, r_pad, device=x.device, dtype=torch.float32)
     block_m = 32 if INTERPRET or M < 4096 else 64
     block_k = 64 if r_pad <= 64 else 32  # two stages of (x, A) tiles fit any GPU's shared memory
-    with contextlib.nullcontext() if INTERPRET else torch.cuda.device(x.device):
-        _lora_down_kernel[(triton.cdiv(M, block_m),)](
-            x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
-            drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
-            DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
-            BLOCK_K=block_k, num_warps=4, num_stages=2,
-        )
+    _lora_down_kernel[(triton.cdiv(M, block_m),)](
+        x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
+        drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
+        DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
+        BLOCK_K=block_k, num_warps=4, num_stages=2,
+    )
     return h
+
+
+def _db_tile(r_pad: int) -> tuple[int, int]:
+    """The dB kernel's square (BLOCK_N = BLOCK_M) tile side and pipeline stages for this padded rank.
+
+    Its shared memory, ``stages * (side**2 + side * r_pad) * 4`` bytes at most, stays under
+    72 KiB for padded ranks up to 512 (any current GPU).
+    """
+    return min(64, max(16, DB_ACC_ELEMS // r_pad)), 3 if r_pad <= 32 else 2
+
+
+def _db_splits(M: int, column_blocks: int, side: int, programs: int) -> tuple[int, int]:
+    """``(rows_per_split, splits)``: about ``programs`` programs in all, each over whole row blocks."""
+    wanted = max(1, min(triton.cdiv(M, side), programs // column_blocks))
+    rows_per_split = triton.cdiv(triton.cdiv(M, wanted), side) * side
+    return rows_per_split, triton.cdiv(M, rows_per_split)
+
+
+def _lora_db(grad_out: Tensor, h: Tensor, rank: int, scale: float) -> Tensor:
+    """``scale * dy.T @ h`` as ``(N, rank)`` in dy's dtype: written once, or accumulated over row splits."""
+    (M, N), r_pad = grad_out.shape, h.shape[1]
+    side, stages = _db_tile(r_pad)
+    if INTERPRET:
+        side = min(side, INTERPRET_CONFIG["BLOCK_M"])
+    column_blocks = triton.cdiv(N, side)
+    sms = INTERPRET_SMS if INTERPRET else _sm_count(grad_out.device.index)
+    rows_per_split, splits = _db_splits(M, column_blocks, side, sms * DB_PROGRAMS_PER_SM)
+    atomic = splits > 1
+    dB = (torch.zeros(N, rank, device=h.device, dtype=torch.float32) if atomic
+          else grad_out.new_empty(N, rank))
+    _lora_db_kernel[(column_blocks, splits)](
+        grad_out, h, dB, M, N, rank, rows_per_split, *grad_out.stride(), scale,
+        ATOMIC=atomic, R_PAD=r_pad, PRECISION=_precision(grad_out.dtype), BLOCK_N=side, BLOCK_M=side,
+        num_warps=4, num_stages=stages,
+    )
+    return dB.to(grad_out.dtype)
+
+
+def _lora_dx_da(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                drop: dict, need_dx: bool, need_dA: bool) -> tuple[Tensor | None, Tensor | None]:
+    """dx and/or dA from one launch of the backward kernel (at least one of them asked for)."""
+    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+    dx = x.new_empty(M, K) if need_dx else None
+    dA = None
+    if need_dA:  # atomically accumulated; on a GPU the launch's pre-hook zeroes it
+        dA = (torch.zeros if INTERPRET else torch.empty)(R, K, device=x.device, dtype=torch.float32)
+    args = (grad_out, weight, lora_A, lora_B, x, dx if need_dx else dA, dA if need_dA else dx, M, N, K, R,
+            *grad_out.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(),
+            *(dx.stride() if need_dx else (0, 0)),
+            scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
+    meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "DROPOUT": drop["DROPOUT"], "R_PAD": _rank_pad(R),
+            "PRECISION": _precision(x.dtype)}
+    _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta,
+            zero_da=need_dA)
+    return dx, dA.to(x.dtype) if need_dA else None
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -160,11 +246,12 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     out = x.new_empty(M, N)
     if M == 0:
         return out
-    h = _lora_down(x, lora_A, _dropout_args(dropout_p, seed))
-    args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, R,
-            *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
-    meta = {"HAS_BIAS": bias is not None, "R_PAD": h.shape[1], "PRECISION": _precision(x.dtype)}
-    _launch(False, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
+    with _on_device(x):
+        h = _lora_down(x, lora_A, _dropout_args(dropout_p, seed))
+        args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, R,
+                *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
+        meta = {"HAS_BIAS": bias is not None, "R_PAD": h.shape[1], "PRECISION": _precision(x.dtype)}
+        _launch(False, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
     return out
 
 
@@ -174,17 +261,14 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     """``(dx, dA, dB)`` as asked by ``needs``; see :func:`fastlora.ops.reference.backward`."""
     need_dx, need_dA, need_dB = needs
     (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
-    dx = x.new_empty(M, K) if need_dx else None
-    dA = torch.zeros(R, K, device=x.device, dtype=torch.float32)
-    dB = torch.zeros(N, R, device=x.device, dtype=torch.float32)
-    if M > 0 and any(needs):
-        drop = _dropout_args(dropout_p, seed)
-        h = _lora_down(x, lora_A, drop) if need_dB else dB  # dB: a placeholder the kernel never reads
-        args = (grad_out, weight, lora_A, lora_B, x, h, dx if need_dx else dA, dA, dB, M, N, K, R,
-                *grad_out.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(),
-                *(dx.stride() if need_dx else (0, 0)),
-                scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
-        meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "NEED_DB": need_dB, "DROPOUT": drop["DROPOUT"],
-                "R_PAD": _rank_pad(R), "PRECISION": _precision(x.dtype)}
-        _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta)
-    return dx, dA.to(x.dtype) if need_dA else None, dB.to(x.dtype) if need_dB else None
+    if M == 0:
+        return (x.new_empty(0, K) if need_dx else None, x.new_zeros(R, K) if need_dA else None,
+                x.new_zeros(N, R) if need_dB else None)
+    drop = _dropout_args(dropout_p, seed)
+    dx = dA = dB = None
+    with _on_device(x):
+        if need_dx or need_dA:
+            dx, dA = _lora_dx_da(grad_out, x, weight, lora_A, lora_B, scale, drop, need_dx, need_dA)
+        if need_dB:
+            dB = _lora_db(grad_out, _lora_down(x, lora_A, drop), R, scale)
+    return dx, dA, dB

@@ -1,4 +1,4 @@
-"""Triton kernels of the triton backend: the dropout hash, the thin down-projection and two fused GEMMs.
+"""Triton kernels of the triton backend: the dropout hash, two thin low-rank passes and two fused GEMMs.
 
 ``R_PAD`` is the rank padded to a power of two >= 16, so that every 16-bit dot has K >= 16;
 the padding columns of ``A`` and ``B`` load as zeros.
@@ -8,8 +8,17 @@ the padding columns of ``A`` and ``B`` load as zeros.
 - ``_lora_forward_kernel``: the base GEMM ``x @ W.T`` whose fp32 tile also accumulates
   ``scale * h @ B.T`` and the bias before it is written once.
 - ``_lora_backward_kernel``: the dx GEMM ``dy @ W`` that also accumulates ``g = dy @ B`` from
-  the same dy tiles, adds dB's share from them, fuses ``scale * keep * (g @ A) / (1-p)`` into
-  dx and adds dA from the masked x tile of the same columns.
+  the same dy tiles, fuses ``scale * keep * (g @ A) / (1-p)`` into dx and adds dA from the
+  masked x tile of the same columns.
+- ``_lora_db_kernel``: ``dB = scale * dy.T @ h``, one fp32 tile per program over a split of
+  the rows, written once after its loop.
+
+Rules the CPU interpreter cannot check (it runs no software pipeline) but a GPU compile can
+break: a pipelined loop holds only loads and dots under compile-time conditions; every atomic
+add is one per program, after its loop; transposed operands are loaded through transposed
+pointers, never made with ``tl.trans``. An earlier backward kernel added dB inside its N loop
+under a runtime ``if`` (a dot of ``tl.trans(dy)`` and an atomic add); on an H200 (Triton 3.6)
+its dB came out zero or wrong while the interpreter's was right.
 
 The dropout mask is the hash of :mod:`fastlora.ops.reference` on uint32 values, regenerated
 from (seed, row, col) wherever it is needed, never stored.
@@ -38,13 +47,23 @@ def _mix(h):
 
 
 @triton.jit
-def _keep_mask(rows, cols, seed_lo, seed_hi, threshold):
-    """``(len(rows), len(cols))`` keep-mask; seed halves are int32 bit patterns, threshold a signed int32."""
+def _row_keys(rows, seed_lo, seed_hi):
+    """Each row's fully mixed key; the seed halves are int32 bit patterns."""
     lo = seed_lo.to(tl.uint32, bitcast=True)
     hi = seed_hi.to(tl.uint32, bitcast=True)
-    row_key = _mix(_mix(rows.to(tl.uint32) ^ lo) ^ hi)
-    col_key = _mix(cols.to(tl.uint32) * 0x9E3779B9)
-    hashed = (row_key[:, None] ^ col_key[None, :]) * 0x9E3779B1
+    return _mix(_mix(rows.to(tl.uint32) ^ lo) ^ hi)
+
+
+@triton.jit
+def _col_keys(cols):
+    """Each column's fully mixed key."""
+    return _mix(cols.to(tl.uint32) * 0x9E3779B9)
+
+
+@triton.jit
+def _kept(row_key, col_key, threshold):
+    """Keep-mask of broadcast row and column keys, in either orientation; threshold a signed int32."""
+    hashed = (row_key ^ col_key) * 0x9E3779B1
     return hashed.to(tl.int32, bitcast=True) >= threshold
 
 
@@ -62,12 +81,14 @@ def _lora_down_kernel(
     offs_r = tl.arange(0, R_PAD)
     row_ok = offs_m < M
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if DROPOUT:
+        row_key = _row_keys(offs_m, seed_lo, seed_hi)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
         x = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
         if DROPOUT:
-            x = tl.where(_keep_mask(offs_m, cols, seed_lo, seed_hi, threshold), x, 0.0)
+            x = tl.where(_kept(row_key[:, None], _col_keys(cols)[None, :], threshold), x, 0.0)
         a = tl.load(a_ptr + cols[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=(cols[:, None] < K) & (offs_r[None, :] < R), other=0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -129,38 +150,33 @@ def _lora_forward_kernel(
 
 @triton.jit(do_not_specialize=[*_SHAPE, "stride_bn", *_SEED])
 def _lora_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, h_ptr, dx_ptr, da_ptr, db_ptr, M, N, K, R,
+    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, dx_ptr, da_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xm, stride_xk, stride_dxm, stride_dxk,
     scale, inv_keep, seed_lo, seed_hi, threshold,
-    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, DROPOUT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, DROPOUT: tl.constexpr,
     R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One ``(BLOCK_M, BLOCK_K)`` tile of dx, reading its rows of dy once for everything.
+    """One ``(BLOCK_M, BLOCK_K)`` tile of dx and its share of dA, reading its rows of dy once.
 
-    The loop over the N output features accumulates ``dy @ W`` and ``g = dy @ B`` and, for
-    every num_k-th chunk of N, adds ``dy.T @ h`` into dB. The epilogue adds
-    ``scale * keep * (g @ A) / (1-p)`` to the dx tile, writes it once, and adds
-    ``scale * g.T @ dropout(x)`` for these columns into dA. dA ``(R, K)`` and dB ``(N, R)`` are
-    zeroed contiguous fp32 buffers that every program adds into atomically; ``h`` is
-    ``_lora_down_kernel``'s output (dropout and 1/(1-p) included).
+    The loop over the N output features accumulates ``dy @ W`` and ``g = dy @ B`` and holds
+    nothing but loads and dots. The epilogue adds ``scale * keep * (g @ A) / (1-p)`` to the dx
+    tile and writes it once, then adds ``scale * (dropout(x).T @ g).T / (1-p)`` for these
+    columns into dA, a zeroed contiguous fp32 ``(R, K)`` buffer, with one atomic add.
     """
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    num_k = tl.cdiv(K, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
     row_ok = offs_m < M
-    safe_m = (offs_m % M).to(tl.int64)  # rows past the end re-read valid ones; h and x zero them
+    col_ok = offs_k < K
+    safe_m = (offs_m % M).to(tl.int64)  # rows/cols past the end re-read valid ones; x is zeroed there
     safe_k = (offs_k % K).to(tl.int64)
     dy_ptrs = dy_ptr + safe_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
-    if NEED_DB:
-        h = tl.load(h_ptr + safe_m[:, None] * R_PAD + offs_r[None, :], mask=row_ok[:, None], other=0.0)
-        h = h.to(dy_ptr.dtype.element_ty)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
@@ -171,32 +187,68 @@ def _lora_backward_kernel(
             acc = tl.dot(dy, w, acc, input_precision=PRECISION)
         b = tl.load(b_ptrs, mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R), other=0.0)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
-        if NEED_DB:  # noqa: SIM102 (a constexpr test: h only exists when NEED_DB)
-            if n % num_k == pid_k:  # the dB work is spread over the programs of this row block
-                db = tl.dot(tl.trans(dy), h, input_precision=PRECISION)
-                tl.atomic_add(db_ptr + (n * BLOCK_N + offs_n)[:, None] * R + offs_r[None, :], db * scale,
-                              mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R), sem="relaxed")
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * stride_bn
 
     g_scaled = (g * (scale * inv_keep)).to(dy_ptr.dtype.element_ty)
     if DROPOUT:
-        keep = _keep_mask(offs_m, offs_k, seed_lo, seed_hi, threshold)
+        row_key = _row_keys(offs_m, seed_lo, seed_hi)
+        col_key = _col_keys(offs_k)
     if NEED_DX:
         a_t = tl.load(a_ptr + offs_r[:, None] * stride_ar + safe_k[None, :] * stride_ak,
                       mask=offs_r[:, None] < R, other=0.0)
         if DROPOUT:
+            keep = _kept(row_key[:, None], col_key[None, :], threshold)
             acc += tl.where(keep, tl.dot(g_scaled, a_t, input_precision=PRECISION), 0.0)
         else:
             acc = tl.dot(g_scaled, a_t, acc, input_precision=PRECISION)
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_k[None, :] < K))
-    if NEED_DA:
-        x = tl.load(x_ptr + safe_m[:, None] * stride_xm + safe_k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if NEED_DA:  # x is loaded transposed, so dA's (BLOCK_K, R_PAD) tile needs no tl.trans
+        x_t = tl.load(x_ptr + safe_k[:, None] * stride_xk + safe_m[None, :] * stride_xm,
+                      mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep, x, 0.0)
-        da = tl.dot(tl.trans(g_scaled), x, input_precision=PRECISION)
-        tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
-                      mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), sem="relaxed")
+            x_t = tl.where(_kept(row_key[None, :], col_key[:, None], threshold), x_t, 0.0)
+        da_t = tl.dot(x_t, g_scaled, input_precision=PRECISION)
+        tl.atomic_add(da_ptr + offs_r[None, :] * K + offs_k[:, None], da_t,
+                      mask=col_ok[:, None] & (offs_r[None, :] < R), sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["M", "R", "rows_per_split"])
+def _lora_db_kernel(
+    dy_ptr, h_ptr, db_ptr, M, N, R, rows_per_split, stride_dym, stride_dyn, scale,
+    ATOMIC: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One ``(BLOCK_N, R_PAD)`` tile of ``dB = scale * dy.T @ h`` over one split of the rows.
+
+    Program ``(n, s)`` covers dB rows ``n * BLOCK_N ...`` and dy rows ``s * rows_per_split``
+    (a multiple of BLOCK_M) up to the next split. dy is read transposed as ``(BLOCK_N,
+    BLOCK_M)`` tiles, so no ``tl.trans``; ``h`` is ``_lora_down_kernel``'s output. The loop
+    holds only masked loads and a dot; the one write follows it: a plain store into the
+    contiguous ``(N, R)`` dB when there is one split, else (ATOMIC) an atomic add into a
+    zeroed fp32 buffer.
+    """
+    first = tl.program_id(1) * rows_per_split
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    safe_n = (offs_n % N).to(tl.int64)  # rows past the end of dB re-read valid ones and are never written
+    rows = (first + offs_m).to(tl.int64)
+    dy_ptrs = dy_ptr + safe_n[:, None] * stride_dyn + rows[None, :] * stride_dym
+    h_ptrs = h_ptr + rows[:, None] * R_PAD + offs_r[None, :]
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for m in range(0, tl.cdiv(min(rows_per_split, M - first), BLOCK_M)):
+        m_left = M - first - m * BLOCK_M
+        dy_t = tl.load(dy_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
+        h = tl.load(h_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
+        acc = tl.dot(dy_t, h.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        dy_ptrs += BLOCK_M * stride_dym
+        h_ptrs += BLOCK_M * R_PAD
+    db_ptrs = db_ptr + offs_n[:, None] * R + offs_r[None, :]
+    in_db = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    if ATOMIC:
+        tl.atomic_add(db_ptrs, acc * scale, mask=in_db, sem="relaxed")
+    else:
+        tl.store(db_ptrs, (acc * scale).to(db_ptr.dtype.element_ty), mask=in_db)
