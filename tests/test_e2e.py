@@ -154,6 +154,26 @@ def test_adapter_from_train_loads_in_peft_with_the_same_logits(tiny_run, tmp_pat
     assert (expected - before).abs().max() > 1e-2  # the adapter changes the model
 
 
+def test_generate_from_peft_saved_adapter_equals_merged_weights(tiny_run, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    import fastlora
+
+    base = tiny_run / "base"
+    theirs = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), tiny_run / "final")
+    theirs.save_pretrained(tmp_path / "peft-adapter")  # written by peft itself
+    merged = fastlora.unload(fastlora.load_adapter(GPT2LMHeadModel.from_pretrained(base), tiny_run / "final"))
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "merged")
+    for name, source in (("adapter", ["--model", str(base), "--adapter", str(tmp_path / "peft-adapter")]),
+                         ("merged", ["--model", str(tmp_path / "merged")])):
+        run("generate.py", *source, "--data", "synthetic", "--split", "test", "--limit", "4", "--num-beams", "3",
+            "--max-new-tokens", "16", "--out", str(tmp_path / f"gen-{name}"), *FAST)
+    outputs = (tmp_path / "gen-adapter" / "outputs.txt").read_text()
+    assert outputs == (tmp_path / "gen-merged" / "outputs.txt").read_text() and outputs.strip()
+
+
 def test_compare_writes_table_and_chart(tiny_run, tmp_path):
     full = tmp_path / "full"
     run("train.py", *train_args(tiny_run / "base", full, "--method", "full", "--max-steps", "4"))
