@@ -18,7 +18,10 @@ break: a pipelined loop holds only loads and dots under compile-time conditions;
 add is one per program, after its loop; transposed operands are loaded through transposed
 pointers, never made with ``tl.trans``. An earlier backward kernel added dB inside its N loop
 under a runtime ``if`` (a dot of ``tl.trans(dy)`` and an atomic add); on an H200 (Triton 3.6)
-its dB came out zero or wrong while the interpreter's was right.
+its dB came out zero or wrong while the interpreter's was right. Compiled for sm_90 (Triton
+3.9) that loop keeps dy in a two-slot shared-memory ring and issues the copy of tile n+2 into
+tile n's slot before the branch reads its transposed view: the branch saw a later tile, or
+the zeros of a masked copy past the end.
 
 The dropout mask is the hash of :mod:`fastlora.ops.reference` on uint32 values, regenerated
 from (seed, row, col) wherever it is needed, never stored.
