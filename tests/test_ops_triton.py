@@ -75,6 +75,18 @@ def test_backward_computes_only_what_is_needed(needs, dtype):
             assert rel_err(g, e) <= TOLERANCE[dtype], f"{name} error {rel_err(g, e):.2e}"
 
 
+@pytest.mark.parametrize("n_in, n_out", [(6, 0), (0, 7)])
+def test_layer_without_inputs_or_outputs(n_in, n_out):
+    x, weight, bias, lora_A, lora_B = (torch.randn(*shape, device=DEVICE)
+                                       for shape in ((5, n_in), (n_out, n_in), (n_out,), (2, n_in), (n_out, 2)))
+    out = triton_backend.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.0, torch.tensor(0))
+    assert torch.equal(out, bias.expand(5, n_out))
+    grads = triton_backend.backward(torch.ones(5, n_out, device=DEVICE), x, weight, lora_A, lora_B, 1.0, 0.0,
+                                    torch.tensor(0), (True, True, True))
+    assert [tuple(g.shape) for g in grads] == [(5, n_in), (2, n_in), (n_out, 2)]
+    assert all(not g.abs().sum() for g in grads)
+
+
 @pytest.mark.parametrize("rows", [5, 200])  # one row split (a plain store) and several (atomic adds)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_db_alone_with_strided_grad_over_row_splits(rows, dtype):

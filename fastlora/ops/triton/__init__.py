@@ -203,6 +203,8 @@ def _db_splits(M: int, column_blocks: int, side: int, programs: int) -> tuple[in
 def _lora_db(grad_out: Tensor, h: Tensor, rank: int, scale: float) -> Tensor:
     """``scale * dy.T @ h`` as ``(N, rank)`` in dy's dtype: written once, or accumulated over row splits."""
     (M, N), r_pad = grad_out.shape, h.shape[1]
+    if N == 0:
+        return grad_out.new_empty(0, rank)
     side, stages = _db_tile(r_pad)
     if INTERPRET:
         side = min(side, INTERPRET_CONFIG["BLOCK_M"])
