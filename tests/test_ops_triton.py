@@ -167,7 +167,17 @@ def ptx(fn, constexprs, unit_strides, tile, dtype="bf16"):
     source = ASTSource(fn, signature, constexprs={**constexprs, **{s: 1 for s in unit_strides}}, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": tile[-1], "num_stages": tile[-2]})
+    check_slot_reuse(compiled.asm["ttgir"])
     return compiled.asm["ptx"], compiled.metadata.shared
+
+def check_slot_reuse(ttgir):
+    """Each pipelined loop reads its shared-memory slots (local_load) before it refills them
+    (async copies), outside any branch: the old dB read a refilled slot inside an scf.if."""
+    for body in ttgir.split("scf.for ")[1:]:
+        body = body[:body.index("scf.yield")]
+        assert "scf.if" not in body, "a branch inside a pipelined loop"
+        read, refill = body.rfind("ttg.local_load"), body.find("ttg.async_copy_global_to_local")
+        assert read < 0 or refill < 0 or read < refill, "a slot read after its refill"
 
 def backward(tile, precision, dtype):
     bm, bk, bn = tile[:3]
