@@ -58,8 +58,8 @@ TILES = {
 }
 FALLBACK_TILE = (32, 32, 16, 2, 4)
 SMALL_M = 1024
-# dB kernel: programs per SM to aim for when splitting the rows, and the accumulator's size
-# in elements ((BLOCK_N, R_PAD) fp32, 32 registers a thread at 4 warps).
+# dB kernel: programs per SM to aim for when splitting the rows, and the target size in
+# elements of its (BLOCK_N, R_PAD) fp32 accumulator (32 registers a thread at 4 warps).
 DB_PROGRAMS_PER_SM = 2
 DB_ACC_ELEMS = 4096
 
