@@ -343,9 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.method} on {base_ref}: {summary}; {len(examples)} examples, {total} steps "
               f"from step {start}, {dist.world} process(es) on {dist.device}", flush=True)
     stats = train_loop(args, dist, model, optimizer, scheduler, encoded, tokenizer.eos_token_id, start, total)
-    if stats is None:
-        return {}
-    if dist.main:
+    if stats is not None and dist.main:
         final = run / "final"
         shutil.rmtree(final, ignore_errors=True)
         save_weights(unwrap(model), args.method, final)
@@ -360,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"done: loss {stats['first_loss']:.3f} -> {stats['last_loss']:.3f}; saved {final}", flush=True)
     if dist.world > 1:
         torch_dist.destroy_process_group()
-    return stats
+    return stats or {}
 
 
 def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: int, start: int,
