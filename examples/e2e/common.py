@@ -32,6 +32,7 @@ OFFICIAL_FILES = {
 }
 CSV_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 TXT_FILES = {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"}
+HF_DATASET = "tuetschek/e2e_nlg"
 HF_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 DEFAULT_CACHE = Path(os.environ.get("E2E_CACHE", Path.home() / ".cache" / "fastlora-e2e"))
 
@@ -188,15 +189,15 @@ def official_csv(split: str, data_dir: Path | None, cache_dir: Path = DEFAULT_CA
 
 
 def read_hf(split: str) -> list[Example]:
-    """The split from the Hugging Face ``e2e_nlg`` dataset (needs ``datasets`` and the hub)."""
+    """The split from the Hugging Face dataset e2e_nlg, now ``tuetschek/e2e_nlg`` (needs ``datasets`` and the hub)."""
     try:
         import datasets
     except ImportError:
         raise DataError("--data hf needs the 'datasets' package (pip install datasets)") from None
     try:
-        rows = datasets.load_dataset("e2e_nlg", split=HF_SPLITS[split])
+        rows = datasets.load_dataset(HF_DATASET, split=HF_SPLITS[split])
     except Exception as error:
-        raise DataError(f"could not load the Hugging Face dataset e2e_nlg ({error}); "
+        raise DataError(f"could not load the Hugging Face dataset {HF_DATASET} ({error}); "
                         "use --data e2e to read or download the official CSVs instead") from None
     return [Example(parse_mr(row["meaning_representation"]), row["human_reference"]) for row in rows]
 
