@@ -88,6 +88,11 @@ def make_suite(name: str, device: str) -> Suite:
                  for size in ("small", "medium")]
         return Suite(name, _grid(device, ALL_SHAPES, tokens, (4, 16, 64), (0.0, 0.1)), steps,
                      repeats=9, min_sample_s=0.05, step_repeats=9)
+    if name == "train-step":  # issue 4's end-to-end target: a full-depth GPT-2 Small step, nothing else
+        steps = ([StepCase("small", 8, 512, device=device, autocast="bfloat16"),
+                  StepCase("medium", 4, 512, device=device, autocast="bfloat16")] if gpu
+                 else [StepCase("small", 2, 256, device=device)])
+        return Suite(name, [], steps, step_warmup=2, step_repeats=9)
     if name == "reference-vs-unfused":
         cases = _grid("cpu", MEDIUM_SHAPES, (2048,), (4, 16), (0.1,), ("float32",), ("backward",))
         return Suite(name, cases, repeats=9, min_sample_s=0.2,
@@ -379,6 +384,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, text in (("quick", "a small selection, < 3 min on 2 CPU cores (default)"),
                        ("full", "the whole grid of shapes, tokens, ranks, dropouts and dtypes"),
                        ("reference-vs-unfused", "issue 2: reference backend vs unfused on GPT-2 Medium shapes"),
+                       ("train-step", "only the GPT-2 training step, full depth (CPU: Small; GPU: Small, Medium)"),
                        ("smoke", "every contender on a tiny case, seconds")):
         which.add_argument(f"--{name}", dest="suite", action="store_const", const=name, help=text)
     parser.add_argument("--device", choices=("cpu", "cuda"),
