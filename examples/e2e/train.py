@@ -114,8 +114,9 @@ def setup_distributed() -> Dist:
 
 def build_base(args: argparse.Namespace, dist: Dist, examples: list[common.Example]) -> tuple[str, object]:
     """The base model reference (hub name or path) and its tokenizer; builds OUT/base for ``--model tiny``."""
-    if args.model != "tiny":
-        return args.model, common.load_tokenizer(args.model)
+    if args.model != "tiny":  # a local path is recorded absolute, so that runs compare by their base
+        ref = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+        return ref, common.load_tokenizer(args.model)
     base = Path(args.out) / "base"
     if dist.main and not (base / "config.json").is_file():
         pretrain_tiny(args, examples, base)
