@@ -112,20 +112,13 @@ class Contender:
                 os.environ[_ENV] = previous
 
 
-@dataclass
-class Result:
-    """One contender on one case: every timing sample (seconds per call) and the memory figures."""
+@dataclass(kw_only=True)
+class Timed:
+    """What every measurement has: whether it ran (and why not), its timing samples in seconds."""
 
-    case: Case
-    contender: str
     status: str = "ok"
     reason: str = ""
     samples: list[float] = field(default_factory=list)
-    calls_per_sample: int = 0
-    saved_bytes: int | None = None
-    saved_bytes_beyond_input: int | None = None
-    peak_bytes: int | None = None
-    rel_err: float | None = None
 
     @property
     def median(self) -> float:
@@ -140,6 +133,19 @@ class Result:
         row["case"] = asdict(self.case)
         row.update(median_s=self.median, spread=self.spread)
         return row
+
+
+@dataclass
+class Result(Timed):
+    """One contender on one case: every timing sample (seconds per call) and the memory figures."""
+
+    case: Case
+    contender: str
+    calls_per_sample: int = 0
+    saved_bytes: int | None = None
+    saved_bytes_beyond_input: int | None = None
+    peak_bytes: int | None = None
+    rel_err: float | None = None
 
 
 # ---------------------------------------------------------------- the computations

@@ -20,13 +20,12 @@ process and are timed in interleaved rounds.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
-from harness import spread
+from harness import Timed
 from torch import Tensor, nn
 
 import fastlora
@@ -57,35 +56,21 @@ class StepCase:
 
 
 @dataclass
-class StepResult:
+class StepResult(Timed):
     """One variant on one case: step-time samples (s), tokens/s, and memory."""
 
     case: StepCase
     variant: str
-    status: str = "ok"
-    reason: str = ""
-    samples: list[float] = field(default_factory=list)
     trainable: int = 0
     saved_bytes: int | None = None
     peak_bytes: int | None = None
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else float("nan")
-
-    @property
-    def spread(self) -> float:
-        return spread(self.samples)
 
     @property
     def tokens_per_s(self) -> float:
         return self.case.batch * self.case.seq / self.median
 
     def to_dict(self) -> dict:
-        row = asdict(self)
-        row["case"] = asdict(self.case)
-        row.update(median_s=self.median, spread=self.spread, tokens_per_s=self.tokens_per_s)
-        return row
+        return super().to_dict() | {"tokens_per_s": self.tokens_per_s}
 
 
 def base_model(case: StepCase) -> nn.Module:
