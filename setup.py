@@ -29,12 +29,13 @@ def _extension(optional: bool):
     import scipy_openblas32
     from pybind11.setup_helpers import Pybind11Extension
 
-    sources = ["module.cpp", "lora.cpp", "thread_pool.cpp", "cpu_features.cpp",
+    sources = ["module.cpp", "lora.cpp", "parallel.cpp", "cpu_features.cpp",
                "kernels_portable.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"]
-    headers = ["lora.h", "thread_pool.h", "cpu_features.h", "kernels.h", "kernels_impl.inc"]
+    headers = ["lora.h", "parallel.h", "cpu_features.h", "kernels.h", "kernels_impl.inc"]
     # Baseline code stays portable (plain x86-64 / armv8); wider code paths carry their own
     # function-level target attributes and are chosen at run time.
-    flags = ["-O3", "-fno-math-errno"]
+    # -fopenmp: libgomp.so.1, the soname of the OpenMP runtime PyTorch's Linux wheels load first.
+    flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=x86-64")
     return Pybind11Extension(
@@ -48,6 +49,7 @@ def _extension(optional: bool):
         # also loads it before importing _C, which covers editable installs.
         runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib"],
         extra_compile_args=flags,
+        extra_link_args=["-fopenmp"],
         cxx_std=17,
         optional=optional,
     )

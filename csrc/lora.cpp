@@ -1,7 +1,7 @@
 // The fused LoRA passes: our kernels for the dropout hash, the rank-R update and the base
 // product of a few rows; OpenBLAS single-threaded sgemm for the thin products and, unless the
-// caller adds it itself (base_product false), the base product of many rows; our thread pool
-// for the parallelism.
+// caller adds it itself (base_product false), the base product of many rows; PyTorch's OpenMP
+// runtime (parallel.h) for the parallelism.
 #include "lora.h"
 
 #include <cblas.h>
@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "thread_pool.h"
+#include "parallel.h"
 
 namespace fastlora {
 namespace {

@@ -154,7 +154,7 @@ void backward(const std::optional<py::array>& dx, const std::optional<py::array>
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastlora's fused fp32 LoRA kernels for CPUs (OpenBLAS base product, fused rank-R update)";
-    scipy_openblas_set_num_threads(1);  // parallelism comes from fastlora's own pool, sized by the caller
+    scipy_openblas_set_num_threads(1);  // parallelism comes from parallel_run, sized by the caller
     m.def("forward", &forward, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"),
           py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"), py::arg("threshold"), py::arg("seed"),
           py::arg("threads"), py::arg("base_product") = true,

@@ -3,6 +3,7 @@
 import importlib
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +236,11 @@ def test_malformed_backward_calls_raise():
         args.update(bad)
         with pytest.raises((ValueError, TypeError)):
             cpu._C.backward(**args)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_extension_shares_pytorchs_openmp_runtime():
+    """One libgomp in the process: the extension's parallel loops use PyTorch's thread team."""
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "libgomp" in line or "libiomp" in line or "libomp" in line}
+    assert len(runtimes) == 1, runtimes
