@@ -95,10 +95,13 @@ _lora_linear_op.register_autograd(lambda ctx, grad_out: _gradients(ctx, grad_out
 
 
 def _apply(*args) -> Tensor:
-    """The custom op while torch.compile traces, the autograd.Function otherwise."""
+    """The custom op while torch.compile traces; else the autograd.Function, or the bare forward
+    when no gradient is wanted (inference skips autograd's per-call bookkeeping)."""
     if torch.compiler.is_compiling():
         return _lora_linear_op(*args)
-    return _LoraLinearFunction.apply(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        return _LoraLinearFunction.apply(*args)
+    return _run_forward(*args)
 
 
 def _shape(t: Tensor | None) -> str:
