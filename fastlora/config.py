@@ -53,11 +53,6 @@ class LoraConfig:
                      and all(isinstance(g, bool) for g in groups),
                      f"LoraConfig.slices[{key!r}] must be a list of bools with at least one True, got {groups!r}")
 
-    @property
-    def scale(self) -> float:
-        """The scaling applied to the LoRA update."""
-        return lora_scale(self.r, self.alpha, self.use_rslora)
-
     def to_peft(self, ranks: dict[str, int], alphas: dict[str, float], fan_in_fan_out: bool,
                 base_model: str | None = None) -> dict[str, Any]:
         """peft ``adapter_config.json`` for the adapted modules (full names) with their ranks and alphas."""

@@ -16,22 +16,23 @@ from fastlora.ops.reference import dropout_keep_mask, dropout_threshold
 cpu = pytest.importorskip("fastlora.ops.cpu", reason="the cpu backend is unavailable", exc_type=ImportError)
 
 
-@pytest.fixture
-def two_threads():
-    """torch (and so the extension) on two threads, restored afterwards."""
+def _torch_threads(n: int):
+    """torch (and so the extension) on n threads, restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(n)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def two_threads():
+    yield from _torch_threads(2)
 
 
 @pytest.fixture
 def one_thread():
-    """torch (and so the extension) on one thread: tiny calls skip thread wake-ups."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Tiny calls on one thread skip thread wake-ups."""
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(params=cpu.supported_isas())
