@@ -47,8 +47,8 @@ INTERPRET_SMS = 2
 # spans in-features (K) and its loop runs over out-features (N). 16-bit: wide
 # wgmma tiles with 3-4 stages for Hopper plus narrower ones for older cards. fp32 (IEEE dots
 # run on FMA units): small tiles, which also keep compile times short. Below SMALL_M rows one
-# tile, no tuning. Tiles whose pipeline would not fit the GPU's shared memory are dropped;
-# FALLBACK_TILE fits any GPU for padded ranks up to 256 (large ranks on small cards).
+# tile, no tuning. Tiles that would not fit the GPU's shared memory are dropped;
+# FALLBACK_TILE fits any GPU (101376 bytes or more) for padded ranks up to 256.
 TILES = {
     "16bit": [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
               (128, 64, 64, 4, 4)],
@@ -58,6 +58,11 @@ TILES = {
 }
 FALLBACK_TILE = (32, 32, 16, 2, 4)
 SMALL_M = 1024
+# Most fp32 values a thread may hold at the end of a GEMM tile (see _epilogue_values), by
+# element size. 16-bit: wgmma accumulators stay clear of the 255-register limit. fp32: IEEE
+# dots run as unrolled FMAs whose operands also sit in registers; past this, a rank-256 tile
+# took minutes to compile for sm_90 (a 128-row backward tile: 137 s).
+REGISTER_BUDGET = {2: 192, 4: 128}
 # dB kernel: programs per SM to aim for when splitting the rows, and the target size in
 # elements of its (BLOCK_N, R_PAD) fp32 accumulator (32 registers a thread at 4 warps).
 DB_PROGRAMS_PER_SM = 2
@@ -70,25 +75,39 @@ def _zero_da(args: dict) -> None:
 
 
 def _smem_bytes(tile: tuple, r_pad: int, elem: int, backward: bool) -> int:
-    """Shared memory of a tile's software pipeline (an upper estimate of what Triton allocates)."""
+    """Shared memory of a tile: an upper estimate of what Triton allocates, the larger of the
+    software pipeline's buffers and the epilogue's (which reuse them after the loop)."""
     rows, cols, step, stages, _ = tile
-    if backward:  # per stage dy (rows, step), W (step, cols), B (step, r_pad)
-        return stages * (rows * step + step * cols + step * r_pad) * elem
-    return (stages * (rows * step + step * cols) + (rows + cols) * r_pad) * elem  # per stage x, W; then h, B
+    if backward:  # per stage dy (rows, step), W (step, cols), B (step, r_pad); then g (fp32), A and x tiles
+        loop = stages * (rows * step + step * cols + step * r_pad) * elem
+        epilogue = rows * r_pad * 4 + (r_pad * cols + cols * rows) * elem
+    else:  # per stage x (rows, step), W (step, cols); then h (fp32) and B tiles
+        loop = stages * (rows * step + step * cols) * elem
+        epilogue = rows * r_pad * 4 + r_pad * cols * elem
+    return max(loop, epilogue)
+
+
+def _epilogue_values(tile: tuple, r_pad: int) -> int:
+    """fp32 values a thread holds at the end of either GEMM: its share of the output tile and
+    of the rank-wide tile (g in backward, h in forward)."""
+    rows, cols, _, _, warps = tile
+    return rows * (cols + r_pad) // (32 * warps)
 
 
 def _fitting_tiles(backward: bool, family: str, r_pad: int, smem_limit: int) -> list[tuple]:
-    """The family's tiles whose pipeline fits ``smem_limit`` bytes, or the fallback tile."""
+    """The family's tiles that fit ``smem_limit`` bytes and the register budget, or the fallback tile."""
     elem = 4 if family.startswith("fp32") else 2
-    return [t for t in TILES[family] if _smem_bytes(t, r_pad, elem, backward) <= smem_limit] or [FALLBACK_TILE]
+    return [t for t in TILES[family] if _smem_bytes(t, r_pad, elem, backward) <= smem_limit
+            and _epilogue_values(t, r_pad) <= REGISTER_BUDGET[elem]] or [FALLBACK_TILE]
 
 
 @functools.cache
 def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int, zero_da: bool):
     """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes.
 
-    Keyed on N and K only: M changes with every batch shape and is covered by the family
-    (small M or not), so a new sequence length does not re-run the tuning.
+    Keyed on N, K and the constexprs that change the kernel's register use (dropout makes the
+    backward's wide 16-bit tiles spill on sm_90), not on M: M changes with every batch shape
+    and is covered by the family (small M or not), so a new sequence length does not re-tune.
     """
     tiles = _fitting_tiles(backward, family, r_pad, smem_limit)
     hook = _zero_da if zero_da else None
@@ -97,7 +116,8 @@ def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int, zero_da
                              num_stages=stages, num_warps=warps, pre_hook=hook)
                for rows, cols, step, stages, warps in tiles]
     kernel = _lora_backward_kernel if backward else _lora_forward_kernel
-    return triton.autotune(configs, key=["N", "K"])(kernel)
+    key = ["N", "K", "NEED_DX", "NEED_DA", "DROPOUT"] if backward else ["N", "K", "HAS_BIAS"]
+    return triton.autotune(configs, key=key)(kernel)
 
 
 @functools.cache
@@ -168,13 +188,19 @@ def _launch(backward: bool, tiles, args: tuple, meta: dict, zero_da: bool = Fals
     tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
+def _down_tile(rows: int, r_pad: int) -> tuple[int, int]:
+    """The down kernel's ``(BLOCK_M, BLOCK_K)``: two pipeline stages of (x, A) tiles and the
+    fp32 ``(BLOCK_M, R_PAD)`` result fit any GPU's shared memory for padded ranks up to 512."""
+    block_m = 64 if rows >= 4096 and r_pad <= 128 and not INTERPRET else 32
+    return block_m, 64 if r_pad <= 64 else 32 if r_pad <= 256 else 16
+
+
 def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
     """``dropout(x) @ A.T / (1 - p)`` as an fp32 ``(M, R_PAD)`` buffer."""
     (M, K), R = x.shape, lora_A.shape[0]
     r_pad = _rank_pad(R)
     h = torch.empty(M, r_pad, device=x.device, dtype=torch.float32)
-    block_m = 32 if INTERPRET or M < 4096 else 64
-    block_k = 64 if r_pad <= 64 else 32  # two stages of (x, A) tiles fit any GPU's shared memory
+    block_m, block_k = _down_tile(M, r_pad)
     _lora_down_kernel[(triton.cdiv(M, block_m),)](
         x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
         drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
