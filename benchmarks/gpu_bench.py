@@ -8,12 +8,17 @@ medians of the rounds:
 - ``unfused``: the eager peft-style ``base(x) + B(A(dropout(x))) * scale`` with ``torch`` dropout.
 - ``fastlora``: :func:`fastlora.lora_linear` on the triton backend.
 
+Each case is timed twice: eager, as a program makes the calls (host launch overhead included),
+and replayed from a CUDA graph of the same calls (the GPU's time alone), so that a ratio can be
+told apart into kernel time and host overhead. The autotuner's chosen tiles are recorded too.
+
 Training step: GPT-2 Medium shapes (random weights from the config), LoRA r=4, alpha=32,
 dropout 0.1 on ``c_attn`` under bf16 autocast, AdamW; tokens/s and peak memory for peft
 (``c_attn``: q, k and v) and fastlora (q and v through slices, and q, k, v without them).
 
-``--dry-run`` runs every code path on tiny fp32 shapes on the CPU under ``TRITON_INTERPRET=1``
-(numbers meaningless). Results go to ``--out``: ``gpu_bench.json`` and ``gpu_bench.md``.
+``--dry-run`` runs every code path but the CUDA graphs on tiny fp32 shapes on the CPU under
+``TRITON_INTERPRET=1`` (numbers meaningless, graph columns n/a). Results go to ``--out``:
+``gpu_bench.json`` and ``gpu_bench.md``.
 """
 
 from __future__ import annotations
@@ -79,6 +84,49 @@ def timed_median(fns: dict[str, Callable[[], object]], rounds: int, iters: int) 
                     fns[name]()
                 samples[name].append((time.perf_counter() - t0) * 1e3 / iters)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _captured(fn: Callable[[], object], iters: int) -> torch.cuda.CUDAGraph:
+    """``iters`` calls of fn captured in one CUDA graph (warmed up on a side stream, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return graph
+
+
+def graph_median(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, float | None]:
+    """Median milliseconds per call of each function replayed from a CUDA graph, in interleaved rounds:
+    the GPU's time without the host's launch overhead. None where there is no GPU or capture failed."""
+    if not torch.cuda.is_available():
+        return dict.fromkeys(fns)
+    graphs = {}
+    for name, fn in fns.items():
+        try:
+            graphs[name] = _captured(fn, iters)
+        except Exception as error:  # a contender that cannot be captured keeps its eager time only
+            print(f"  {name}: CUDA graph capture failed: {error!r}", flush=True)
+            torch.cuda.synchronize()
+    if not graphs:
+        return dict.fromkeys(fns)
+    samples: dict[str, list[float]] = {name: [] for name in graphs}
+    names = list(graphs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[name].replay()
+            end.record()
+            end.synchronize()
+            samples[name].append(start.elapsed_time(end) / iters)
+    del graphs
+    return {name: statistics.median(samples[name]) if samples.get(name) else None for name in fns}
 
 
 def layer_inputs(n_in: int, n_out: int, tokens: int, rank: int, dtype: torch.dtype, device: str) -> dict:
@@ -151,17 +199,37 @@ def bench_layers(args, dtype: torch.dtype, device: str, record: Callable[[str, o
                 for p in args.dropouts:
                     for mode, fns in layer_fns(t, p, scale).items():
                         ms = timed_median(fns, args.rounds, args.iters)
+                        graph_ms = graph_median(fns, args.rounds, args.iters)
                         row = {"shape": shape_name, "in": n_in, "out": n_out, "tokens": tokens, "r": rank, "p": p,
-                               "mode": mode, "ms": ms, "fastlora_rel_err_p0": error,
+                               "mode": mode, "ms": ms, "graph_ms": graph_ms, "fastlora_rel_err_p0": error,
                                "fastlora/plain": ms["fastlora"] / ms["plain"],
-                               "unfused/fastlora": ms["unfused"] / ms["fastlora"]}
+                               "unfused/fastlora": ms["unfused"] / ms["fastlora"],
+                               "graph fastlora/plain": _ratio(graph_ms["fastlora"], graph_ms["plain"]),
+                               "graph unfused/fastlora": _ratio(graph_ms["unfused"], graph_ms["fastlora"])}
                         rows.append(row)
                         print(f"{shape_name:24s} M={tokens:6d} r={rank:2d} p={p:.1f} {mode:17s} "
                               + " ".join(f"{k}={v:.4f}ms" for k, v in ms.items())
                               + f"  fastlora/plain={row['fastlora/plain']:.3f} unfused/fastlora="
-                              f"{row['unfused/fastlora']:.3f} err={error:.1e}", flush=True)
+                              f"{row['unfused/fastlora']:.3f} graph: fastlora/plain={_fmt(row['graph fastlora/plain'])}"
+                              f" unfused/fastlora={_fmt(row['graph unfused/fastlora'])} err={error:.1e}", flush=True)
                         record("layers", rows)
+                        record("tuned_configs", tuned_configs())
                 del t
+
+
+def tuned_configs() -> list[dict]:
+    """The triton backend's autotuning choices so far (none under the interpreter, which does not tune)."""
+    from fastlora.ops.triton import tuned_configs as chosen
+
+    return chosen()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None else None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def gpt2_model(args, device: str):
@@ -240,15 +308,20 @@ def bench_training(args, device: str, record: Callable[[str, object], None]) -> 
     record("training", summary)
 
 
-def markdown(layers: list[dict], training: dict | None, env: dict) -> str:
+def markdown(layers: list[dict], training: dict | None, env: dict, tuned: list[dict]) -> str:
     lines = [f"GPU: {env['device']}; torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
-             "| shape | M | r | p | mode | plain ms | unfused ms | fastlora ms | fastlora/plain | unfused/fastlora |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "Eager: calls timed as a program makes them (host launch overhead included). Graph: the same calls "
+             "replayed from a CUDA graph, the GPU's time alone.", "",
+             "| shape | M | r | p | mode | plain ms | unfused ms | fastlora ms | fastlora/plain | unfused/fastlora "
+             "| graph plain ms | graph fastlora ms | graph fastlora/plain | graph unfused/fastlora |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in layers:
-        ms = r["ms"]
+        ms, graph = r["ms"], r.get("graph_ms") or {}
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['r']} | {r['p']} | {r['mode']} | {ms['plain']:.4f} | "
                      f"{ms['unfused']:.4f} | {ms['fastlora']:.4f} | {r['fastlora/plain']:.3f} | "
-                     f"{r['unfused/fastlora']:.3f} |")
+                     f"{r['unfused/fastlora']:.3f} | {_fmt(graph.get('plain'), 4)} | "
+                     f"{_fmt(graph.get('fastlora'), 4)} | {_fmt(r.get('graph fastlora/plain'))} | "
+                     f"{_fmt(r.get('graph unfused/fastlora'))} |")
     if training:
         peft = training.get("peft")
         lines += ["", "| training step (GPT-2 Medium shapes, r=4, alpha=32, dropout 0.1, bf16 autocast) | tokens/s "
@@ -258,6 +331,10 @@ def markdown(layers: list[dict], training: dict | None, env: dict) -> str:
             mem = s["peak_mib"] / peft["peak_mib"] if peft and s["peak_mib"] and peft["peak_mib"] else float("nan")
             peak = f"{s['peak_mib']:.0f}" if s["peak_mib"] is not None else "n/a"
             lines.append(f"| {name} | {s['tokens_per_s']:.0f} | {peak} | {s['trainable']} | {speed:.3f} | {mem:.3f} |")
+    if tuned:
+        lines += ["", "Autotuned tiles (kernel, family, padded rank, key: tile, warps, stages):", ""]
+        lines += [f"- {c['kernel']} {c['family']} r_pad={c['r_pad']} {c['key']}: {c['tile']}, "
+                  f"{c['num_warps']} warps, {c['num_stages']} stages" for c in tuned]
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +381,8 @@ def main() -> None:
         """Save everything measured so far: a run cut short by a timeout still leaves its numbers."""
         results[key] = value
         (args.out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
-        table = markdown(results.get("layers", []), results.get("training"), results["environment"])
+        table = markdown(results.get("layers", []), results.get("training"), results["environment"],
+                         results.get("tuned_configs", []))
         (args.out / "gpu_bench.md").write_text(table)
 
     if not args.skip_training:  # first: the end-to-end targets matter most if time runs out

@@ -69,7 +69,7 @@ step backends 30 "$PY" -m fastlora
 # Correctness first, triton-focused (no -x: every failure is worth seeing), then the timings,
 # then the rest of the suite.
 TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops.py tests/test_ops_triton.py -q --maxfail=15 -p no:cacheprovider
-TAIL=70 step gpu_bench 210 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+TAIL=70 step gpu_bench 240 "$PY" benchmarks/gpu_bench.py --out "$OUT"
 step pytest_rest 90 "$PY" -m pytest tests -x -q -p no:cacheprovider \
     --ignore=tests/test_ops.py --ignore=tests/test_ops_triton.py
 if [ -f benchmarks/run.py ]; then

@@ -296,6 +296,21 @@ def test_autotuning_keys_on_the_variant_not_on_the_row_count(backward):
     """A dropout-free call (eval) must not fix the config that a training call then uses; a new M must not re-tune."""
     tuned = triton_backend._autotuned(backward, "16bit", 16, H100_SMEM, backward)
     assert set(tuned.keys) == ({"N", "K", "NEED_DX", "NEED_DA", "DROPOUT"} if backward else {"N", "K", "HAS_BIAS"})
+    assert triton_backend._autotuned(backward, "16bit", 16, H100_SMEM, backward) is tuned
+
+
+def test_tuned_configs_reports_each_choice_with_its_key(monkeypatch):
+    monkeypatch.setattr(triton_backend, "_AUTOTUNED", {})
+    tuned = triton_backend._autotuned(True, "16bit", 16, H100_SMEM, True)
+    assert triton_backend.tuned_configs() == []
+    tuned.cache[(3072, 1024, True, True, False, "torch.bfloat16", "torch.float32")] = tuned.configs[2]
+    rows, cols, step, stages, warps = triton_backend.TILES["16bit"][2]
+    assert triton_backend.tuned_configs() == [{
+        "kernel": "backward", "family": "16bit", "r_pad": 16,
+        "key": {"N": 3072, "K": 1024, "NEED_DX": True, "NEED_DA": True, "DROPOUT": False},
+        "dtypes": ["torch.bfloat16", "torch.float32"],
+        "tile": {"BLOCK_M": rows, "BLOCK_K": cols, "BLOCK_N": step, "GROUP_M": 8},
+        "num_warps": warps, "num_stages": stages}]
 
 
 @pytest.mark.slow
@@ -310,5 +325,7 @@ def test_gpu_benchmark_dry_run_exercises_every_code_path(tmp_path):
     assert results["environment"]["backends"]["triton"][0]
     assert {row["mode"] for row in results["layers"]} == {"forward", "forward+backward"}
     assert all(row["fastlora_rel_err_p0"] < 1e-5 for row in results["layers"])
+    assert all(set(row["graph_ms"]) == {"plain", "unfused", "fastlora"} for row in results["layers"])
+    assert results["tuned_configs"] == []  # the interpreter runs one fixed config
     assert set(results["training"]) == {"peft", "fastlora q,v", "fastlora q,k,v"}
     assert "| fastlora q,v |" in (tmp_path / "gpu_bench.md").read_text()

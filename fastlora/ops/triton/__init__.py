@@ -101,23 +101,41 @@ def _fitting_tiles(backward: bool, family: str, r_pad: int, smem_limit: int) -> 
             and _epilogue_values(t, r_pad) <= REGISTER_BUDGET[elem]] or [FALLBACK_TILE]
 
 
-@functools.cache
+_AUTOTUNED: dict[tuple, triton.runtime.Autotuner] = {}
+
+
 def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int, zero_da: bool):
-    """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes.
+    """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes (one per argument set).
 
     Keyed on N, K and the constexprs that change the kernel's register use (dropout makes the
     backward's wide 16-bit tiles spill on sm_90), not on M: M changes with every batch shape
     and is covered by the family (small M or not), so a new sequence length does not re-tune.
     """
-    tiles = _fitting_tiles(backward, family, r_pad, smem_limit)
-    hook = _zero_da if zero_da else None
-    configs = [triton.Config({"BLOCK_M": rows, "BLOCK_K" if backward else "BLOCK_N": cols,
-                              "BLOCK_N" if backward else "BLOCK_K": step, "GROUP_M": 8},
-                             num_stages=stages, num_warps=warps, pre_hook=hook)
-               for rows, cols, step, stages, warps in tiles]
-    kernel = _lora_backward_kernel if backward else _lora_forward_kernel
-    key = ["N", "K", "NEED_DX", "NEED_DA", "DROPOUT"] if backward else ["N", "K", "HAS_BIAS"]
-    return triton.autotune(configs, key=key)(kernel)
+    variant = (backward, family, r_pad, smem_limit, zero_da)
+    if variant not in _AUTOTUNED:
+        hook = _zero_da if zero_da else None
+        configs = [triton.Config({"BLOCK_M": rows, "BLOCK_K" if backward else "BLOCK_N": cols,
+                                  "BLOCK_N" if backward else "BLOCK_K": step, "GROUP_M": 8},
+                                 num_stages=stages, num_warps=warps, pre_hook=hook)
+                   for rows, cols, step, stages, warps in _fitting_tiles(backward, family, r_pad, smem_limit)]
+        kernel = _lora_backward_kernel if backward else _lora_forward_kernel
+        key = ["N", "K", "NEED_DX", "NEED_DA", "DROPOUT"] if backward else ["N", "K", "HAS_BIAS"]
+        _AUTOTUNED[variant] = triton.autotune(configs, key=key)(kernel)
+    return _AUTOTUNED[variant]
+
+
+def tuned_configs() -> list[dict]:
+    """What autotuning has chosen in this process, one entry per kernel variant and tuning key
+    (the key's values, then the dtypes of the tensor arguments): for benchmark reports."""
+    chosen = []
+    for (backward, family, r_pad, _, _), tuned in _AUTOTUNED.items():
+        for key, config in tuned.cache.items():
+            named, dtypes = key[:len(tuned.keys)], key[len(tuned.keys):]
+            chosen.append({"kernel": "backward" if backward else "forward", "family": family, "r_pad": r_pad,
+                           "key": dict(zip(tuned.keys, named, strict=True)), "dtypes": [str(k) for k in dtypes],
+                           "tile": dict(config.kwargs), "num_warps": config.num_warps,
+                           "num_stages": config.num_stages})
+    return chosen
 
 
 @functools.cache
