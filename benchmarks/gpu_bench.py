@@ -12,9 +12,11 @@ Each case is timed twice: eager, as a program makes the calls (host launch overh
 and replayed from a CUDA graph of the same calls (the GPU's time alone), so that a ratio can be
 told apart into kernel time and host overhead. The autotuner's chosen tiles are recorded too.
 
-Training step: GPT-2 Medium shapes (random weights from the config), LoRA r=4, alpha=32,
-dropout 0.1 on ``c_attn`` under bf16 autocast, AdamW; tokens/s and peak memory for peft
-(``c_attn``: q, k and v) and fastlora (q and v through slices, and q, k, v without them).
+Training step: :func:`train_step.measure_step` on GPT-2 Medium shapes (random weights from the
+config), batch 8 x 1024 tokens, bf16 autocast, LoRA r=4, alpha=32, dropout 0.1 on ``c_attn``
+(fastlora and loralib on q and v, peft on q, k and v), AdamW, and the frozen floor (no adapter:
+what a step costs if the LoRA layers were free), timed in interleaved rounds; tokens/s, peak
+memory above the model's, bytes saved for backward.
 
 ``--dry-run`` runs every code path but the CUDA graphs on tiny fp32 shapes on the CPU under
 ``TRITON_INTERPRET=1`` (numbers meaningless, graph columns n/a). Results go to ``--out``:
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -232,80 +233,25 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def gpt2_model(args, device: str):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def bench_training(args, record: Callable[[str, object], None]) -> None:
+    """benchmarks/train_step.py's LoRA step (q,v r=4 for fastlora and loralib, q,k,v for peft) and its frozen
+    floor, interleaved: tokens/s, peak memory above the model's, bytes saved for backward."""
+    from train_step import StepCase, measure_step, overhead_over_floor
 
-    config = GPT2Config(**args.gpt2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return GPT2LMHeadModel(config)
-
-
-def adapt(model, contender: str):
-    """Put the contender's LoRA (r=4, alpha=32, dropout 0.1) on c_attn; everything else frozen."""
-    if contender == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=["c_attn"], fan_in_fan_out=True)
-        return get_peft_model(model, cfg)
-    slices = {"c_attn": [True, False, True]} if contender == "fastlora q,v" else {}
-    return fastlora.inject(model, fastlora.LoraConfig(r=4, alpha=32, dropout=0.1, target_modules=["c_attn"],
-                                                      slices=slices))
-
-
-def train_step_run(args, contender: str, device: str) -> dict:
-    """Tokens/s over timed steps and peak memory of one contender's LoRA training."""
-    model = adapt(gpt2_model(args, device), contender)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator(device=device).manual_seed(1)
-    ids = torch.randint(args.gpt2["vocab_size"], (args.batch, args.seq), generator=gen, device=device)
-    cuda = device == "cuda"
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(args.warmup_steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss = loss.item()
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return {"contender": contender, "tokens_per_s": args.batch * args.seq * args.steps / seconds,
-            "peak_mib": peak, "loss": loss, "trainable": sum(p.numel() for p in params)}
-
-
-def bench_training(args, device: str, record: Callable[[str, object], None]) -> None:
-    """Each contender alone on the GPU, the sequence repeated; median tokens/s, max peak memory."""
-    contenders = ("peft", "fastlora q,v", "fastlora q,k,v")
-    runs: dict[str, list[dict]] = {c: [] for c in contenders}
-    for _ in range(args.repeats):
-        for contender in contenders:
-            run = train_step_run(args, contender, device)
-            gc.collect()  # the contender's model goes before the next one is built
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            runs[contender].append(run)
-            print(f"train step {contender:15s} {run['tokens_per_s']:10.0f} tok/s  peak {run['peak_mib']} MiB  "
-                  f"loss {run['loss']:.3f}  trainable {run['trainable']}", flush=True)
-            record("training_runs", runs)
+    results = measure_step(StepCase(**args.step_case), repeats=args.repeats, warmup=args.warmup_steps)
+    overhead = overhead_over_floor(results)
     summary = {}
-    for contender, rs in runs.items():
-        peaks = [r["peak_mib"] for r in rs if r["peak_mib"] is not None]
-        summary[contender] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                              "peak_mib": max(peaks) if peaks else None, "trainable": rs[0]["trainable"]}
-    record("training", summary)
+    for r in results:
+        ok = r.status == "ok"
+        summary[r.variant] = {
+            "status": r.status, "reason": r.reason, "tokens_per_s": r.tokens_per_s if ok else None,
+            "overhead_over_floor": overhead.get(r.variant), "trainable": r.trainable,
+            "peak_mib": r.peak_bytes / 2**20 if r.peak_bytes is not None else None,
+            "saved_mib": r.saved_bytes / 2**20 if r.saved_bytes is not None else None}
+        measured = (f"{r.tokens_per_s:10.0f} tok/s  peak {_fmt(summary[r.variant]['peak_mib'], 0)} MiB  "
+                    f"over floor {_fmt(overhead.get(r.variant))}") if ok else f"{r.status}: {r.reason}"
+        print(f"train step {r.variant:9s} {measured}", flush=True)
+    record("training", {"case": args.step_case, "variants": summary})
 
 
 def markdown(layers: list[dict], training: dict | None, env: dict, tuned: list[dict]) -> str:
@@ -323,14 +269,20 @@ def markdown(layers: list[dict], training: dict | None, env: dict, tuned: list[d
                      f"{_fmt(graph.get('fastlora'), 4)} | {_fmt(r.get('graph fastlora/plain'))} | "
                      f"{_fmt(r.get('graph unfused/fastlora'))} |")
     if training:
-        peft = training.get("peft")
-        lines += ["", "| training step (GPT-2 Medium shapes, r=4, alpha=32, dropout 0.1, bf16 autocast) | tokens/s "
-                  "| peak MiB | trainable | tokens/s vs peft | peak vs peft |", "|---|---:|---:|---:|---:|---:|"]
-        for name, s in training.items():
-            speed = s["tokens_per_s"] / peft["tokens_per_s"] if peft else float("nan")
-            mem = s["peak_mib"] / peft["peak_mib"] if peft and s["peak_mib"] and peft["peak_mib"] else float("nan")
-            peak = f"{s['peak_mib']:.0f}" if s["peak_mib"] is not None else "n/a"
-            lines.append(f"| {name} | {s['tokens_per_s']:.0f} | {peak} | {s['trainable']} | {speed:.3f} | {mem:.3f} |")
+        variants, case = training["variants"], training["case"]
+        peft = variants.get("peft", {})
+        lines += ["", f"Training step: GPT-2 {case['size']} shapes, batch {case['batch']} x {case['seq']} tokens, "
+                  f"{case['autocast'] or 'no'} autocast, r=4, alpha=32, dropout 0.1 (benchmarks/train_step.py)", "",
+                  "| variant | tokens/s | over floor | peak MiB | saved MiB | trainable | tokens/s vs peft "
+                  "| peak vs peft |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in variants.items():
+            if v["status"] != "ok":
+                lines.append(f"| {name} | {v['status']}: {v['reason'][:80]} | | | | | | |")
+                continue
+            lines.append(f"| {name} | {v['tokens_per_s']:.0f} | {_fmt(v['overhead_over_floor'])} | "
+                         f"{_fmt(v['peak_mib'], 0)} | {_fmt(v['saved_mib'], 0)} | {v['trainable']} | "
+                         f"{_fmt(_ratio(v['tokens_per_s'], peft.get('tokens_per_s')))} | "
+                         f"{_fmt(_ratio(v['peak_mib'], peft.get('peak_mib')))} |")
     if tuned:
         lines += ["", "Autotuned tiles (kernel, family, padded rank, key: tile, warps, stages):", ""]
         lines += [f"- {c['kernel']} {c['family']} r_pad={c['r_pad']} {c['key']}: {c['tile']}, "
@@ -357,13 +309,13 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.shapes, args.tokens, args.ranks, args.dropouts = SHAPES, TOKENS, RANKS, DROPOUTS
     args.rounds, args.iters = 7, 10
-    args.gpt2 = {"n_embd": 1024, "n_layer": 24, "n_head": 16, "n_positions": 1024, "vocab_size": 50257}
-    args.batch, args.seq, args.warmup_steps, args.steps, args.repeats = 8, 1024, 3, 10, 2
+    args.step_case = {"size": "medium", "batch": 8, "seq": 1024, "device": "cuda", "autocast": "bfloat16"}
+    args.warmup_steps, args.repeats = 3, 7
     if args.dry_run:
         args.shapes, args.tokens, args.ranks = {"tiny": (64, 96)}, (40,), (4,)
         args.rounds, args.iters = 2, 1
-        args.gpt2 = {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 500}
-        args.batch, args.seq, args.warmup_steps, args.steps, args.repeats = 2, 16, 1, 1, 1
+        args.step_case = {"size": "small", "batch": 1, "seq": 8, "n_layer": 1, "device": "cpu", "autocast": None}
+        args.warmup_steps, args.repeats = 1, 1
     return args
 
 
@@ -387,7 +339,7 @@ def main() -> None:
 
     if not args.skip_training:  # first: the end-to-end targets matter most if time runs out
         try:
-            bench_training(args, device, record)
+            bench_training(args, record)
         except Exception as error:  # keep going to the layer timings
             record("training_error", repr(error))
             print(f"training step benchmark failed: {error!r}", flush=True)
