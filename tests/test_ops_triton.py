@@ -164,10 +164,14 @@ def _gemm_jobs() -> list[dict]:
         variants = ([{"NEED_DX": dx, "NEED_DA": da} for dx, da in ((True, False), (False, True))]
                     + [{"DROPOUT": False}]) if backward else [{"HAS_BIAS": False}]
         jobs += [_gemm_job(backward, tile, 16, "bf16", "tf32", **variant) for variant in variants]
+        for family in ("16bit", "16bit-small-m", "fp32"):  # what a 100 KB card (RTX 30xx/40xx, sm_86) keeps
+            dtype, precision = ("fp32", "ieee") if family == "fp32" else ("bf16", "tf32")
+            jobs += [_gemm_job(backward, tile, 16, dtype, precision, arch=86, smem=SMALL_CARD_SMEM)
+                     for tile in triton_backend._fitting_tiles(backward, family, 16, SMALL_CARD_SMEM)]
     return list({json.dumps(job, sort_keys=True): job for job in jobs}.values())  # once each
 
 
-def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", **flags) -> dict:
+def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90, smem=H100_SMEM, **flags) -> dict:
     rows, cols, step, stages, warps = tile
     if backward:
         constexprs = {"NEED_DX": True, "NEED_DA": True, "DROPOUT": True, "BLOCK_M": rows, "BLOCK_K": cols,
@@ -177,8 +181,8 @@ def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", **flags)
     constexprs.update(R_PAD=r_pad, PRECISION=precision, GROUP_M=8, **flags)
     return {"kernel": "_lora_backward_kernel" if backward else "_lora_forward_kernel", "constexprs": constexprs,
             "unit_strides": (BACKWARD_UNITS if backward else FORWARD_UNITS)[layout], "dtype": dtype,
-            "fp32_ptrs": ["h_ptr", "da_ptr"], "num_warps": warps, "num_stages": stages,
-            "smem_limit": triton_backend._smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2, backward)}
+            "fp32_ptrs": ["h_ptr", "da_ptr"], "num_warps": warps, "num_stages": stages, "arch": arch,
+            "smem_limit": min(smem, triton_backend._smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2, backward))}
 
 
 def _thin_jobs() -> list[dict]:
@@ -191,7 +195,7 @@ def _thin_jobs() -> list[dict]:
                              "constexprs": {"DROPOUT": True, "R_PAD": r_pad, "PRECISION": precision,
                                             "BLOCK_M": block_m, "BLOCK_K": block_k},
                              "unit_strides": ["stride_xk", "stride_ak"], "num_warps": 4, "num_stages": 2,
-                             "smem_limit": SMALL_CARD_SMEM})
+                             "arch": 90, "smem_limit": SMALL_CARD_SMEM})
         for r_pad in (16, 64, 512):
             side, stages = triton_backend._db_tile(r_pad)
             for atomic in (True, False):
@@ -200,7 +204,7 @@ def _thin_jobs() -> list[dict]:
                              "constexprs": {"ATOMIC": atomic, "R_PAD": r_pad, "PRECISION": precision,
                                             "BLOCK_N": side, "BLOCK_M": side},
                              "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages,
-                             "smem_limit": stages * (side * side + side * r_pad) * 4})
+                             "arch": 90, "smem_limit": stages * (side * side + side * r_pad) * 4})
     return jobs
 
 
@@ -212,11 +216,12 @@ def test_fallback_tile_fits_small_cards_up_to_rank_256():
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile and run in the other tests")
-def test_every_kernel_config_compiles_for_hopper_within_its_shared_memory(tmp_path):
-    """Compile for sm_90 (no GPU needed) every config a GPU may run: each compiles; asks for no more shared
-    memory than the estimate the tile filter uses (GEMMs) or than any GPU has (thin kernels); keeps its
-    pipelined loops free of branches and of reads of refilled slots; pipelines its loads; runs 16-bit GEMM
-    tiles of 64+ rows on wgmma; writes dA and dB with the reductions or stores the launcher expects."""
+def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
+    """Compile (no GPU needed) every config an H100/H200 may run for sm_90, and those a 100 KB card keeps for
+    sm_86: each compiles; asks for no more shared memory than the estimate the tile filter uses (GEMMs) or
+    than any GPU has (thin kernels); keeps its pipelined loops free of branches and of reads of refilled
+    slots; pipelines its loads; runs 16-bit GEMMs on tensor cores (wgmma for sm_90 tiles of 64+ rows,
+    mma.sync on sm_86); writes dA and dB with the reductions or stores the launcher expects."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -224,7 +229,7 @@ def test_every_kernel_config_compiles_for_hopper_within_its_shared_memory(tmp_pa
         pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
     jobs = _gemm_jobs() + _thin_jobs()
     kernels_path = os.path.join(os.path.dirname(triton_backend.__file__), "_kernels.py")
-    script = os.path.join(os.path.dirname(__file__), "compile_for_hopper.py")
+    script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")  # uncached: ptxas runs, logs registers
     result = subprocess.run([sys.executable, script, kernels_path], input=json.dumps(jobs), env=env,
@@ -239,7 +244,9 @@ def test_every_kernel_config_compiles_for_hopper_within_its_shared_memory(tmp_pa
         assert report["shared"] <= job["smem_limit"], f"{name}: {report['shared']} > {job['smem_limit']} bytes"
         assert report["cp_async"], f"{name}: loads not pipelined"
         if job["kernel"] in ("_lora_forward_kernel", "_lora_backward_kernel"):
-            assert report["wgmma"] == (job["dtype"] != "fp32" and flags["BLOCK_M"] >= 64), f"{name}: wgmma"
+            tensor_cores = report["wgmma"] if job["arch"] == 90 else report["mma"] and not report["wgmma"]
+            assert tensor_cores == (job["dtype"] != "fp32" and (flags["BLOCK_M"] >= 64 or job["arch"] != 90)), \
+                f"{name} sm_{job['arch']}: {'wgmma' if job['arch'] == 90 else 'mma.sync'}"
         if job["kernel"] == "_lora_backward_kernel":
             assert report["reduction"] == flags["NEED_DA"] and report["store"] == flags["NEED_DX"], name
         if job["kernel"] == "_lora_db_kernel":
@@ -248,7 +255,8 @@ def test_every_kernel_config_compiles_for_hopper_within_its_shared_memory(tmp_pa
     for job, report in zip(jobs, reports, strict=True):
         flags = job["constexprs"]
         assert report["registers"] is not None, "no ptxas register count"
-        if job["dtype"] == "bf16" and flags["R_PAD"] == 16 and all(v for k, v in flags.items() if k.isupper()):
+        if job["arch"] == 90 and job["dtype"] == "bf16" and flags["R_PAD"] == 16 \
+                and all(v for k, v in flags.items() if k.isupper()):
             spills.setdefault(job["kernel"], []).append(report["spill_stores"])
     assert set(spills) == {"_lora_forward_kernel", "_lora_backward_kernel", "_lora_down_kernel", "_lora_db_kernel"}
     assert all(s == 0 for kernel, found in spills.items() if kernel != "_lora_backward_kernel" for s in found), spills

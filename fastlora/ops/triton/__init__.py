@@ -45,13 +45,14 @@ INTERPRET_SMS = 2
 # Tile families, (rows, columns, loop step, stages, warps): the forward kernel's (BLOCK_M,
 # BLOCK_N, BLOCK_K); the backward kernel's (BLOCK_M, BLOCK_K, BLOCK_N), as its output tile
 # spans in-features (K) and its loop runs over out-features (N). 16-bit: wide
-# wgmma tiles with 3-4 stages for Hopper plus narrower ones for older cards. fp32 (IEEE dots
+# wgmma tiles with 3-4 stages for Hopper (and A100's 164 KB), a 128x64 one, and a 128x128 one
+# with a 32-wide step that fits the 100 KB of RTX-class cards in both directions. fp32 (IEEE dots
 # run on FMA units): small tiles, which also keep compile times short. Below SMALL_M rows one
 # tile, no tuning. Tiles that would not fit the GPU's shared memory are dropped;
 # FALLBACK_TILE fits any GPU (101376 bytes or more) for padded ranks up to 256.
 TILES = {
     "16bit": [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4)],
+              (128, 64, 64, 4, 4), (128, 128, 32, 4, 8)],
     "fp32": [(64, 64, 32, 3, 4), (128, 64, 32, 3, 4)],
     "16bit-small-m": [(64, 64, 64, 4, 4)],
     "fp32-small-m": [(64, 64, 32, 3, 4)],
