@@ -55,7 +55,6 @@ SHAPES = {  # name: (in_features, out_features)
 TOKENS = (2048, 8192, 16384)
 RANKS = (4, 16)
 DROPOUTS = (0.0, 0.1)
-CONTENDERS = ("plain", "unfused", "fastlora")
 ALPHA = 32.0
 
 
@@ -114,20 +113,9 @@ def graph_median(fns: dict[str, Callable[[], object]], rounds: int, iters: int) 
         except Exception as error:  # a contender that cannot be captured keeps its eager time only
             print(f"  {name}: CUDA graph capture failed: {error!r}", flush=True)
             torch.cuda.synchronize()
-    if not graphs:
-        return dict.fromkeys(fns)
-    samples: dict[str, list[float]] = {name: [] for name in graphs}
-    names = list(graphs)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs[name].replay()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) / iters)
+    per_replay = timed_median({name: graph.replay for name, graph in graphs.items()}, rounds, 1) if graphs else {}
     del graphs
-    return {name: statistics.median(samples[name]) if samples.get(name) else None for name in fns}
+    return {name: per_replay[name] / iters if name in per_replay else None for name in fns}
 
 
 def layer_inputs(n_in: int, n_out: int, tokens: int, rank: int, dtype: torch.dtype, device: str) -> dict:
