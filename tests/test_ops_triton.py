@@ -113,8 +113,8 @@ def test_db_row_splits_cover_all_rows_in_whole_blocks(rows, column_blocks, side)
 
 def test_db_tiles_fit_shared_memory_up_to_rank_512():
     for r_pad in (16, 32, 64, 128, 256, 512):
-        side, stages = triton_backend._db_tile(r_pad)
-        assert 16 <= side <= 64 and stages * (side * side + side * r_pad) * 4 <= 72 * 1024
+        side, _ = triton_backend._db_tile(r_pad)
+        assert 16 <= side <= 64 and _db_smem_bytes(r_pad) <= 72 * 1024
 
 
 @pytest.mark.parametrize("rows", [1, 33, 130])
@@ -145,6 +145,17 @@ BACKWARD_UNITS = {"conv1d": ["stride_dyn", "stride_wn", "stride_ak", "stride_br"
                   "linear": ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_xk", "stride_dxk"]}
 
 
+def _dtype_precision(family: str) -> tuple[str, str]:
+    """The pointer dtype and dot precision a tile family compiles with."""
+    return ("fp32", "ieee") if family.startswith("fp32") else ("bf16", "tf32")
+
+
+def _db_smem_bytes(r_pad: int) -> int:
+    """The dB kernel's shared memory bound (``_db_tile``'s docstring): stages of (dy, h) fp32-sized tiles."""
+    side, stages = triton_backend._db_tile(r_pad)
+    return stages * (side * side + side * r_pad) * 4
+
+
 def _gemm_jobs() -> list[dict]:
     """Every autotune config of both fused GEMMs at padded rank 16 and at the largest padded rank it is kept
     for on an H100; the fallback tile at 256; the other weight layout, fp16, and the variants without bias,
@@ -152,7 +163,7 @@ def _gemm_jobs() -> list[dict]:
     jobs = []
     for backward in (False, True):
         for family in triton_backend.TILES:
-            dtype, precision = ("fp32", "ieee") if family.startswith("fp32") else ("bf16", "tf32")
+            dtype, precision = _dtype_precision(family)
             kept = {r_pad: triton_backend._fitting_tiles(backward, family, r_pad, H100_SMEM)
                     for r_pad in (16, 64, 256, 512)}
             for tile in triton_backend.TILES[family]:
@@ -165,7 +176,7 @@ def _gemm_jobs() -> list[dict]:
                     + [{"DROPOUT": False}]) if backward else [{"HAS_BIAS": False}]
         jobs += [_gemm_job(backward, tile, 16, "bf16", "tf32", **variant) for variant in variants]
         for family in ("16bit", "16bit-small-m", "fp32"):  # what a 100 KB card (RTX 30xx/40xx, sm_86) keeps
-            dtype, precision = ("fp32", "ieee") if family == "fp32" else ("bf16", "tf32")
+            dtype, precision = _dtype_precision(family)
             jobs += [_gemm_job(backward, tile, 16, dtype, precision, arch=86, smem=SMALL_CARD_SMEM)
                      for tile in triton_backend._fitting_tiles(backward, family, 16, SMALL_CARD_SMEM)]
     return list({json.dumps(job, sort_keys=True): job for job in jobs}.values())  # once each
@@ -204,7 +215,7 @@ def _thin_jobs() -> list[dict]:
                              "constexprs": {"ATOMIC": atomic, "R_PAD": r_pad, "PRECISION": precision,
                                             "BLOCK_N": side, "BLOCK_M": side},
                              "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages,
-                             "arch": 90, "smem_limit": stages * (side * side + side * r_pad) * 4})
+                             "arch": 90, "smem_limit": _db_smem_bytes(r_pad)})
     return jobs
 
 
@@ -218,10 +229,11 @@ def test_fallback_tile_fits_small_cards_up_to_rank_256():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile and run in the other tests")
 def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     """Compile (no GPU needed) every config an H100/H200 may run for sm_90, and those a 100 KB card keeps for
-    sm_86: each compiles; asks for no more shared memory than the estimate the tile filter uses (GEMMs) or
-    than any GPU has (thin kernels); keeps its pipelined loops free of branches and of reads of refilled
-    slots; pipelines its loads; runs 16-bit GEMMs on tensor cores (wgmma for sm_90 tiles of 64+ rows,
-    mma.sync on sm_86); writes dA and dB with the reductions or stores the launcher expects."""
+    sm_86: each compiles; asks for no more shared memory than its estimate (the one the tile filter uses for
+    the GEMMs, _db_tile's bound for dB) or, for the down kernel, than any GPU has; keeps its pipelined loops
+    free of branches and (sm_90) of reads of refilled slots; pipelines its loads; runs 16-bit GEMMs on tensor
+    cores (wgmma for sm_90 tiles of 64+ rows, mma.sync on sm_86); writes dA and dB with the reductions or
+    stores the launcher expects; reports ptxas's register count; spills as the comments below say."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -237,6 +249,7 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(reports) == len(jobs) > 50
+    spills = {}  # bf16 at padded rank 16 (ranks up to 16), every flag on: kernel -> each config's spill bytes
     for job, report in zip(jobs, reports, strict=True):
         flags = job["constexprs"]
         name = f"{job['kernel']} {job['dtype']} {flags} stages={job['num_stages']}"
@@ -251,10 +264,7 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
             assert report["reduction"] == flags["NEED_DA"] and report["store"] == flags["NEED_DX"], name
         if job["kernel"] == "_lora_db_kernel":
             assert report["reduction"] == flags["ATOMIC"] and report["store"] != flags["ATOMIC"], name
-    spills = {}  # bf16 at padded rank 16 (ranks up to 16), every flag on: kernel -> each config's spill bytes
-    for job, report in zip(jobs, reports, strict=True):
-        flags = job["constexprs"]
-        assert report["registers"] is not None, "no ptxas register count"
+        assert report["registers"] is not None, f"{name}: no ptxas register count"
         if job["arch"] == 90 and job["dtype"] == "bf16" and flags["R_PAD"] == 16 \
                 and all(v for k, v in flags.items() if k.isupper()):
             spills.setdefault(job["kernel"], []).append(report["spill_stores"])
