@@ -4,12 +4,13 @@ In eager mode the op runs as a plain ``autograd.Function`` (the lowest per-call 
 Under ``torch.compile`` it runs as the torch custom ops ``fastlora::lora_linear`` and
 ``fastlora::lora_linear_backward`` (registered with ``torch.library`` with shape-only fake
 implementations), so ``fullgraph=True`` traces models that use it. Both paths share the same
-forward, context and gradient code. :func:`lora_linear` validates arguments, applies autocast,
+forward, context and gradient code. :func:`lora_linear` applies autocast, validates arguments,
 draws the dropout seed, flattens leading dims and expands ``slices`` into a block-structured B.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -147,6 +148,41 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> tuple:
+    """Every floating operand in the autocast dtype when autocast is on for x's device (as ``F.linear``
+    is cast), else unchanged. Under autocast a layer's input often arrives already in the autocast
+    dtype while its frozen weight and LoRA parameters are fp32; the casts are differentiable, so
+    fp32 LoRA parameters get fp32 gradients."""
+    if not (torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES):
+        return x, weight, bias, lora_A, lora_B
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t.to(dtype) if t is not None and t.dtype in _AUTOCAST_DTYPES else t
+    return cast(x), cast(weight), cast(bias), cast(lora_A), cast(lora_B)
+
+
+def _seed_tensor(seed: int | Tensor | None) -> Tensor:
+    """The dropout seed as a 0-d int64 CPU tensor: drawn from torch's default generator when None."""
+    if seed is None:
+        return torch.randint(_SEED_LIMIT, (), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise ValueError(f"seed must be an integer or a one-element integer tensor, got {seed.dtype} "
+                             f"tensor of shape {_shape(seed)}")
+        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+    try:
+        value = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        value = None
+    if value is None or not -2**63 <= value < 2**63:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**63) (int64), got {seed!r}")
+    return torch.tensor(value, dtype=torch.int64)
+
+
 def expand_slices(lora_B: Tensor, slices: Sequence[bool], out_features: int) -> Tensor:
     """Block-structured ``(out, r * enabled)`` B from the stacked per-slice ``(out/G * enabled, r)`` B.
 
@@ -181,18 +217,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     Returns:
         ``(..., out)`` tensor in x's dtype (under autocast, the autocast dtype).
     """
+    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices)
-    if torch.is_autocast_enabled(x.device.type) and x.dtype.is_floating_point:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = bias.to(dtype) if bias is not None else None
     p = float(dropout_p) if training else 0.0
-    if p == 0.0:
-        seed_tensor = _NO_SEED
-    elif seed is None:
-        seed_tensor = torch.randint(_SEED_LIMIT, (), dtype=torch.int64)
-    else:
-        seed_tensor = torch.as_tensor(seed, dtype=torch.int64).cpu()
+    seed_tensor = _seed_tensor(seed) if p > 0.0 or seed is not None else _NO_SEED
     out_features = weight.shape[0]
     if slices is not None:
         lora_B = expand_slices(lora_B, slices, out_features)

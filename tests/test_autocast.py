@@ -1,0 +1,118 @@
+"""Autocast: every target kind (Linear, Conv1D, slices) runs in the autocast dtype, whatever dtype its input
+arrives in, with fp32 LoRA parameters that get fp32 gradients; LoRA on every linear of GPT-2 trains under it."""
+
+import pytest
+import torch
+from conftest import TOLERANCE, float64_reference, randomize_lora, rel_err, tiny_gpt2, tokens
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import fastlora
+from fastlora import LoRALinear, lora_linear
+from fastlora.ops import expand_slices
+
+# CPU autocast runs bf16 (the cpu backend is fp32-only, so bf16 goes to the reference backend); on a
+# GPU the triton backend runs under CUDA autocast in fp16 and bf16.
+CASES = [("cpu", torch.bfloat16)] + ([("cuda", torch.float16), ("cuda", torch.bfloat16)]
+                                     if torch.cuda.is_available() else [])
+
+
+def _layer(kind: str, device: str) -> LoRALinear:
+    torch.manual_seed(0)
+    base = Conv1D(36, 20) if kind == "conv1d" else nn.Linear(20, 36)
+    layer = LoRALinear(base, r=4, alpha=8, slices=[True, False, True] if kind == "slices" else None).to(device)
+    randomize_lora(layer, seed=3)
+    return layer
+
+
+def _as(dtype, *tensors):
+    """Each tensor rounded to dtype, as autocast would cast it, then detached in float64."""
+    return [None if t is None else t.detach().to(dtype).double() for t in tensors]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("input_dtype", [torch.float32, "autocast"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "slices"])
+def test_layer_runs_in_the_autocast_dtype_with_fp32_lora_gradients(kind, input_dtype, device, dtype):
+    layer = _layer(kind, device)
+    x = torch.randn(2, 7, 20, device=device, dtype=dtype if input_dtype == "autocast" else input_dtype)
+    x.requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.base_layer.weight.dtype == torch.float32
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    assert x.grad.dtype == x.dtype
+
+    B = expand_slices(layer.lora_B, layer.slices, 36) if layer.slices else layer.lora_B
+    x64, w64, b64, a64, bb64 = _as(dtype, x, layer.base_weight(), layer.base_layer.bias, layer.lora_A, B)
+    for t in (x64, a64, bb64):
+        t.requires_grad_()
+    expected = x64 @ w64.t() + b64 + layer.scale * (x64 @ a64.t()) @ bb64.t()
+    expected.backward(grad.double())
+    assert rel_err(y, expected) <= TOLERANCE[dtype]
+    assert rel_err(x.grad, x64.grad) <= TOLERANCE[dtype]
+    assert rel_err(layer.lora_A.grad, a64.grad) <= TOLERANCE[dtype]
+    dB = bb64.grad
+    if layer.slices:  # the enabled groups' blocks of the full B's gradient
+        dB = torch.cat([dB[:12, :4], dB[24:, 4:]])
+    assert rel_err(layer.lora_B.grad, dB) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_op_under_autocast_with_dropout_matches_the_reference(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 24, generator=gen).to(device=device, dtype=dtype)
+    weight, bias = torch.randn(30, 24, generator=gen).to(device), torch.randn(30, generator=gen).to(device)
+    lora_A = torch.randn(3, 24, generator=gen).to(device).requires_grad_()
+    lora_B = torch.randn(30, 3, generator=gen).to(device).requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        y = lora_linear(x, weight, bias, lora_A, lora_B, 0.7, dropout_p=0.3, seed=11)
+    y.backward(torch.ones_like(y))
+    rounded = [t.to(dtype) for t in (x, weight, bias, lora_A, lora_B)]
+    y_ref, (_, a64, b64) = float64_reference(*rounded[:3], rounded[3].requires_grad_(), rounded[4].requires_grad_(),
+                                             0.7, 0.3, 11)
+    y_ref.backward(torch.ones_like(y_ref))
+    assert y.dtype == dtype and lora_A.grad.dtype == torch.float32
+    assert rel_err(y, y_ref) <= TOLERANCE[dtype]
+    assert rel_err(lora_A.grad, a64.grad) <= TOLERANCE[dtype]
+    assert rel_err(lora_B.grad, b64.grad) <= TOLERANCE[dtype]
+
+
+def _our_name(peft_name: str) -> str:
+    """fastlora's parameter name for a peft one: ``base_model.model.X.lora_A.default.weight`` -> ``X.lora_A``."""
+    return peft_name.removeprefix("base_model.model.").removesuffix(".default.weight")
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_lora_on_every_linear_of_gpt2_trains_under_autocast_like_peft(device, dtype):
+    """Attention's c_proj gets the bf16 output of attention while its weight is fp32: the case that raised."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_gpt2().to(device)
+    reference = get_peft_model(tiny_gpt2().to(device), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj",
+                                                                                                      "c_fc"]))
+    fastlora.inject(model, fastlora.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize_lora(model)
+    ours = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    with torch.no_grad():  # the same adapter weights in peft's layers
+        for name, p in reference.named_parameters():
+            if "lora_" in name:
+                p.copy_(ours[_our_name(name)])
+    ids = tokens().to(device)
+    losses = []
+    for net in (model, reference):
+        with torch.autocast(device, dtype=dtype):
+            out = net(ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss)
+        assert out.logits.dtype == torch.float32 or out.logits.dtype == dtype
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads.values())
+    assert abs(losses[0].item() - losses[1].item()) <= 2e-2 * abs(losses[1].item())
+    peft_grads = {_our_name(name): p.grad for name, p in reference.named_parameters() if p.requires_grad}
+    for name, grad in grads.items():
+        assert rel_err(grad, peft_grads[name]) <= 5e-2, name
+
