@@ -90,8 +90,12 @@ class LoraConfig:
         targets = data.get("target_modules") or ALL_LINEAR
         if isinstance(targets, str) and targets == "all-linear":
             targets = ALL_LINEAR
-        return cls(r=int(data.get("r", 8)), alpha=float(data.get("lora_alpha", 8)),
-                   dropout=float(data.get("lora_dropout", 0.0)), target_modules=targets,
+        try:
+            r, alpha, dropout = int(data.get("r", 8)), float(data.get("lora_alpha", 8)), \
+                float(data.get("lora_dropout", 0.0))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"adapter_config.json: r, lora_alpha and lora_dropout must be numbers ({error})") from None
+        return cls(r=r, alpha=alpha, dropout=dropout, target_modules=targets,
                    use_rslora=bool(data.get("use_rslora", False)),
                    init="gaussian" if init == "gaussian" else "default")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -81,11 +81,20 @@ def _read(directory: Path) -> tuple[dict, dict[str, Tensor], dict[str, list[bool
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}{why}")
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    peft_config = json.loads(config_path.read_text())
-    with safe_open(str(weights_path), framework="pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-        metadata = f.metadata() or {}
-    return peft_config, tensors, json.loads(metadata.get(SLICES_METADATA, "{}"))
+    try:
+        peft_config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(peft_config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(peft_config).__name__}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            metadata = f.metadata() or {}
+        saved_slices = json.loads(metadata.get(SLICES_METADATA, "{}"))
+    except (SafetensorError, json.JSONDecodeError) as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from None
+    return peft_config, tensors, saved_slices
 
 
 def _group_by_module(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -177,7 +186,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     peft_config, tensors, saved_slices = _read(directory)
-    plan = _plan(model, peft_config, tensors, saved_slices)
+    try:
+        plan = _plan(model, peft_config, tensors, saved_slices)
+    except ValueError as error:
+        raise ValueError(f"adapter in {directory}: {error}") from None
     config = LoraConfig.from_peft(peft_config)
     for item in plan:
         module = model.get_submodule(item.name)

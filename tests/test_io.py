@@ -210,3 +210,29 @@ def test_only_safetensors_are_read(tmp_path):
     (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
     with pytest.raises(FileNotFoundError, match="never reads pickle"):
         fastlora.load_adapter(tiny_gpt2(), tmp_path)
+
+
+def test_adapter_of_another_rank_than_the_models_layers_is_an_error(tmp_path):
+    saved(tmp_path)
+    model = fastlora.inject(tiny_gpt2(), LoraConfig(r=8, alpha=8, target_modules=["c_attn", "c_fc"]))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"c_attn'? has shape \(4, 32\) but the model's LoRA layer has \(8, 32\)"):
+        fastlora.load_adapter(model, tmp_path)
+    assert_same(model, snap)
+
+
+@pytest.mark.parametrize(("file", "content", "message"), [
+    ("adapter_config.json", '{"peft_type": "LORA", "r": 4,', r"adapter_config.json is not valid JSON"),
+    ("adapter_config.json", '["LORA"]', r"adapter_config.json must hold a JSON object, got list"),
+    ("adapter_config.json", '{"peft_type": "LORA", "r": "four"}', r"r, lora_alpha and lora_dropout must be numbers"),
+    ("adapter_model.safetensors", "not a safetensors file", r"adapter_model.safetensors is not a readable safetensors"),
+])
+def test_corrupt_adapter_files_are_errors_that_name_the_file(tmp_path, file, content, message):
+    saved(tmp_path)
+    (tmp_path / file).write_text(content)
+    model = tiny_gpt2()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=message) as error:
+        fastlora.load_adapter(model, tmp_path)
+    assert str(tmp_path) in str(error.value)
+    assert_same(model, snap)

@@ -92,3 +92,20 @@ def test_a_backend_that_breaks_on_import_is_reported_not_fatal(monkeypatch):
     finally:
         monkeypatch.undo()
         dispatch._load.cache_clear()
+
+
+@pytest.mark.parametrize(("seed", "message"), [
+    (2**63, r"seed must be an integer in \[-2\*\*63, 2\*\*63\) \(int64\), got 9223372036854775808"),
+    (-2**63 - 1, r"seed must be an integer in .* got -9223372036854775809"),
+    (1.5, r"seed must be an integer in .* got 1.5"),
+    (torch.tensor([1, 2]), r"seed must be an integer or a one-element integer tensor, got torch.int64 tensor of shape"),
+    (torch.tensor(1.0), r"seed must be an integer or a one-element integer tensor, got torch.float32"),
+])
+def test_bad_dropout_seed_is_a_clear_error(seed, message):
+    with pytest.raises(ValueError, match=message):
+        lora_linear(**good(), dropout_p=0.1, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -2**63, torch.tensor([5]), torch.tensor(5, dtype=torch.int32)])
+def test_any_int64_seed_is_accepted(seed):
+    assert lora_linear(**good(), dropout_p=0.1, seed=seed).shape == (3, 12)
