@@ -186,3 +186,35 @@ def test_compare_writes_table_and_chart(tiny_run, tmp_path):
     # fp32 weights plus a small header and config: the adapter alone for LoRA, the whole model for full
     assert 4 * lora["trainable_params"] <= lora["checkpoint_bytes"] < 4 * lora["trainable_params"] + 20_000
     assert 4 * whole["total_params"] <= whole["checkpoint_bytes"] < 4 * whole["total_params"] + 100_000
+
+
+def test_compare_puts_every_run_beside_the_last(tmp_path):
+    """Three runs (two LoRA setups and full fine-tuning): each gets a value column and a ratio to the last."""
+    costs = {"trainable_params": 10, "checkpoint_bytes": 100, "peak_memory_bytes": 2**20, "median_step_s": 0.01,
+             "tokens_per_s": 1000.0}
+    folders = []
+    for setup, factor in (("LoRA q,v", 1), ("LoRA all-linear", 4), ("full", 100)):
+        folder = tmp_path / setup.replace(" ", "_")
+        (folder / "test").mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({
+            **{k: v * factor for k, v in costs.items()}, "setup": setup, "method": "lora", "model": "tiny",
+            "base": "b", "device": "cpu", "world_size": 1, "memory_kind": "counted"}))
+        (folder / "test" / "scores.json").write_text(json.dumps({"BLEU": 0.5 + factor / 1000}))
+        folders.append(str(folder))
+    run("compare.py", *folders, "--out", str(tmp_path / "cmp"))
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| measure | LoRA q,v | LoRA all-linear | full | LoRA q,v / full | LoRA all-linear / full |" in table
+    assert "| trainable parameters | 10 | 40 | 1,000 | 0.01x | 0.04x |" in table
+    assert "| E2E BLEU | 0.5010 | 0.5040 | 0.6000 | 0.835x | 0.84x |" in table
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_all_linear_lora_target_adapts_every_linear_but_the_head():
+    sys.path.insert(0, str(E2E))
+    import train
+
+    args = train.parse_args(["--out", "x", "--lora-target", "all-linear", "--lora-slices", "q,k,v"])
+    config = train.lora_config(args)
+    assert config.target_modules == "all-linear" and config.slices == {}
+    assert train.setup_label(args) == "LoRA all-linear, c_attn[q,k,v] r=4"
+    assert train.setup_label(train.parse_args(["--out", "x"])) == "LoRA c_attn[q,v] r=4"

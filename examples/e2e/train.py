@@ -12,6 +12,7 @@ LoRA) with a ``checkpoints/latest`` pointer, ``final/`` (the adapter, or the ful
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -56,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.1)
-    p.add_argument("--lora-target", default="c_attn", help="comma-separated module names (peft-style suffixes)")
+    p.add_argument("--lora-target", default="c_attn",
+                   help="comma-separated module names (peft-style suffixes), or all-linear (every linear but lm_head)")
     p.add_argument("--lora-slices", default="q,v", help="parts of c_attn to adapt: e.g. q,v or q,k,v")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps")
     p.add_argument("--log-every", type=int, default=10)
@@ -156,8 +158,20 @@ def lora_config(args: argparse.Namespace) -> fastlora.LoraConfig:
     if unknown:
         raise SystemExit(f"--lora-slices takes q, k and v, got {sorted(unknown)}")
     slices = {"c_attn": [x in parts for x in QKV]} if set(parts) != set(QKV) else {}
+    targets = fastlora.config.ALL_LINEAR if args.lora_target == "all-linear" else args.lora_target.split(",")
     return fastlora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                               target_modules=args.lora_target.split(","), slices=slices)
+                               target_modules=targets, slices=slices)
+
+
+def setup_label(args: argparse.Namespace) -> str:
+    """A short name of what trains, for tables: ``full``, or the LoRA targets (c_attn's parts) and rank."""
+    if args.method == "full":
+        return "full"
+    parts = args.lora_slices.replace(" ", "")
+    targets = ",".join(f"c_attn[{parts}]" if t == "c_attn" else t for t in args.lora_target.split(","))
+    if args.lora_target == "all-linear":
+        targets = f"all-linear, c_attn[{parts}]"
+    return f"LoRA {targets} r={args.lora_r}"
 
 
 def prepare_model(args: argparse.Namespace, base_ref: str, dist: Dist) -> torch.nn.Module:
@@ -283,24 +297,42 @@ class StopFlag:
 
 
 class MemoryMeter:
-    """Peak training memory: CUDA max allocated, or on CPU the peak growth of the resident set over its
-    value when training started, sampled after each forward, backward and optimizer step."""
+    """Peak training memory beyond the model's weights.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.peak = device, 0
+    CUDA: ``max_memory_allocated``. CPU (where the resident set is too noisy to compare runs): counted, not
+    sampled — at the largest moment of any step, the activations saved for backward (unique storages that
+    are not parameters) plus the gradients and optimizer state alive at that moment.
+    """
+
+    def __init__(self, device: torch.device, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.device, self.optimizer, self.peak = device, optimizer, 0
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS growth"
-        self.start = 0 if device.type == "cuda" else self._rss()
+        self.kind = ("cuda max_memory_allocated" if device.type == "cuda"
+                     else "cpu: saved activations + gradients + optimizer state")
+        self.saved: dict[int, int] = {}
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def forward(self):
+        """Context for a forward pass: counts what it saves for backward (a no-op on CUDA)."""
+        self.saved = {}
+        if self.device.type == "cuda":
+            return contextlib.nullcontext()
 
-    def sample(self) -> None:
-        if self.device.type == "cpu":
-            self.peak = max(self.peak, self._rss() - self.start)
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.parameters:
+                self.saved[storage.data_ptr()] = storage.nbytes()
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def sample(self, after_backward: bool) -> None:
+        """After the forward (activations alive) or after backward / the optimizer step (gradients alive)."""
+        if self.device.type == "cuda":
+            return
+        state = sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        grads = sum(p.grad.nbytes for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None)
+        self.peak = max(self.peak, state + (grads if after_backward else sum(self.saved.values())))
 
     def result(self) -> int:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self.peak
@@ -352,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer.save_pretrained(final)
         records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         stats.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], model=args.model, base=base_ref,
-                     method=args.method, final=str(final.resolve()),
+                     method=args.method, setup=setup_label(args), final=str(final.resolve()),
                      trainable_params=summary.trainable, total_params=summary.total,
                      checkpoint_bytes=dir_bytes(final), world_size=dist.world, device=str(dist.device))
         common.write_atomic(run / "run.json", json.dumps(stats, indent=2) + "\n")
@@ -368,7 +400,7 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
     run, stop, log_path = Path(args.out), StopFlag(), Path(args.out) / "log.jsonl"
     steps_per_epoch = len(encoded) // args.batch_size
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
-    memory = MemoryMeter(dist.device)
+    memory = MemoryMeter(dist.device, model, optimizer)
     times, token_counts, order = [], [], None
     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
     model.train()
@@ -380,13 +412,14 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
         picks = order[index * args.batch_size:(index + 1) * args.batch_size][dist.rank::dist.world]
         ids, mask, labels = collate([encoded[i][0] for i in picks], [encoded[i][1] for i in picks], pad_id)
         began = time.perf_counter()
-        with autocast:
-            logits = model(input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device)).logits
-        loss_sum, tokens = token_loss(logits, labels, args.label_smoothing)
-        memory.sample()
+        with memory.forward():
+            with autocast:
+                logits = model(input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device)).logits
+            loss_sum, tokens = token_loss(logits, labels, args.label_smoothing)
+        memory.sample(after_backward=False)
         global_tokens = dist.sum(tokens.to(dist.device).float())
         (loss_sum * dist.world / global_tokens).backward()
-        memory.sample()
+        memory.sample(after_backward=True)
         loss = (dist.sum(loss_sum.detach()) / global_tokens).item()
         if not math.isfinite(loss):
             last = latest_checkpoint(run)
@@ -395,7 +428,7 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
             raise SystemExit(1)
         optimizer.step()
         scheduler.step()
-        memory.sample()
+        memory.sample(after_backward=True)
         optimizer.zero_grad(set_to_none=True)
         if dist.device.type == "cuda":
             torch.cuda.synchronize(dist.device)
