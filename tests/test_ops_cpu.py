@@ -188,40 +188,44 @@ def test_nan_and_inf_propagate_as_in_the_reference(two_threads, gemm):
 
 def _good_args():
     m, n_in, n_out, rank = 5, 6, 7, 2
-    f = np.float32
-    return dict(out=np.zeros((m, n_out), f), x=np.ones((m, n_in), f), weight=np.ones((n_out, n_in), f),
-                bias=np.ones(n_out, f), lora_A=np.ones((rank, n_in), f), lora_B=np.ones((n_out, rank), f),
+    return dict(out=torch.zeros(m, n_out), x=torch.ones(m, n_in), weight=torch.ones(n_out, n_in),
+                bias=torch.ones(n_out), lora_A=torch.ones(rank, n_in), lora_B=torch.ones(n_out, rank),
                 scale=1.0, dropout_p=0.1, threshold=dropout_threshold(0.1), seed=3, threads=2)
 
 
-BAD_FORWARD_ARGS = {
-    "float64 x": dict(x=np.ones((5, 6))),
-    "1-D x": dict(x=np.ones(6, np.float32)),
-    "x in mismatch": dict(x=np.ones((5, 4), np.float32)),
-    "x column stride": dict(x=np.ones((5, 12), np.float32)[:, ::2]),
-    "weight no unit stride": dict(weight=np.ones((14, 12), np.float32)[::2, ::2]),
-    "weight out mismatch": dict(weight=np.ones((6, 6), np.float32)),
-    "bias shape": dict(bias=np.ones(3, np.float32)),
-    "lora_A shape": dict(lora_A=np.ones((2, 5), np.float32)),
-    "lora_A rank 0": dict(lora_A=np.ones((0, 6), np.float32), lora_B=np.ones((7, 0), np.float32)),
-    "lora_B shape": dict(lora_B=np.ones((7, 3), np.float32)),
-    "lora_B not contiguous": dict(lora_B=np.ones((2, 7), np.float32).T),
-    "out shape": dict(out=np.zeros((5, 6), np.float32)),
-    "out read-only": dict(out=np.broadcast_to(np.zeros(7, np.float32), (5, 7))),
-    "None weight": dict(weight=None),
-    "dropout 1": dict(dropout_p=1.0),
-    "nan scale": dict(scale=float("nan")),
-    "threshold range": dict(threshold=2**40),
-    "zero threads": dict(threads=0),
+BAD_FORWARD_ARGS = {  # (the bad arguments, what the error must say)
+    "numpy x": (dict(x=np.ones((5, 6), np.float32)), "x must be a torch.Tensor, got numpy.ndarray"),
+    "float64 x": (dict(x=torch.ones(5, 6, dtype=torch.float64)), "x must be float32, got torch.float64"),
+    "x on meta": (dict(x=torch.ones(5, 6, device="meta")), "x must be on the CPU, got meta"),
+    "negated x": (dict(x=torch.ones(5, 6, dtype=torch.complex64).conj().imag), "x is a negated view"),
+    "sparse x": (dict(x=torch.ones(5, 6).to_sparse()), "x: RuntimeError: .*(storage|strides)"),
+    "1-D x": (dict(x=torch.ones(6)), r"x must have 2 dims, got shape torch.Size\(\[6\]\)"),
+    "x in mismatch": (dict(x=torch.ones(5, 4)), r"weight must be \(out, 4\)"),
+    "x column stride": (dict(x=torch.ones(5, 12)[:, ::2]), "x must be row-major"),
+    "weight no unit stride": (dict(weight=torch.ones(14, 12)[::2, ::2]), "weight must be row- or column-major"),
+    "weight out mismatch": (dict(weight=torch.ones(6, 6)), r"lora_B must have shape \(6, 2\)"),
+    "bias shape": (dict(bias=torch.ones(3)), r"bias must have shape \(7,\), got \(3,\)"),
+    "lora_A shape": (dict(lora_A=torch.ones(2, 5)), r"lora_A must have shape \(2, 6\)"),
+    "lora_A rank 0": (dict(lora_A=torch.ones(0, 6), lora_B=torch.ones(7, 0)), "at least one row"),
+    "lora_B shape": (dict(lora_B=torch.ones(7, 3)), r"lora_B must have shape \(7, 2\)"),
+    "lora_B not contiguous": (dict(lora_B=torch.ones(2, 7).T), "lora_B must be C-contiguous"),
+    "out shape": (dict(out=torch.zeros(5, 6)), r"out must have shape \(5, 7\)"),
+    "out overlapping": (dict(out=torch.zeros(7).expand(5, 7)), "out must be C-contiguous"),
+    "None weight": (dict(weight=None), "weight must be a torch.Tensor, got NoneType"),
+    "dropout 1": (dict(dropout_p=1.0), r"dropout_p must be in \[0, 1\)"),
+    "nan scale": (dict(scale=float("nan")), "scale must be finite"),
+    "threshold range": (dict(threshold=2**40), "threshold must be an int32"),
+    "zero threads": (dict(threads=0), "threads must be >= 1"),
 }
 
 
 @pytest.mark.parametrize("bad", BAD_FORWARD_ARGS, ids=list(BAD_FORWARD_ARGS))
-def test_malformed_direct_calls_raise(bad):
+def test_malformed_direct_calls_raise_naming_the_argument(bad):
     args = _good_args()
     cpu._C.forward(**args)  # the good call works
-    args.update(BAD_FORWARD_ARGS[bad])
-    with pytest.raises((ValueError, TypeError)):
+    changes, message = BAD_FORWARD_ARGS[bad]
+    args.update(changes)
+    with pytest.raises((ValueError, TypeError), match=message):
         cpu._C.forward(**args)
 
 
@@ -229,13 +233,16 @@ def test_malformed_backward_calls_raise():
     a = _good_args()
     common = dict(x=a["x"], weight=a["weight"], lora_A=a["lora_A"], lora_B=a["lora_B"], scale=1.0,
                   dropout_p=0.1, threshold=a["threshold"], seed=1, threads=2)
-    grads = dict(dx=np.zeros((5, 6), np.float32), dA=np.zeros((2, 6), np.float32), dB=np.zeros((7, 2), np.float32))
-    cpu._C.backward(**grads, grad_out=np.ones((5, 7), np.float32), **common)
-    for bad in (dict(grad_out=np.ones((5, 6), np.float32)), dict(dx=np.zeros((6, 5), np.float32)),
-                dict(dA=np.zeros((3, 6), np.float32)), dict(dB=np.zeros((7, 2), np.float64))):
-        args = dict(grads, grad_out=np.ones((5, 7), np.float32), **common)
+    grads = dict(dx=torch.zeros(5, 6), dA=torch.zeros(2, 6), dB=torch.zeros(7, 2))
+    cpu._C.backward(**grads, grad_out=torch.ones(5, 7), **common)
+    bad_args = [(dict(grad_out=torch.ones(5, 6)), r"grad_out must be \(5, 7\)"),
+                (dict(dx=torch.zeros(6, 5)), r"dx must have shape \(5, 6\)"),
+                (dict(dA=torch.zeros(3, 6)), r"dA must have shape \(2, 6\)"),
+                (dict(dB=torch.zeros(7, 2, dtype=torch.float64)), "dB must be float32")]
+    for bad, message in bad_args:
+        args = dict(grads, grad_out=torch.ones(5, 7), **common)
         args.update(bad)
-        with pytest.raises((ValueError, TypeError)):
+        with pytest.raises((ValueError, TypeError), match=message):
             cpu._C.backward(**args)
 
 

@@ -9,6 +9,10 @@ Zen it outran PyTorch's MKL). Either way a
 forward of at most 8 rows with a row-major (``nn.Linear``) weight streams W once through the
 extension's own kernel, which beats both GEMMs there. It runs on torch's thread count.
 
+The tensors go to the extension as they are (it reads their data pointers, shapes and strides),
+never through ``Tensor.numpy()``: that marks a tensor's storage non-resizable for good, and FSDP
+frees the unsharded parameters it gathered by resizing their storage to zero.
+
 Importing this module raises ImportError, with the reason, when the extension is missing.
 ``FASTLORA_CPU_ISA=portable|avx2|avx512`` (or :func:`set_isa`) overrides the instruction set
 CPUID picked; ``FASTLORA_CPU_GEMM=torch|openblas`` (or :func:`set_gemm`) the GEMM.
@@ -97,11 +101,6 @@ def _weight_view(weight: Tensor) -> Tensor:
     return weight.contiguous()
 
 
-def _np(t: Tensor):
-    """A numpy view of t's buffer (no copy)."""
-    return (t.detach() if t.requires_grad else t).numpy()
-
-
 def _seed(seed: Tensor, dropout_p: float) -> int:
     return int(seed.item()) if dropout_p > 0 else 0
 
@@ -112,9 +111,9 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     x, weight = _rows_unit_stride(x), _weight_view(weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     in_extension = _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
-    _C.forward(_np(out), _np(x), _np(weight), None if bias is None else _np(bias.contiguous()),
-               _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
-               dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(), in_extension)
+    _C.forward(out, x, weight, None if bias is None else bias.contiguous(), lora_A.contiguous(), lora_B.contiguous(),
+               scale, dropout_p, dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(),
+               in_extension)
     if not in_extension:
         out.addmm_(x.detach(), weight.detach().t())
     return out
@@ -131,9 +130,8 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     dA = torch.empty(lora_A.shape, dtype=x.dtype) if need_dA else None
     dB = torch.empty(lora_B.shape, dtype=x.dtype) if need_dB else None
     in_extension = _gemm == "openblas"
-    _C.backward(*(None if g is None else _np(g) for g in (dx, dA, dB)), _np(grad_out), _np(_rows_unit_stride(x)),
-                _np(weight), _np(lora_A.contiguous()), _np(lora_B.contiguous()), scale, dropout_p,
-                dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(), in_extension)
+    _C.backward(dx, dA, dB, grad_out, _rows_unit_stride(x), weight, lora_A.contiguous(), lora_B.contiguous(), scale,
+                dropout_p, dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(), in_extension)
     if need_dx and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dA, dB
