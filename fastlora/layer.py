@@ -75,6 +75,16 @@ class LoRALinear(nn.Module):
                     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B.zero_()
 
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight as stored (as peft's LoRA layers expose it): model code reads it, e.g. its dtype."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     def base_weight(self) -> Tensor:
         """The base weight as ``(out, in)``: a transposed view for Conv1D, never a copy."""
         weight = self.base_layer.weight

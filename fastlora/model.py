@@ -31,15 +31,27 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return getter() if callable(getter) else None
 
 
+def _never_called(model: nn.Module) -> set[str]:
+    """Linear modules whose forward never runs: ``nn.MultiheadAttention`` reads its ``out_proj`` weight directly."""
+    return {f"{name}.out_proj" if name else "out_proj"
+            for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """The modules ``config.target_modules`` selects, checked to be adaptable and not yet adapted."""
+    """The modules ``config.target_modules`` selects, checked to be adaptable and not yet adapted.
+
+    The model itself is never a target (it cannot be replaced in place), nor is, for ``"all-linear"``,
+    a Linear whose forward the model never calls.
+    """
     inside_lora = {f"{name}.{sub}" for name, layer in lora_layers(model) for sub, _ in layer.named_modules() if sub}
+    never_called = _never_called(model)
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
-        return [(n, m) for n, m in model.named_modules()
-                if is_adaptable(m) and m is not head and n not in inside_lora]
-    chosen = [(n, m) for n, m in model.named_modules()
-              if n and n not in inside_lora and name_matches(n, config.target_modules)]
+        chosen = [(n, m) for n, m in model.named_modules()
+                  if n and is_adaptable(m) and m is not head and n not in inside_lora and n not in never_called]
+    else:
+        chosen = [(n, m) for n, m in model.named_modules()
+                  if n and n not in inside_lora and name_matches(n, config.target_modules)]
     if not chosen:
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}")
     for name, module in chosen:
@@ -48,6 +60,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         if not is_adaptable(module):
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; "
                              "only nn.Linear and transformers Conv1D can be adapted")
+        if name in never_called:
+            raise ValueError(f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
+                             "weight without calling it: a LoRA update there would never apply")
     return chosen
 
 
