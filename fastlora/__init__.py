@@ -2,26 +2,44 @@
 
 from fastlora.config import LoraConfig
 from fastlora.io import load_adapter, save_adapter
-from fastlora.layer import LoRALinear
-from fastlora.model import inject, mark_only_lora_trainable, merge, trainable_summary, unload, unmerge
+from fastlora.layer import LoRAAdapter, LoRALinear
+from fastlora.model import (
+    adapter_names,
+    delete_adapter,
+    inject,
+    mark_only_lora_trainable,
+    merge,
+    set_adapter,
+    trainable_summary,
+    unload,
+    unmerge,
+    use_adapters,
+)
 from fastlora.ops import lora_linear
 from fastlora.ops.dispatch import BackendStatus, backends
+from fastlora.ops.mixed import lora_linear_mixed
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "LoRAAdapter",
     "LoRALinear",
     "LoraConfig",
     "__version__",
+    "adapter_names",
     "backends",
+    "delete_adapter",
     "inject",
     "load_adapter",
     "lora_linear",
+    "lora_linear_mixed",
     "mark_only_lora_trainable",
     "merge",
     "save_adapter",
+    "set_adapter",
     "trainable_summary",
     "unload",
     "unmerge",
+    "use_adapters",
 ]

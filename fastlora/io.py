@@ -1,4 +1,4 @@
-"""Adapters on disk in peft's format: ``adapter_model.safetensors`` + ``adapter_config.json``.
+"""Adapters on disk in peft's format: ``adapter_model.safetensors`` + ``adapter_config.json`` per adapter.
 
 Sliced layers (e.g. q and v of GPT-2's ``c_attn``) are written as an exact whole-module peft
 adapter of rank ``r * enabled`` whose B is block-structured with zero rows for disabled groups;
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fastlora.config import LoraConfig
-from fastlora.layer import LoRALinear, is_adaptable, is_conv1d
-from fastlora.model import lora_layers, mark_only_lora_trainable, replace_module
-from fastlora.ops import expand_slices
+from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, is_adaptable, is_conv1d
+from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -29,33 +29,59 @@ PREFIX = "base_model.model."
 SLICES_METADATA = "fastlora_slices"
 
 
-def _peft_alpha(layer: LoRALinear, peft_rank: int) -> float:
-    """The peft ``lora_alpha`` that gives ``layer.scale`` at rank ``peft_rank``."""
-    return layer.scale * (math.sqrt(peft_rank) if layer.use_rslora else peft_rank)
+def _peft_alpha(adapter: LoRAAdapter, peft_rank: int) -> float:
+    """The peft ``lora_alpha`` that gives ``adapter.scale`` at rank ``peft_rank``."""
+    return adapter.scale * (math.sqrt(peft_rank) if adapter.use_rslora else peft_rank)
 
 
-def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | None = None) -> None:
-    """Write the model's LoRA adapters in peft's format (loadable by ``PeftModel.from_pretrained``)."""
-    layers = dict(lora_layers(model))
-    if not layers:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / FSDP-style ``.module`` and ``torch.compile``'s ``_orig_mod``
+    wrappers, so that saved module names are the model's own (as peft expects)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | None = None,
+                 name: str | None = None) -> None:
+    """Write LoRA adapters in peft's format (loadable by ``PeftModel.from_pretrained``).
+
+    With ``name``, that adapter alone, in ``directory``. Without, every adapter in peft's multi-adapter
+    layout: ``default`` in ``directory`` itself and each other adapter in ``directory/<name>``.
+    """
+    model = unwrap(model)
+    names = [name] if name is not None else adapter_names(model)
+    if not names:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save")
-    first = next(iter(layers.values()))
+    if name is not None and name not in adapter_names(model):
+        raise ValueError(f"{type(model).__name__} has no adapter named {name!r} (it has {adapter_names(model)})")
+    directory = Path(directory)
+    for adapter_name in names:
+        folder = directory if name is not None or adapter_name == DEFAULT_ADAPTER else directory / adapter_name
+        _save_one(model, folder, adapter_name, config)
+
+
+def _save_one(model: nn.Module, directory: Path, adapter_name: str, config: LoraConfig | None) -> None:
+    adapters = {n: (layer, layer.adapter(adapter_name)) for n, layer in lora_layers(model)
+                if adapter_name in layer.adapters}
+    first = next(iter(adapters.values()))[1]
     config = config or LoraConfig(r=first.r, alpha=first.alpha, dropout=first.dropout,
-                                  target_modules=sorted(layers), use_rslora=first.use_rslora)
+                                  target_modules=sorted(adapters), use_rslora=first.use_rslora)
     tensors, ranks, alphas, slices = {}, {}, {}, {}
-    for name, layer in layers.items():
-        B = layer.lora_B.detach()
-        if layer.slices is not None:
-            B = expand_slices(B, layer.slices, layer.out_features)
-            slices[name] = layer.slices
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous()
-        ranks[name] = layer.lora_A.shape[0]
-        alphas[name] = _peft_alpha(layer, ranks[name])
-    fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer in layers.values())
+    for module_name, (layer, adapter) in adapters.items():
+        if adapter.slices is not None:
+            slices[module_name] = adapter.slices
+        tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.lora_A.detach().contiguous()
+        tensors[f"{PREFIX}{module_name}.lora_B.weight"] = adapter.full_B(layer.out_features).detach().contiguous()
+        ranks[module_name] = adapter.lora_A.shape[0]
+        alphas[module_name] = _peft_alpha(adapter, ranks[module_name])
+    fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer, _ in adapters.values())
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = config.to_peft(ranks, alphas, fan_in_fan_out, base_name)
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME),
               metadata={"format": "pt", SLICES_METADATA: json.dumps(slices)})
@@ -129,11 +155,11 @@ def _compact_B(name: str, B: Tensor, slices: list[bool], rank: int) -> Tensor:
 
 
 def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
-          saved_slices: dict[str, list[bool]]) -> list[_Planned]:
+          saved_slices: dict[str, list[bool]], adapter_name: str) -> list[_Planned]:
     """Check every adapter tensor against the model; the load plan, or an error naming key and shapes."""
     config = LoraConfig.from_peft(peft_config)
     alpha_pattern = peft_config.get("alpha_pattern") or {}
-    existing = dict(lora_layers(model))
+    existing = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.adapters}
     plan = []
     modules = _group_by_module(tensors)
     for name, parts in sorted(modules.items()):
@@ -153,41 +179,50 @@ def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
             raise ValueError(f"adapter shapes for {name!r} do not fit the model: lora_A {tuple(A.shape)}, "
                              f"lora_B {tuple(B.shape)}; the module is ({out_features}, {in_features}) so expected "
                              f"lora_A (r, {in_features}) and lora_B ({out_features}, r)")
-        slices = module.slices if isinstance(module, LoRALinear) else saved_slices.get(name)
+        own = module.adapters[adapter_name] if isinstance(module, LoRALinear) and adapter_name in module.adapters \
+            else None
+        slices = own.slices if own is not None else saved_slices.get(name)
         alpha = float(_pattern_value(alpha_pattern, name, config.alpha))
         if slices is not None:
             enabled = sum(slices)
             if out_features % len(slices) or rank % enabled:
                 raise ValueError(f"adapter for {name!r} (rank {rank}) cannot be split into slices {slices}")
             B = _compact_B(name, B, slices, rank // enabled)
-        if isinstance(module, LoRALinear) and tuple(module.lora_A.shape) != tuple(A.shape):
+        if own is not None and tuple(own.lora_A.shape) != tuple(A.shape):
             raise ValueError(f"adapter lora_A for {name!r} has shape {tuple(A.shape)} but the model's "
-                             f"LoRA layer has {tuple(module.lora_A.shape)}")
+                             f"LoRA layer has {tuple(own.lora_A.shape)} for adapter {adapter_name!r}")
         plan.append(_Planned(name, A, B, alpha, slices))
     missing = sorted(existing.keys() - modules.keys())
     if missing:
-        raise ValueError(f"the adapter has no weights for the model's LoRA layers {missing}")
+        raise ValueError(f"the adapter has no weights for the model's LoRA layers {missing} "
+                         f"(which have adapter {adapter_name!r})")
     return plan
 
 
 def _pattern_value(pattern: dict, name: str, default):
-    """peft's per-module override: the value of the first key that is ``name`` or a suffix of it."""
+    """peft's per-module override: the value of the first key that, as a regex, matches the end of ``name``
+    at a dot boundary (a full name, a suffix, or a pattern such as ``layers\\.1\\..*k_proj``)."""
     for key, value in pattern.items():
-        if name == key or name.endswith("." + key):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Load a LoRA adapter saved by fastlora or peft; injects LoRA layers where the model has none.
+def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Load a LoRA adapter saved by fastlora or peft as adapter ``name``.
 
-    All keys, shapes and the config are validated before anything changes: on error the
-    model is left as it was.
+    Modules without LoRA get a LoRA layer (with this adapter active); LoRA layers that lack the
+    adapter get it added beside their others (their active adapter does not change: see
+    :func:`fastlora.set_adapter`); an adapter of the same name is overwritten. All keys, shapes and
+    the config are validated before anything changes: on error the model is left as it was.
     """
+    model = unwrap(model)
+    if not (isinstance(name, str) and name and "." not in name):
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
     directory = Path(directory)
     peft_config, tensors, saved_slices = _read(directory)
     try:
-        plan = _plan(model, peft_config, tensors, saved_slices)
+        plan = _plan(model, peft_config, tensors, saved_slices, name)
     except ValueError as error:
         raise ValueError(f"adapter in {directory}: {error}") from None
     config = LoraConfig.from_peft(peft_config)
@@ -195,13 +230,17 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         module = model.get_submodule(item.name)
         enabled = sum(item.slices) if item.slices else 1
         rank = item.lora_A.shape[0] // enabled
+        settings = {"r": rank, "alpha": _alpha_for(item, rank, config), "dropout": config.dropout,
+                    "use_rslora": config.use_rslora, "slices": item.slices}
         if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, r=rank, alpha=_alpha_for(item, rank, config), dropout=config.dropout,
-                                use_rslora=config.use_rslora, slices=item.slices)
+            module = LoRALinear(module, adapter_name=name, **settings)
             replace_module(model, item.name, module)
+        elif name not in module.adapters:
+            module.add_adapter(name, **settings)
+        adapter = module.adapters[name]
         with torch.no_grad():
-            module.lora_A.copy_(item.lora_A)
-            module.lora_B.copy_(item.lora_B)
+            adapter.lora_A.copy_(item.lora_A)
+            adapter.lora_B.copy_(item.lora_B)
     mark_only_lora_trainable(model)
     return model
 

@@ -1,4 +1,4 @@
-"""LoRALinear: a drop-in LoRA layer over an existing ``nn.Linear`` or transformers ``Conv1D``."""
+"""LoRALinear: a drop-in LoRA layer over an existing ``nn.Linear`` or transformers ``Conv1D``, with named adapters."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from torch import Tensor, nn
 
 from fastlora.config import INITS, lora_scale
 from fastlora.ops import expand_slices, lora_linear
+from fastlora.ops.mixed import lora_linear_mixed
+
+DEFAULT_ADAPTER = "default"
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -24,48 +27,37 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-class LoRALinear(nn.Module):
-    """``base(x) + scale * B(A(dropout(x)))`` computed by the fused op; the base layer is not copied.
+class LoRAAdapter(nn.Module):
+    """One adapter of a LoRALinear: ``lora_A`` ``(r * enabled, in)``, ``lora_B`` ``(out / groups * enabled, r)``
+    and its hyper-parameters. With ``slices`` only the enabled output groups are adapted; the others'
+    update is exactly zero by construction."""
 
-    Adapter parameters are named ``lora_A`` (``(r * enabled, in)``) and ``lora_B``
-    (``(out / groups * enabled, r)``); with ``slices`` only the enabled output groups are adapted
-    and the others' update is exactly zero by construction.
-    """
-
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "default", slices: Sequence[bool] | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 init: str, slices: Sequence[bool] | None, like: Tensor) -> None:
         super().__init__()
-        if not is_adaptable(base):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
-        if not (isinstance(r, int) and r >= 1):
+        if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
             raise ValueError(f"r must be an integer >= 1, got {r!r}")
-        if not (alpha > 0 and math.isfinite(alpha)):
+        if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.base_layer = base
-        self.in_features, self.out_features = self.base_weight().shape[1], self.base_weight().shape[0]
         if slices is not None:
             slices = [bool(s) for s in slices]
-            if not any(slices) or self.out_features % len(slices):
+            if not any(slices) or out_features % len(slices):
                 raise ValueError(f"slices {slices} must enable at least one of groups that divide "
-                                 f"out_features={self.out_features}")
-        self.slices = slices
+                                 f"out_features={out_features}")
         enabled = sum(slices) if slices else 1
-        rows = self.out_features // len(slices) * enabled if slices else self.out_features
-        self.r, self.alpha, self.dropout, self.use_rslora = r, float(alpha), float(dropout), use_rslora
+        rows = out_features // len(slices) * enabled if slices else out_features
+        self.r, self.alpha, self.dropout, self.use_rslora, self.slices = r, float(alpha), float(dropout), use_rslora, \
+            slices
         self.scale = lora_scale(r, alpha, use_rslora)
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r * enabled, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=weight.dtype, device=weight.device))
-        self.merged = False
-        self.reset_lora_parameters(init)
-        for p in base.parameters():
-            p.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r * enabled, in_features, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=like.dtype, device=like.device))
+        self.reset_parameters(init)
 
-    def reset_lora_parameters(self, init: str = "default") -> None:
+    def reset_parameters(self, init: str = "default") -> None:
         """A: kaiming-uniform (``"default"``, as nn.Linear) or normal with std 1/r; B: zeros."""
         with torch.no_grad():
             for a in self.lora_A.split(self.r):  # each slice's A initialised as its own matrix
@@ -74,6 +66,115 @@ class LoRALinear(nn.Module):
                 else:
                     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B.zero_()
+
+    def full_B(self, out_features: int) -> Tensor:
+        """B as ``(out, r * enabled)``: block-structured with zero rows for disabled slices."""
+        return expand_slices(self.lora_B, self.slices, out_features) if self.slices is not None else self.lora_B
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, slices={self.slices}"
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * B(A(dropout(x)))`` computed by the fused op; the base layer is not copied.
+
+    A layer holds named adapters (:meth:`add_adapter`, :meth:`delete_adapter`); the active one
+    (:meth:`set_adapter`, None for the base alone) applies to every row, unless a mixed batch is set
+    (:func:`fastlora.use_adapters`), where each row gets its own. ``lora_A``, ``lora_B``, ``r``, ``alpha``,
+    ``scale``, ``dropout``, ``slices`` and ``use_rslora`` read the active adapter's.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "default", slices: Sequence[bool] | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        if not is_adaptable(base):
+            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
+        self.base_layer = base
+        self.in_features, self.out_features = self.base_weight().shape[1], self.base_weight().shape[0]
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self.mixed: tuple[Tensor, list[str]] | None = None  # (row ids, adapter names) of a mixed batch
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, slices)
+        self.active_adapter = adapter_name
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
+                    init: str = "default", slices: Sequence[bool] | None = None) -> LoRAAdapter:
+        """Add a new adapter (its B is zero, so the layer's output does not change); it does not become active."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, slices,
+                              like=self.base_layer.weight)
+        self.adapters[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter; if it was active, no adapter is active afterwards."""
+        self.adapter(name)
+        if self.merged_adapter == name:
+            raise ValueError(f"adapter {name!r} is merged into the base weight: unmerge it first")
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the adapter every row gets (None: the base layer alone)."""
+        if name is not None:
+            self.adapter(name)
+        if self.merged_adapter is not None and name != self.merged_adapter:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged into the base weight: unmerge it before "
+                             f"activating {name!r}")
+        self.active_adapter = name
+
+    def adapter(self, name: str | None = None) -> LoRAAdapter:
+        """The adapter called ``name``, or the active one."""
+        name = self.active_adapter if name is None else name
+        if name is None:
+            raise ValueError("no adapter is active on this layer")
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} on this layer (it has {list(self.adapters)})")
+        return self.adapters[name]
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.adapter().lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.adapter().lora_B
+
+    @property
+    def r(self) -> int:
+        return self.adapter().r
+
+    @property
+    def alpha(self) -> float:
+        return self.adapter().alpha
+
+    @property
+    def scale(self) -> float:
+        return self.adapter().scale
+
+    @property
+    def dropout(self) -> float:
+        return self.adapter().dropout
+
+    @property
+    def slices(self) -> list[bool] | None:
+        return self.adapter().slices
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.adapter().use_rslora
+
+    # -- the base layer ---------------------------------------------------------------------------------------
 
     @property
     def weight(self) -> Tensor:
@@ -90,38 +191,71 @@ class LoRALinear(nn.Module):
         weight = self.base_layer.weight
         return weight.t() if is_conv1d(self.base_layer) else weight
 
-    def delta_weight(self) -> Tensor:
-        """``scale * B @ A`` as ``(out, in)``, computed in float32 or wider."""
-        B, A = self.lora_B, self.lora_A
-        compute = torch.promote_types(A.dtype, torch.float32)
-        if self.slices is not None:
-            B = expand_slices(B, self.slices, self.out_features)
-        return (B.to(compute) @ A.to(compute)) * self.scale
+    # -- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
+        if self.mixed is not None:
+            return self._forward_mixed(x)
+        if self.merged_adapter is not None or self.active_adapter is None:
             return self.base_layer(x)
-        return lora_linear(x, self.base_weight(), self.base_layer.bias, self.lora_A, self.lora_B, self.scale,
-                           self.dropout, self.training, slices=self.slices)
+        a = self.adapters[self.active_adapter]
+        return lora_linear(x, self.base_weight(), self.base_layer.bias, a.lora_A, a.lora_B, a.scale,
+                           a.dropout, self.training, slices=a.slices)
+
+    def _forward_mixed(self, x: Tensor) -> Tensor:
+        if self.merged_adapter is not None:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged into the base weight: unmerge it before "
+                             "running a mixed batch")
+        ids, names = self.mixed
+        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
+            raise ValueError(f"use_adapters gave {ids.shape[0]} adapter names but this layer's input {tuple(x.shape)} "
+                             f"has {x.shape[0] if x.dim() >= 2 else 'no'} sequences (one name per row of the batch)")
+        adapters = [self.adapters[n] for n in names]
+        return lora_linear_mixed(x, self.base_weight(), self.base_layer.bias, [a.lora_A for a in adapters],
+                                 [a.lora_B for a in adapters], [a.scale for a in adapters],
+                                 ids.to(x.device, non_blocking=True), [a.dropout for a in adapters], self.training,
+                                 slices=[a.slices for a in adapters])
+
+    def set_mixed(self, names: Sequence[str | None] | None) -> None:
+        """Give row i of the batch the adapter ``names[i]`` (None, or a name this layer lacks: the base alone);
+        None ends the mixed batch. Only the adapters the batch names are passed to the op."""
+        if names is None:
+            self.mixed = None
+            return
+        used = [n for n in dict.fromkeys(names) if n is not None and n in self.adapters]
+        index = {n: i for i, n in enumerate(used)}
+        self.mixed = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64), used
+
+    # -- merging ----------------------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str | None = None) -> Tensor:
+        """``scale * B @ A`` of an adapter (default: the active one) as ``(out, in)``, in float32 or wider."""
+        a = self.adapter(name)
+        compute = torch.promote_types(a.lora_A.dtype, torch.float32)
+        return (a.full_B(self.out_features).to(compute) @ a.lora_A.to(compute)) * a.scale
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_adapter is not None
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight; forward is then exactly the base layer's."""
-        if not self.merged:
+        """Fold the active adapter into the base weight; forward is then exactly the base layer's."""
+        if self.merged_adapter is None and self.active_adapter is not None:
             self._add_to_base(self.delta_weight())
-            self.merged = True
+            self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update back out of the base weight (to within rounding)."""
-        if self.merged:
-            self._add_to_base(-self.delta_weight())
-            self.merged = False
+        """Take the merged adapter back out of the base weight (to within rounding)."""
+        if self.merged_adapter is not None:
+            self._add_to_base(-self.delta_weight(self.merged_adapter))
+            self.merged_adapter = None
 
     def _add_to_base(self, delta: Tensor) -> None:
         weight = self.base_weight()
         weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, dropout={self.dropout:g}, slices={self.slices}, merged={self.merged}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, active={self.active_adapter!r}, "
+                f"merged={self.merged_adapter!r}")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from fastlora.config import ALL_LINEAR, LoraConfig
-from fastlora.layer import LoRALinear, is_adaptable
+from fastlora.layer import DEFAULT_ADAPTER, LoRALinear, is_adaptable
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -37,8 +38,9 @@ def _never_called(model: nn.Module) -> set[str]:
             for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """The modules ``config.target_modules`` selects, checked to be adaptable and not yet adapted.
+def find_targets(model: nn.Module, config: LoraConfig,
+                 adapter_name: str = DEFAULT_ADAPTER) -> list[tuple[str, nn.Module]]:
+    """The modules ``config.target_modules`` selects: adaptable ones, or LoRA layers without ``adapter_name``.
 
     The model itself is never a target (it cannot be replaced in place), nor is, for ``"all-linear"``,
     a Linear whose forward the model never calls.
@@ -48,7 +50,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
         chosen = [(n, m) for n, m in model.named_modules()
-                  if n and is_adaptable(m) and m is not head and n not in inside_lora and n not in never_called]
+                  if n and (is_adaptable(m) or isinstance(m, LoRALinear)) and m is not head
+                  and (head is None or getattr(m, "base_layer", None) is not head) and n not in inside_lora
+                  and n not in never_called]
     else:
         chosen = [(n, m) for n, m in model.named_modules()
                   if n and n not in inside_lora and name_matches(n, config.target_modules)]
@@ -56,8 +60,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}")
     for name, module in chosen:
         if isinstance(module, LoRALinear):
-            raise ValueError(f"module {name!r} already has LoRA")
-        if not is_adaptable(module):
+            if adapter_name in module.adapters:
+                raise ValueError(f"module {name!r} already has LoRA adapter {adapter_name!r} "
+                                 "(give another adapter_name to add a second adapter)")
+        elif not is_adaptable(module):
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; "
                              "only nn.Linear and transformers Conv1D can be adapted")
         if name in never_called:
@@ -74,24 +80,97 @@ def slices_for(name: str, config: LoraConfig) -> list[bool] | None:
     return None
 
 
-def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Replace every target module of ``model`` by a LoRALinear around it, in place, and freeze the rest.
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, LoRALinear):
+        return module.out_features
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
 
-    Everything is checked before the model is touched: on error the model is unchanged.
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Add adapter ``adapter_name`` to every target module of ``model``, in place, and freeze the rest.
+
+    A target that is a plain Linear/Conv1D is replaced by a LoRALinear around it with this adapter
+    active; a target that already is a LoRALinear gets the adapter added beside its others (its active
+    adapter does not change: see :func:`set_adapter`). Everything is checked before the model is
+    touched: on error the model is unchanged.
     """
-    chosen = find_targets(model, config)
+    chosen = find_targets(model, config, adapter_name)
     for name, module in chosen:
-        groups = slices_for(name, config)
-        out_features = module.weight.shape[1] if not isinstance(module, nn.Linear) else module.out_features
+        groups, out_features = slices_for(name, config), _out_features(module)
         if groups is not None and out_features % len(groups):
             raise ValueError(f"slices {groups} for {name!r}: {len(groups)} groups do not divide "
                              f"out_features={out_features}")
+    settings = {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
+                "init": config.init}
+    if not (isinstance(adapter_name, str) and adapter_name and "." not in adapter_name):
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     for name, module in chosen:
-        layer = LoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                           use_rslora=config.use_rslora, init=config.init, slices=slices_for(name, config))
-        replace_module(model, name, layer)
+        if isinstance(module, LoRALinear):
+            module.add_adapter(adapter_name, slices=slices_for(name, config), **settings)
+        else:
+            replace_module(model, name, LoRALinear(module, slices=slices_for(name, config),
+                                                   adapter_name=adapter_name, **settings))
     mark_only_lora_trainable(model)
     return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters the model's LoRA layers hold, in the order they first appear."""
+    return list(dict.fromkeys(name for _, layer in lora_layers(model) for name in layer.adapters))
+
+
+def _known(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise ValueError(f"{type(model).__name__} has no adapter named {name!r} (it has {adapter_names(model)})")
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter of every LoRA layer (layers without it run the base alone);
+    None turns every adapter off."""
+    if name is not None:
+        _known(model, name)
+    merged = [n for n, layer in lora_layers(model) if layer.merged_adapter not in (None, name)]
+    if merged:
+        raise ValueError(f"layers {merged[:3]} have another adapter merged into their base weight: unmerge first")
+    for _, layer in lora_layers(model):
+        layer.set_adapter(name if name in layer.adapters else None)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every LoRA layer (the layers stay, with their other adapters)."""
+    _known(model, name)
+    merged = [n for n, layer in lora_layers(model) if layer.merged_adapter == name]
+    if merged:
+        raise ValueError(f"adapter {name!r} is merged into the base weight of {merged[:3]}: unmerge it first")
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.delete_adapter(name)
+
+
+@contextlib.contextmanager
+def use_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch (the model input's first dim: a sequence) gets adapter
+    ``names[i]``, or the base model alone for None; batches must have ``len(names)`` rows.
+
+    Several adapters train in one batch this way: each adapter's gradients come from its own rows only.
+    """
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(f"names must be a non-empty list of adapter names (or None), one per row, got {names!r}")
+    known = set(adapter_names(model))
+    unknown = sorted({n for n in names if n is not None and n not in known}, key=str)
+    if unknown:
+        raise ValueError(f"unknown adapter names {unknown}: {type(model).__name__} has {sorted(known)}")
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer.merged_adapter for layer in layers if layer.merged_adapter is not None]
+    if merged:
+        raise ValueError(f"adapter {merged[0]!r} is merged into base weights: unmerge before using mixed batches")
+    for layer in layers:
+        layer.set_mixed(list(names))
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.set_mixed(None)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

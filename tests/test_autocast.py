@@ -82,8 +82,10 @@ def test_op_under_autocast_with_dropout_matches_the_reference(device, dtype):
 
 
 def _our_name(peft_name: str) -> str:
-    """fastlora's parameter name for a peft one: ``base_model.model.X.lora_A.default.weight`` -> ``X.lora_A``."""
-    return peft_name.removeprefix("base_model.model.").removesuffix(".default.weight")
+    """fastlora's parameter name for a peft one: ``base_model.model.X.lora_A.default.weight`` ->
+    ``X.adapters.default.lora_A``."""
+    module, _, part = peft_name.removeprefix("base_model.model.").removesuffix(".default.weight").rpartition(".")
+    return f"{module}.adapters.default.{part}"
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)

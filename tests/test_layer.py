@@ -80,7 +80,7 @@ def test_merge_gives_base_forward_and_unmerge_restores(kind):
         unmerged = layer(x)
         layer.merge()
         merged = layer(x)
-        assert layer.merged and "merged=True" in repr(layer)
+        assert layer.merged and "merged='default'" in repr(layer)
         assert torch.equal(merged, base(x))
         torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
         layer.merge()  # idempotent
@@ -91,7 +91,7 @@ def test_merge_gives_base_forward_and_unmerge_restores(kind):
 
 def test_extra_repr_shows_configuration():
     text = repr(LoRALinear(nn.Linear(6, 9), r=3, alpha=12, slices=[True, False, True]))
-    for part in ("r=3", "alpha=12", "slices=[True, False, True]", "merged=False"):
+    for part in ("r=3", "alpha=12", "slices=[True, False, True]", "active='default'", "merged=None"):
         assert part in text
 
 

@@ -115,9 +115,7 @@ def test_saved_adapter_loads_in_peft_with_same_logits(family, tmp_path, config):
     {"target_modules": "all-linear"},
     {"target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"], "use_rslora": True,
      "rank_pattern": {"k_proj": 2}, "alpha_pattern": {"down_proj": 3}},
-    pytest.param({"target_modules": ["k_proj"], "alpha_pattern": {r"layers\.1\..*k_proj": 3}},
-                 marks=pytest.mark.xfail(strict=True, reason="fastlora.io reads alpha_pattern keys as names or "
-                                         "suffixes, peft as regexes")),
+    {"target_modules": ["k_proj"], "alpha_pattern": {r"layers\.1\..*k_proj": 3}},
 ], ids=["all-linear", "rslora-rank-alpha-patterns", "regex-alpha-pattern"])
 def test_peft_adapter_loads_with_peft_logits_and_saves_back(family, tmp_path, kwargs):
     peft_model = peft.get_peft_model(tiny_llama(family), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, **kwargs))
@@ -128,7 +126,7 @@ def test_peft_adapter_loads_with_peft_logits_and_saves_back(family, tmp_path, kw
     assert adapted_names(model) == peft_adapted_names(peft_model)
     expected = logits(peft_model, ids)
     assert rel_err(logits(model, ids), expected) <= FP32
-    assert rel_err(expected, logits(tiny_llama(family), ids)) > 1e-2
+    assert rel_err(expected, logits(tiny_llama(family), ids)) > 1e-3  # the adapter changes the logits
     fastlora.save_adapter(model, tmp_path / "fastlora")  # per-module ranks and alphas go back as peft patterns
     assert rel_err(logits(peft.PeftModel.from_pretrained(tiny_llama(family), tmp_path / "fastlora"), ids),
                    expected) <= FP32

@@ -151,7 +151,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor) -> tuple:
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None) -> tuple:
     """Every floating operand in the autocast dtype when autocast is on for x's device (as ``F.linear``
     is cast), else unchanged. Under autocast a layer's input often arrives already in the autocast
     dtype while its frozen weight and LoRA parameters are fp32; the casts are differentiable, so

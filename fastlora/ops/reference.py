@@ -52,10 +52,13 @@ def _as_int32(u: Tensor) -> Tensor:
     return (u - ((u >> 31) << 32)).to(torch.int32)
 
 
-def _hashed(seed: Tensor, rows: int, cols: int, device: torch.device) -> Tensor:
-    """The int32 ``(rows, cols)`` element hashes that the keep decision thresholds."""
+def _hashed(seed: Tensor, rows: int | Tensor, cols: int, device: torch.device) -> Tensor:
+    """The int32 element hashes that the keep decision thresholds: ``(rows, cols)`` for a row count, or
+    ``(len(rows), cols)`` for a tensor of row indices."""
     seed = seed.to(device=device, dtype=torch.int64)
-    row_key = torch.arange(rows, device=device, dtype=torch.int64) ^ (seed & _U32)
+    if isinstance(rows, int):
+        rows = torch.arange(rows, device=device, dtype=torch.int64)
+    row_key = rows.to(device=device, dtype=torch.int64) ^ (seed & _U32)
     row_key = _mix(_mix(row_key) ^ ((seed >> 32) & _U32))
     col_key = _mix((torch.arange(cols, device=device, dtype=torch.int64) * COL_MUL) & _U32)
     hashed = _as_int32(row_key)[:, None] ^ _as_int32(col_key)[None, :]
@@ -106,3 +109,62 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
         if need_dB:
             dB = (grad_out.t() @ (x_lora @ lora_A.t())).mul_(scale)
     return dx, dA, dB
+
+
+def adapter_rows(adapter_ids: Tensor, adapters: int) -> list[Tensor | None]:
+    """For each adapter, the (ascending) indices of the rows that name it, or None when no row does."""
+    order = torch.argsort(adapter_ids, stable=True)
+    counts = torch.bincount(adapter_ids + 1, minlength=adapters + 1).tolist()
+    segments = order.split(counts)[1:]  # segment 0: the rows of the base model alone (-1)
+    return [rows if rows.numel() else None for rows in segments]
+
+
+def _lora_input(x: Tensor, rows: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
+    """The adapter's rows of x with dropout applied (not yet scaled by 1/(1-p)), and the drop mask."""
+    x_rows = x.index_select(0, rows)
+    if p == 0:
+        return x_rows, None
+    drop = _hashed(seed, rows, x.shape[1], x.device) < dropout_threshold(p)
+    return x_rows.masked_fill_(drop, 0), drop
+
+
+def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
+    """``(M, out)``: row i gets ``x_i W^T + b`` plus the update of adapter ``adapter_ids[i]`` (none for -1).
+
+    A row's dropout mask is the single-adapter op's for the same row, so every row equals the
+    single-adapter result of its adapter.
+    """
+    out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    for a, rows in enumerate(adapter_rows(adapter_ids, len(lora_As))):
+        if rows is None:
+            continue
+        x_rows, _ = _lora_input(x, rows, seed, dropout_ps[a])
+        update = (x_rows @ lora_As[a].t()) @ lora_Bs[a].t()
+        out.index_add_(0, rows, update, alpha=scales[a] / (1.0 - dropout_ps[a]))
+    return out
+
+
+def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor,
+                   need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
+                                                                   list[Tensor | None]]:
+    """``(dx, dAs, dBs)``: each adapter's gradients come from its own rows only; an adapter no row
+    names (or whose ``need_lora`` is False) gets None."""
+    dx = grad_out @ weight if need_dx else None
+    dAs: list[Tensor | None] = [None] * len(lora_As)
+    dBs: list[Tensor | None] = [None] * len(lora_As)
+    for a, rows in enumerate(adapter_rows(adapter_ids, len(lora_As))):
+        if rows is None or not (need_dx or need_lora[a]):
+            continue
+        scale = scales[a] / (1.0 - dropout_ps[a])
+        x_rows, drop = _lora_input(x, rows, seed, dropout_ps[a])
+        dy_rows = grad_out.index_select(0, rows)
+        grad_h = dy_rows @ lora_Bs[a]
+        if need_dx:
+            dx_rows = grad_h @ lora_As[a]
+            dx.index_add_(0, rows, dx_rows if drop is None else dx_rows.masked_fill_(drop, 0), alpha=scale)
+        if need_lora[a]:
+            dAs[a] = (grad_h.t() @ x_rows).mul_(scale)
+            dBs[a] = (dy_rows.t() @ (x_rows @ lora_As[a].t())).mul_(scale)
+    return dx, dAs, dBs

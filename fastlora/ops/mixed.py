@@ -1,0 +1,126 @@
+"""``lora_linear_mixed``: one base layer, several adapters, each row of the batch with its own adapter (or none).
+
+Row i gets ``x_i W^T + b + s_a * dropout(x_i) A_a^T B_a^T`` with ``a = adapter_ids[i]`` (-1: the base
+alone); each adapter's gradients come from its own rows only, so several adapters can train in one batch.
+With every row naming the same adapter it is :func:`fastlora.lora_linear`, bit for bit on the same backend's
+mask: a row's dropout mask depends on (seed, row, col), not on which adapters share the batch.
+
+Backends provide ``forward_mixed`` / ``backward_mixed``; one that has none runs the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastlora.ops import _NO_SEED, _autocast, _seed_tensor, _validate, expand_slices
+from fastlora.ops import reference as _reference
+from fastlora.ops.dispatch import select
+
+
+def _backend(x: Tensor):
+    backend = select(x)
+    return backend if hasattr(backend, "forward_mixed") else _reference
+
+
+class _Settings:
+    """The per-adapter floats an autograd context keeps (tensors go through save_for_backward)."""
+
+    __slots__ = ("dropout_ps", "scales")
+
+    def __init__(self, scales: list[float], dropout_ps: list[float]) -> None:
+        self.scales, self.dropout_ps = scales, dropout_ps
+
+
+class _LoraLinearMixedFunction(torch.autograd.Function):
+    """Autograd over a backend's ``forward_mixed`` / ``backward_mixed``; W and b stay frozen."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, adapter_ids, seed, settings, *lora):
+        n = len(settings.scales)
+        out = _backend(x).forward_mixed(x, weight, bias, list(lora[:n]), list(lora[n:]), settings.scales,
+                                        settings.dropout_ps, adapter_ids, seed)
+        ctx.settings = settings
+        ctx.save_for_backward(x, weight, adapter_ids, seed, *lora)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, adapter_ids, seed, *lora = ctx.saved_tensors
+        settings, needs = ctx.settings, ctx.needs_input_grad
+        n = len(settings.scales)
+        if needs[1] or needs[2]:
+            raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
+        need_lora = [needs[6 + a] or needs[6 + n + a] for a in range(n)]
+        dx, dAs, dBs = _backend(x).backward_mixed(grad_out.contiguous(), x, weight, lora[:n], lora[n:],
+                                                  settings.scales, settings.dropout_ps, adapter_ids, seed,
+                                                  needs[0], need_lora)
+        return (dx if needs[0] else None), None, None, None, None, None, *dAs, *dBs
+
+
+def _row_ids(adapter_ids: Tensor, x: Tensor, adapters: int) -> Tensor:
+    """``adapter_ids`` (over a prefix of x's leading dims) as one int64 id per row of the flattened x."""
+    lead = x.shape[:-1]
+    if (not isinstance(adapter_ids, Tensor) or adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex
+            or adapter_ids.dtype == torch.bool):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids!r:.80}")
+    k = adapter_ids.dim()
+    if k < 1 or k > len(lead) or tuple(adapter_ids.shape) != tuple(lead[:k]):
+        raise ValueError(f"adapter_ids must have the shape of x's leading dims or a prefix of them (one id per "
+                         f"row or per sequence): x {tuple(x.shape)}, adapter_ids {tuple(adapter_ids.shape)}")
+    if adapter_ids.numel() and not -1 <= int(adapter_ids.min()) <= int(adapter_ids.max()) < adapters:
+        raise ValueError(f"adapter_ids must be in [-1, {adapters}) for {adapters} adapters (-1: no adapter), "
+                         f"got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}")
+    ids = adapter_ids.to(device=x.device, dtype=torch.int64)
+    return ids.reshape(*ids.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
+
+
+def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: Sequence[Tensor],
+                      lora_Bs: Sequence[Tensor], scales: Sequence[float], adapter_ids: Tensor,
+                      dropout_ps: Sequence[float] | float = 0.0, training: bool = True,
+                      seed: int | Tensor | None = None,
+                      slices: Sequence[Sequence[bool] | None] | None = None) -> Tensor:
+    """The LoRA linear with a different adapter per row: ``y_i = x_i W^T + b + s_a dropout(x_i) A_a^T B_a^T``.
+
+    Args:
+        x: ``(..., in)`` input.
+        weight, bias: the frozen base layer, as in :func:`fastlora.lora_linear`.
+        lora_As, lora_Bs, scales: adapter a's ``A_a (R_a, in)``, ``B_a (out, R_a)`` and scale; ranks may
+            differ. With ``slices[a]``, A_a and B_a are stacked per enabled slice as in ``lora_linear``.
+        adapter_ids: integer ids with the shape of x's leading dims, or of a prefix of them (e.g.
+            ``(batch,)`` for ``x: (batch, seq, in)``: one adapter per sequence); -1 means no adapter.
+        dropout_ps: each adapter's dropout probability (or one for all); applied only when ``training``.
+        seed: dropout seed, as in ``lora_linear`` (None draws one from torch's default generator).
+        slices: each adapter's output groups, or None.
+    Returns:
+        ``(..., out)`` in x's dtype (under autocast, the autocast dtype).
+    """
+    n = len(lora_As)
+    if isinstance(dropout_ps, (int, float)):
+        dropout_ps = [float(dropout_ps)] * n
+    slices = list(slices) if slices is not None else [None] * n
+    if not (len(lora_Bs) == len(scales) == len(dropout_ps) == len(slices) == n):
+        raise ValueError(f"lora_As, lora_Bs, scales, dropout_ps and slices need one entry per adapter, got "
+                         f"{n}, {len(lora_Bs)}, {len(scales)}, {len(dropout_ps)} and {len(slices)}")
+    lora = [_autocast(x, weight, None, A, B)[3:] for A, B in zip(lora_As, lora_Bs, strict=True)]
+    x, weight, bias, _, _ = _autocast(x, weight, bias, None, None)
+    for a, (A, B) in enumerate(lora):
+        try:
+            _validate(x, weight, bias, A, B, scales[a], dropout_ps[a], slices[a])
+        except ValueError as error:
+            raise ValueError(f"adapter {a}: {error}") from None
+    ids = _row_ids(adapter_ids, x, n)
+    ps = [float(p) if training else 0.0 for p in dropout_ps]
+    seed_tensor = _seed_tensor(seed) if any(ps) or seed is not None else _NO_SEED
+    out_features = weight.shape[0]
+    As = [A for A, _ in lora]
+    Bs = [expand_slices(B, s, out_features) if s is not None else B for (_, B), s in zip(lora, slices, strict=True)]
+    flat_x = x.reshape(-1, x.shape[-1])
+    settings = _Settings([float(s) for s in scales], ps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *As, *Bs)):
+        flat = _LoraLinearMixedFunction.apply(flat_x, weight, bias, ids, seed_tensor, settings, *As, *Bs)
+    else:
+        flat = _backend(flat_x).forward_mixed(flat_x, weight, bias, As, Bs, settings.scales, ps, ids, seed_tensor)
+    return flat.view(*x.shape[:-1], out_features)
