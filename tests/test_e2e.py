@@ -174,6 +174,34 @@ def test_generate_from_peft_saved_adapter_equals_merged_weights(tiny_run, tmp_pa
     assert outputs == (tmp_path / "gen-merged" / "outputs.txt").read_text() and outputs.strip()
 
 
+def test_serving_two_adapters_in_mixed_batches_equals_each_alone(tiny_run, tmp_path):
+    """Adapter a (the trained one) and b (its B halved), MRs assigned a, b, base: every MR's beam-search
+    output equals generating with its adapter alone (merged into the weights) or with the base alone."""
+    from safetensors.torch import save_file
+
+    b_dir = tmp_path / "b"
+    b_dir.mkdir()
+    halved = {k: v * 0.5 if ".lora_B." in k else v for k, v in adapter(tiny_run).items()}
+    save_file(halved, b_dir / "adapter_model.safetensors")
+    (b_dir / "adapter_config.json").write_text((tiny_run / "final" / "adapter_config.json").read_text())
+    (tmp_path / "assign.txt").write_text("a\nb\n-\nb\na\nb\n")
+    common = ["--data", "synthetic", "--split", "test", "--limit", "6", "--num-beams", "3", "--max-new-tokens", "16",
+              "--batch-size", "6", *FAST]
+    run("generate.py", "--run", str(tiny_run), "--serve", f"a={tiny_run}", "--serve", f"b={b_dir}",
+        "--assign", str(tmp_path / "assign.txt"), "--out", str(tmp_path / "served"), *common)
+    alone = {"a": ["--run", str(tiny_run)], "b": ["--model", str(tiny_run / "base"), "--adapter", str(b_dir)],
+             "-": ["--run", str(tiny_run), "--no-adapter"]}
+    for name, source in alone.items():
+        run("generate.py", *source, "--out", str(tmp_path / f"alone-{name}"), *common)
+    served = (tmp_path / "served" / "outputs.txt").read_text().splitlines()
+    names = (tmp_path / "served" / "assignment.txt").read_text().split()
+    assert names == ["a", "b", "-", "b", "a", "b"]
+    for i, name in enumerate(names):
+        assert served[i] == (tmp_path / f"alone-{name}" / "outputs.txt").read_text().splitlines()[i], (i, name)
+    assert len(set(served)) > 1
+    assert (tmp_path / "served" / "b" / "outputs.txt").read_text().splitlines() == [served[i] for i in (1, 3, 5)]
+
+
 def test_compare_writes_table_and_chart(tiny_run, tmp_path):
     full = tmp_path / "full"
     run("train.py", *train_args(tiny_run / "base", full, "--method", "full", "--max-steps", "4"))

@@ -3,14 +3,22 @@
     python examples/e2e/generate.py --run runs/lora-m --data e2e --out runs/lora-m/test     # after train.py
     python examples/e2e/generate.py --model gpt2-medium --adapter ADAPTER_DIR --data e2e --out OUT
     python examples/e2e/generate.py --model MERGED_MODEL_DIR --data e2e --out OUT
+    python examples/e2e/generate.py --run runs/lora-a --serve a=runs/lora-a --serve b=runs/lora-b --out OUT
 
 Writes ``OUT/outputs.txt`` (one line per MR), ``OUT/refs.txt`` (the MR's references, one per line,
 a blank line between MRs: the evaluator's input format) and ``OUT/mrs.txt``.
+
+``--serve NAME=ADAPTER`` (repeated) serves several adapters of one base model at once: each MR gets
+one adapter (``--assign``), every batch mixes MRs of different adapters and runs as one batch through
+the LoRA layers (``fastlora.use_adapters``); beam search keeps each sequence's adapter. Besides the
+files above, ``OUT/assignment.txt`` names each MR's adapter and ``OUT/<NAME>/`` holds that adapter's
+MRs alone (outputs, refs, mrs) for evaluate.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -29,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="base model: gpt2 | gpt2-medium | gpt2-large | PATH (or merged weights)")
     p.add_argument("--adapter", help="LoRA adapter directory (fastlora or peft format)")
     p.add_argument("--no-adapter", action="store_true", help="with --run: the base model alone (untrained baseline)")
+    p.add_argument("--serve", action="append", default=[], metavar="NAME=ADAPTER",
+                   help="serve this adapter (a directory, or a train.py LoRA run) under NAME; repeat for several")
+    p.add_argument("--assign", default="cycle",
+                   help="with --serve: 'cycle' (MR i gets the i-th adapter, cyclically) or a file with one adapter "
+                        "name per MR ('-' for the base model alone)")
     p.add_argument("--data", default="synthetic", help="synthetic | e2e | txt | hf | a .csv/.txt file")
     p.add_argument("--data-dir")
     p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE))
@@ -47,10 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace) -> tuple[str, str | None, str]:
-    """(model to load, adapter dir or None, tokenizer source) from --run or --model/--adapter."""
+    """(model to load, adapter dir or None, tokenizer source) from --run or --model/--adapter (with --serve,
+    the base model: the served adapters are loaded by name)."""
     if args.run:
         info = common.read_json(Path(args.run) / "run.json")
-        if args.no_adapter:
+        if args.no_adapter or args.serve:
             return info["base"], None, info["base"]
         if info["method"] == "full":
             return info["final"], None, info["final"]
@@ -70,18 +84,52 @@ def load(model_ref: str, adapter: str | None, device: torch.device) -> torch.nn.
     return model.to(device=device, dtype=dtype).eval()
 
 
+def served_adapters(specs: list[str]) -> dict[str, str]:
+    """``NAME=ADAPTER`` specs as {name: adapter directory}; a train.py run stands for its final adapter."""
+    served = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--serve takes NAME=ADAPTER_DIR, got {spec!r}")
+        if name in served:
+            raise SystemExit(f"--serve names adapter {name!r} twice")
+        run_json = Path(path) / "run.json"
+        served[name] = common.read_json(run_json)["final"] if run_json.is_file() else path
+    return served
+
+
+def assignment(spec: str, names: list[str], count: int) -> list[str | None]:
+    """Each MR's adapter name (None: the base model alone), from 'cycle' or a file of names."""
+    if spec == "cycle":
+        return [names[i % len(names)] for i in range(count)]
+    lines = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+    if len(lines) < count:
+        raise SystemExit(f"--assign {spec}: {len(lines)} names for {count} MRs")
+    unknown = sorted({n for n in lines[:count] if n != "-" and n not in names})
+    if unknown:
+        raise SystemExit(f"--assign {spec}: adapters {unknown} are not served (served: {names})")
+    return [None if n == "-" else n for n in lines[:count]]
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, mrs: list[common.MR], args: argparse.Namespace, device: torch.device) -> list[str]:
-    """One beam-search output per MR, batched with left padding."""
+def generate(model, tokenizer, mrs: list[common.MR], args: argparse.Namespace, device: torch.device,
+             adapters: list[str | None] | None = None) -> list[str]:
+    """One beam-search output per MR, batched with left padding; with ``adapters``, MR i runs with
+    adapter ``adapters[i]`` (every beam of a sequence keeps its sequence's adapter)."""
     tokenizer.padding_side = "left"
     outputs = []
     for start in tqdm(range(0, len(mrs), args.batch_size), desc="generate", disable=args.no_progress):
         prompts = [common.prompt(mr) for mr in mrs[start:start + args.batch_size]]
         batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-        tokens = model.generate(**batch, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
-                                early_stopping=True, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
+        mixed = contextlib.nullcontext()
+        if adapters is not None:  # generate() expands each sequence into num_beams consecutive rows
+            names = [n for n in adapters[start:start + args.batch_size] for _ in range(args.num_beams)]
+            mixed = fastlora.use_adapters(model, names)
+        with mixed:
+            tokens = model.generate(**batch, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                    no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                    max_new_tokens=args.max_new_tokens, early_stopping=True, do_sample=False,
+                                    pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
         new = tokens[:, batch["input_ids"].shape[1]:]
         outputs += [clean(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return outputs
@@ -109,9 +157,21 @@ def main(argv: list[str] | None = None) -> Path:
     groups = groups[:args.limit] if args.limit else groups
     tokenizer = common.load_tokenizer(tokenizer_ref)
     model = load(model_ref, adapter, device)
-    outputs = generate(model, tokenizer, [mr for mr, _ in groups], args, device)
     out = Path(args.out)
+    adapters = None
+    if args.serve:
+        served = served_adapters(args.serve)
+        for name, path in served.items():
+            fastlora.load_adapter(model, path, name=name)
+        model.eval()  # the new LoRA layers too: no dropout while generating
+        adapters = assignment(args.assign, list(served), len(groups))
+    outputs = generate(model, tokenizer, [mr for mr, _ in groups], args, device, adapters)
     write_outputs(out, groups, outputs)
+    if adapters is not None:
+        common.write_atomic(out / "assignment.txt", "".join(f"{n or '-'}\n" for n in adapters))
+        for name in dict.fromkeys(adapters):
+            picked = [i for i, n in enumerate(adapters) if n == name]
+            write_outputs(out / (name or "base"), [groups[i] for i in picked], [outputs[i] for i in picked])
     print(f"wrote {len(outputs)} outputs to {out / 'outputs.txt'} and grouped references to {out / 'refs.txt'}")
     return out
 
