@@ -53,8 +53,11 @@ class LoRAAdapter(nn.Module):
         self.r, self.alpha, self.dropout, self.use_rslora, self.slices = r, float(alpha), float(dropout), use_rslora, \
             slices
         self.scale = lora_scale(r, alpha, use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r * enabled, in_features, dtype=like.dtype, device=like.device))
-        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=like.dtype, device=like.device))
+        # fp32 over a 16-bit base layer (as peft): optimizer updates keep their precision; the op computes in
+        # the layer's dtype.
+        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        self.lora_A = nn.Parameter(torch.empty(r * enabled, in_features, dtype=dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=like.device))
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "default") -> None:

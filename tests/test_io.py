@@ -236,3 +236,14 @@ def test_corrupt_adapter_files_are_errors_that_name_the_file(tmp_path, file, con
         fastlora.load_adapter(model, tmp_path)
     assert str(tmp_path) in str(error.value)
     assert_same(model, snap)
+
+
+def test_saving_a_wrapped_model_writes_the_models_own_module_names(tmp_path):
+    """torch.compile (and DDP) wrap the model; peft must still find the modules by their own names."""
+    model = fastlora.inject(tiny_gpt2(), LoraConfig(r=4, alpha=8, target_modules=["c_attn"]))
+    randomize_lora(model)
+    fastlora.save_adapter(torch.compile(model, backend="eager"), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    loaded = fastlora.load_adapter(torch.compile(tiny_gpt2(), backend="eager"), tmp_path)
+    assert max_diff(logits(loaded, tokens()), logits(model, tokens())) == 0

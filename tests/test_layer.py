@@ -115,3 +115,21 @@ def test_bad_arguments_raise_and_leave_base_untouched(kwargs, message):
 def test_wrapping_a_non_linear_module_is_an_error():
     with pytest.raises(TypeError, match="got Conv2d"):
         LoRALinear(nn.Conv2d(3, 3, 1))
+
+
+def test_lora_parameters_of_a_bf16_layer_are_fp32_and_train_in_fp32():
+    """As peft keeps them: the optimizer's updates keep fp32 precision; the op computes in bf16."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 24).to(torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    x64 = x.double()
+    expected = x64 @ base.weight.double().t() + base.bias.double() + x64 @ layer.delta_weight().double().t()
+    assert (y.double() - expected).norm() / expected.norm() <= 1e-2

@@ -149,14 +149,22 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _cast_fp32(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t.to(dtype) if t is not None and t.dtype == torch.float32 else t
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None) -> tuple:
     """Every floating operand in the autocast dtype when autocast is on for x's device (as ``F.linear``
-    is cast), else unchanged. Under autocast a layer's input often arrives already in the autocast
-    dtype while its frozen weight and LoRA parameters are fp32; the casts are differentiable, so
-    fp32 LoRA parameters get fp32 gradients."""
+    is cast). Under autocast a layer's input often arrives already in the autocast dtype while its
+    frozen weight and LoRA parameters are fp32. Without autocast, fp32 LoRA parameters of a 16-bit
+    layer (as peft keeps them) compute in the layer's dtype. The casts are differentiable, so fp32
+    LoRA parameters get fp32 gradients."""
     if not (torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES):
+        if x.dtype in _HALF_DTYPES and weight.dtype == x.dtype:  # fp32 LoRA parameters over a 16-bit base layer
+            return x, weight, bias, _cast_fp32(lora_A, x.dtype), _cast_fp32(lora_B, x.dtype)
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(x.device.type)
 
