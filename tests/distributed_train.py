@@ -32,14 +32,31 @@ DROPOUT_SEED = 1000  # rank r draws its dropout seeds from torch's generator see
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("fsdp", "ddp", "single"), required=True)
+    p.add_argument("--mode", choices=("fsdp", "ddp", "single"))
+    p.add_argument("--compare", nargs="+", metavar="RUN.pt",
+                   help="instead of training: compare saved runs with the first (exit 1 past the tolerance)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu: gloo; cuda: nccl, one GPU a rank")
     p.add_argument("--ranks", type=int, default=2, help="micro-batches of --mode single (the world size it mimics)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--out", required=True, help="where rank 0 saves {'losses', 'adapter', 'backend'}")
-    return p.parse_args()
+    p.add_argument("--out", help="where rank 0 saves {'losses', 'adapter', 'backend'}")
+    args = p.parse_args()
+    if not args.compare and not (args.mode and args.out):
+        p.error("give --mode and --out, or --compare")
+    return args
+
+
+def compare(paths: list[str], tolerance: float = 1e-4) -> int:
+    """Print each run's losses and its largest adapter difference from the first run; 1 if past ``tolerance``."""
+    first, status = torch.load(paths[0]), 0
+    for path in paths[1:]:
+        run = torch.load(path)
+        diff = max((run["adapter"][k].float() - v.float()).abs().max().item() for k, v in first["adapter"].items())
+        print(f"{path}: backend {run['backend']}, losses {run['losses']}, largest adapter difference from "
+              f"{paths[0]} {diff:.3g}")
+        status |= diff > tolerance
+    return int(status)
 
 
 def tiny_lora_gpt2(device: torch.device) -> torch.nn.Module:
@@ -128,6 +145,8 @@ def train_parallel(args: argparse.Namespace, device: torch.device) -> tuple[list
 
 def main() -> None:
     args = parse_args()
+    if args.compare:
+        sys.exit(compare(args.compare))
     torch.set_num_threads(args.threads)
     if args.mode == "single":
         device = torch.device(args.device)
