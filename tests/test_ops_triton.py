@@ -56,15 +56,21 @@ def _operands(rows, n_in, n_out, rank, dtype):
 
 
 NEEDS = [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]
+# bf16 only on a GPU: the interpreter does not emulate bf16 dots (its results are garbage).
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("needs", NEEDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_backward_computes_only_what_is_needed(needs, dtype):
-    x, weight, _, lora_A, lora_B = _operands(45, 40, 56, 5, dtype)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p, rows", [(0.2, 45), (0.0, 45), (0.2, triton_backend.SMALL_M + 45)])
+def test_backward_computes_only_what_is_needed(needs, dtype, p, rows):
+    """Each of dx, dA, dB alone or all three, for a layer whose sizes are no multiples of 16, with a strided x
+    and a Conv1D weight; on a GPU 45 rows take the small-M tile, 1069 the autotuned ones. (On an H200 with
+    Triton 3.6, ptxas miscompiled the dx-only kernel for such a layer: dx error 1.58.)"""
+    x, weight, _, lora_A, lora_B = _operands(rows, 40, 56, 5, dtype)
     assert not x.is_contiguous() and not weight.is_contiguous()
-    grad_out = torch.randn(45, 56, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
-    args = (grad_out, x, weight, lora_A, lora_B, 1.5, 0.2, torch.tensor(77), needs)
+    grad_out = torch.randn(rows, 56, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    args = (grad_out, x, weight, lora_A, lora_B, 1.5, p, torch.tensor(77), needs)
     got = triton_backend.backward(*args)
     expected = reference.backward(grad_out.double(), x.double(), weight.double(), lora_A.double(), lora_B.double(),
                                   *args[5:])
@@ -73,6 +79,18 @@ def test_backward_computes_only_what_is_needed(needs, dtype):
         if need:
             assert g.dtype == dtype and g.shape == e.shape, name
             assert rel_err(g, e) <= TOLERANCE[dtype], f"{name} error {rel_err(g, e):.2e}"
+
+
+@pytest.mark.parametrize("rank", [5, 16])
+def test_backward_reads_b_zero_padded_to_a_contiguous_padded_rank(rank):
+    """The backward kernel's B tiles need no mask along their contiguous axis: B arrives as (N, R_PAD)."""
+    r_pad = triton_backend._rank_pad(rank)
+    lora_B = torch.randn(rank, 7, device=DEVICE).t()  # (7, rank), not contiguous
+    padded = triton_backend._padded_b(lora_B, r_pad)
+    assert padded.shape == (7, r_pad) and padded.is_contiguous()
+    assert torch.equal(padded[:, :rank], lora_B) and not padded[:, rank:].any()
+    contiguous = lora_B.contiguous()
+    assert (triton_backend._padded_b(contiguous, r_pad) is contiguous) == (rank == r_pad)  # no copy if none needed
 
 
 @pytest.mark.parametrize("n_in, n_out", [(6, 0), (0, 7)])
@@ -139,10 +157,16 @@ def test_import_without_cuda_or_interpreter_says_why():
 
 H100_SMEM, SMALL_CARD_SMEM = 232448, 101376  # bytes of shared memory per program: H100/H200, RTX 30xx/40xx
 # Unit strides the JIT turns into constexprs: Conv1D weights (W's out-features contiguous) or nn.Linear's.
+# "strided": test_backward_computes_only_what_is_needed's layer, a Conv1D weight and every other column of x.
 FORWARD_UNITS = {"conv1d": ["stride_xk", "stride_wn", "stride_br", "stride_on"],
-                 "linear": ["stride_xk", "stride_wk", "stride_br", "stride_on"]}
-BACKWARD_UNITS = {"conv1d": ["stride_dyn", "stride_wn", "stride_ak", "stride_br", "stride_xk", "stride_dxk"],
-                  "linear": ["stride_dyn", "stride_wk", "stride_ak", "stride_br", "stride_xk", "stride_dxk"]}
+                 "linear": ["stride_xk", "stride_wk", "stride_br", "stride_on"],
+                 "strided": ["stride_wn", "stride_br", "stride_on"]}
+BACKWARD_UNITS = {"conv1d": ["stride_dyn", "stride_wn", "stride_ak", "stride_xk", "stride_dxk"],
+                  "linear": ["stride_dyn", "stride_wk", "stride_ak", "stride_xk", "stride_dxk"],
+                  "strided": ["stride_dyn", "stride_wn", "stride_ak", "stride_dxk"]}
+# Every variant the launcher can launch the backward kernel in: dx, dA or both, with and without dropout.
+BACKWARD_FLAGS = [{"NEED_DX": dx, "NEED_DA": da, "DROPOUT": dropout}
+                  for dx, da in ((True, False), (False, True), (True, True)) for dropout in (True, False)]
 
 
 def _dtype_precision(family: str) -> tuple[str, str]:
@@ -182,7 +206,26 @@ def _gemm_jobs() -> list[dict]:
     return list({json.dumps(job, sort_keys=True): job for job in jobs}.values())  # once each
 
 
-def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90, smem=H100_SMEM, **flags) -> dict:
+def _variant_jobs() -> list[dict]:
+    """The backward kernel in every variant the launcher launches, at the 16-bit small-M tile, for a layer whose
+    sizes and strides are multiples of 16 and for one whose are not (``odd``: no divisibility hints, so dy's
+    and W's tiles reach shared memory through registers: the layer of test_backward_computes_only_what_is_needed,
+    whose dx-only variant ptxas 12.8 miscompiled); odd layers also at the widest 16-bit and the small fp32
+    tile, in bf16, and through the forward, down and dB kernels."""
+    small, widest = triton_backend.TILES["16bit-small-m"][0], triton_backend.TILES["16bit"][0]
+    jobs = [_gemm_job(True, small, 16, "fp16", "tf32", layout=layout, odd=layout == "strided", **flags)
+            for flags in BACKWARD_FLAGS for layout in ("conv1d", "strided")]
+    jobs += [_gemm_job(True, tile, 16, dtype, precision, layout="strided", odd=True, **flags)
+             for tile, dtype, precision in ((widest, "fp16", "tf32"), (small, "bf16", "tf32"),
+                                            (triton_backend.TILES["fp32-small-m"][0], "fp32", "ieee"))
+             for flags in BACKWARD_FLAGS if flags["NEED_DX"] and flags["DROPOUT"]]
+    jobs.append(_gemm_job(False, small, 16, "fp16", "tf32", layout="strided", odd=True))
+    return jobs + [{**job, "odd": True} for job in _thin_jobs()
+                   if job["dtype"] == "bf16" and job["constexprs"]["R_PAD"] == 16]
+
+
+def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90, smem=H100_SMEM, odd=False,
+              **flags) -> dict:
     rows, cols, step, stages, warps = tile
     if backward:
         constexprs = {"NEED_DX": True, "NEED_DA": True, "DROPOUT": True, "BLOCK_M": rows, "BLOCK_K": cols,
@@ -190,9 +233,12 @@ def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90,
     else:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step}
     constexprs.update(R_PAD=r_pad, PRECISION=precision, GROUP_M=8, **flags)
+    # As the launcher passes them: the fp32 h, or dA; without dA its pointer is dx's, without dx dx's is dA's.
+    fp32_ptrs = ["h_ptr"] if not backward else (["da_ptr"] if constexprs["NEED_DA"] else []) + (
+        [] if constexprs["NEED_DX"] else ["dx_ptr"])
     return {"kernel": "_lora_backward_kernel" if backward else "_lora_forward_kernel", "constexprs": constexprs,
             "unit_strides": (BACKWARD_UNITS if backward else FORWARD_UNITS)[layout], "dtype": dtype,
-            "fp32_ptrs": ["h_ptr", "da_ptr"], "num_warps": warps, "num_stages": stages, "arch": arch,
+            "fp32_ptrs": fp32_ptrs, "odd": odd, "num_warps": warps, "num_stages": stages, "arch": arch,
             "smem_limit": min(smem, triton_backend._smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2, backward))}
 
 
@@ -228,23 +274,31 @@ def test_fallback_tile_fits_small_cards_up_to_rank_256():
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile and run in the other tests")
 def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
-    """Compile (no GPU needed) every config an H100/H200 may run for sm_90, and those a 100 KB card keeps for
-    sm_86: each compiles; asks for no more shared memory than its estimate (the one the tile filter uses for
-    the GEMMs, _db_tile's bound for dB) or, for the down kernel, than any GPU has; keeps its pipelined loops
-    free of branches and (sm_90) of reads of refilled slots; pipelines its loads; runs 16-bit GEMMs on tensor
-    cores (wgmma for sm_90 tiles of 64+ rows, mma.sync on sm_86); writes dA and dB with the reductions or
-    stores the launcher expects; reports ptxas's register count; spills as the comments below say."""
+    """Compile (no GPU needed) every config an H100/H200 may run for sm_90, those a 100 KB card keeps for sm_86,
+    and every variant of the backward kernel for layers with and without 16-divisible sizes: each compiles;
+    asks for no more shared memory than its estimate (the one the tile filter uses for the GEMMs, _db_tile's
+    bound for dB) or, for the down kernel, than any GPU has; keeps its pipelined loops free of branches and
+    (sm_90) of reads of refilled slots; has machine code that reads no uniform register before writing it;
+    pipelines its loads (B's tile also when dy's and W's cannot be); runs 16-bit GEMMs on tensor cores (wgmma
+    for sm_90 tiles of 64+ rows, mma.sync on sm_86); writes dx, dA and dB with the stores or reductions the
+    launcher expects; reports ptxas's register count; spills as the comments below say.
+
+    The compiler is the installed triton's, or the one of the triton in FASTLORA_COMPILE_PYTHON's environment
+    (e.g. a throwaway venv with the release a GPU machine runs: Triton 3.6's ptxas 12.8 miscompiled the old
+    dx-only kernel, 3.9's does not)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as error:
         pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
-    jobs = _gemm_jobs() + _thin_jobs()
+    jobs = list({json.dumps(job, sort_keys=True): job for job in _gemm_jobs() + _thin_jobs() + _variant_jobs()}
+                .values())
     kernels_path = os.path.join(os.path.dirname(triton_backend.__file__), "_kernels.py")
     script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")  # uncached: ptxas runs, logs registers
-    result = subprocess.run([sys.executable, script, kernels_path], input=json.dumps(jobs), env=env,
+    python = os.environ.get("FASTLORA_COMPILE_PYTHON", sys.executable)
+    result = subprocess.run([python, script, kernels_path], input=json.dumps(jobs), env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines()]
@@ -252,10 +306,12 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     spills = {}  # bf16 at padded rank 16 (ranks up to 16), every flag on: kernel -> each config's spill bytes
     for job, report in zip(jobs, reports, strict=True):
         flags = job["constexprs"]
-        name = f"{job['kernel']} {job['dtype']} {flags} stages={job['num_stages']}"
+        name = f"{job['kernel']} {job['dtype']} {flags} stages={job['num_stages']}{' odd' if job.get('odd') else ''}"
         assert report["error"] is None, f"{name}: {report['error']}"
         assert report["shared"] <= job["smem_limit"], f"{name}: {report['shared']} > {job['smem_limit']} bytes"
-        assert report["cp_async"], f"{name}: loads not pipelined"
+        # Odd sizes leave loads too narrow to copy asynchronously, but those of padded tiles (B's, h's).
+        if not job.get("odd") or job["kernel"] == "_lora_backward_kernel":
+            assert report["cp_async"], f"{name}: loads not pipelined"
         if job["kernel"] in ("_lora_forward_kernel", "_lora_backward_kernel"):
             tensor_cores = report["wgmma"] if job["arch"] == 90 else report["mma"] and not report["wgmma"]
             assert tensor_cores == (job["dtype"] != "fp32" and (flags["BLOCK_M"] >= 64 or job["arch"] != 90)), \
@@ -265,7 +321,7 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
         if job["kernel"] == "_lora_db_kernel":
             assert report["reduction"] == flags["ATOMIC"] and report["store"] != flags["ATOMIC"], name
         assert report["registers"] is not None, f"{name}: no ptxas register count"
-        if job["arch"] == 90 and job["dtype"] == "bf16" and flags["R_PAD"] == 16 \
+        if job["arch"] == 90 and job["dtype"] == "bf16" and flags["R_PAD"] == 16 and not job.get("odd") \
                 and all(v for k, v in flags.items() if k.isupper()):
             spills.setdefault(job["kernel"], []).append(report["spill_stores"])
     assert set(spills) == {"_lora_forward_kernel", "_lora_backward_kernel", "_lora_down_kernel", "_lora_db_kernel"}
@@ -273,6 +329,42 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     # With dropout the backward's widest tiles spill (the masked rank-R term needs a second tile-sized fp32
     # temporary); the autotuner, keyed on DROPOUT, measures them against the spill-free ones.
     assert 0 in spills["_lora_backward_kernel"], spills
+
+
+# Abridged from the SASS that ptxas 12.8 (Triton 3.6) made of the old dx-only backward kernel for sm_90a: the
+# wgmma descriptors of B's k-steps 1-3 are UR22:UR23 + 0x20 * k, and no path writes UR22:UR23 first.
+MISCOMPILED_SASS = """
+        /*0050*/                   UMOV UR28, 0x400 ;
+        /*0080*/                   S2UR UR4, SR_CgaCtaId ;
+        /*00b0*/                   ULEA UR28, UR4, UR28, 0x18 ;
+        /*0900*/               @P2 BRA 0xab0 ;
+        /*0930*/                   USHF.R.U32.HI UR16, URZ, 0x4, UR28 ;
+        /*0aa0*/                   BRA 0x7480 ;
+        /*0ab0*/                   USHF.R.U32.HI UR16, URZ, 0x4, UR28 ;
+        /*0bd0*/                   UIADD3 UR22, UP0, UR22, 0x20, URZ ;
+        /*0c20*/                   UIADD3.X UR23, UR23, -0x3ffffff0, URZ, UP0, !UPT ;
+        /*0c40*/                   UIADD3 UR12, UP2, UR16, 0x2, URZ ;
+        /*4310*/                   UIADD3.X UR13, URZ, 0x40000040, URZ, UP2, !UPT ;
+        /*4320*/                   ULDC.64 UR8, c[0x0][0x218] ;
+        /*6a20*/                   UMOV UR20, UR12 ;
+        /*6a30*/                   UMOV UR21, UR13 ;
+        /*6a40*/                   HGMMA.64x16x16.F32 R24, gdesc[UR20].tnspB, R24 ;
+        /*6a50*/                   LDG.E.U16 R2, desc[UR8][R4.64] ;
+        /*7470*/               @P3 BRA 0x6a20 ;
+        /*7480*/                   EXIT ;
+"""
+
+
+def test_sass_check_finds_reads_of_uniform_registers_nothing_wrote():
+    compile_kernels = pytest.importorskip("compile_kernels", exc_type=ImportError)
+    assert compile_kernels.undefined_uniform_reads(MISCOMPILED_SASS) == [
+        "/*0bd0*/ UIADD3 UR22, UP0, UR22, 0x20, URZ", "/*0c20*/ UIADD3.X UR23, UR23, -0x3ffffff0, URZ, UP0, !UPT"]
+    sound = MISCOMPILED_SASS.replace("UR22, UP0, UR22", "UR22, UP0, UR16").replace("UR23, UR23", "UR23, URZ")
+    assert compile_kernels.undefined_uniform_reads(sound) == []
+    # Written on one path only: a zero-trip path jumping into the loop would read four registers it never wrote.
+    one_path = sound.replace("BRA 0x7480", "BRA 0x6a20")
+    assert [line[:8] for line in compile_kernels.undefined_uniform_reads(one_path)] == [
+        "/*6a20*/", "/*6a30*/", "/*6a40*/", "/*6a50*/"]
 
 
 def _calls(node: ast.AST) -> set[str]:

@@ -267,19 +267,30 @@ def _lora_db(grad_out: Tensor, h: Tensor, rank: int, scale: float) -> Tensor:
     return dB.to(grad_out.dtype)
 
 
+def _padded_b(lora_B: Tensor, r_pad: int) -> Tensor:
+    """B as the backward kernel reads it: contiguous ``(N, r_pad)``, zero past the rank, so that its
+    tiles, like dy's and W's, need no mask along their contiguous axis (a copy only if B is not so already)."""
+    if lora_B.shape[1] == r_pad and lora_B.is_contiguous():
+        return lora_B
+    padded = lora_B.new_zeros(lora_B.shape[0], r_pad)
+    padded[:, :lora_B.shape[1]] = lora_B
+    return padded
+
+
 def _lora_dx_da(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
                 drop: dict, need_dx: bool, need_dA: bool) -> tuple[Tensor | None, Tensor | None]:
     """dx and/or dA from one launch of the backward kernel (at least one of them asked for)."""
     (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+    r_pad = _rank_pad(R)
     dx = x.new_empty(M, K) if need_dx else None
     dA = None
     if need_dA:  # atomically accumulated; on a GPU the launch's pre-hook zeroes it
         dA = (torch.zeros if INTERPRET else torch.empty)(R, K, device=x.device, dtype=torch.float32)
-    args = (grad_out, weight, lora_A, lora_B, x, dx if need_dx else dA, dA if need_dA else dx, M, N, K, R,
-            *grad_out.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *x.stride(),
+    args = (grad_out, weight, lora_A, _padded_b(lora_B, r_pad), x, dx if need_dx else dA, dA if need_dA else dx,
+            M, N, K, R, *grad_out.stride(), *weight.stride(), *lora_A.stride(), *x.stride(),
             *(dx.stride() if need_dx else (0, 0)),
             scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
-    meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "DROPOUT": drop["DROPOUT"], "R_PAD": _rank_pad(R),
+    meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "DROPOUT": drop["DROPOUT"], "R_PAD": r_pad,
             "PRECISION": _precision(x.dtype)}
     _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta,
             zero_da=need_dA)

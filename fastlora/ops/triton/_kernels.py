@@ -7,21 +7,34 @@ the padding columns of ``A`` and ``B`` load as zeros.
   (one pass over x; the dropout hash is evaluated once per element).
 - ``_lora_forward_kernel``: the base GEMM ``x @ W.T`` whose fp32 tile also accumulates
   ``scale * h @ B.T`` and the bias before it is written once.
-- ``_lora_backward_kernel``: the dx GEMM ``dy @ W`` that also accumulates ``g = dy @ B`` from
-  the same dy tiles, fuses ``scale * keep * (g @ A) / (1-p)`` into dx and adds dA from the
-  masked x tile of the same columns.
+- ``_lora_backward_kernel``: the dx GEMM ``dy @ W`` that also accumulates ``g = dy @ B`` (B
+  zero-padded to ``(N, R_PAD)``) from the same dy tiles, fuses ``scale * keep * (g @ A) /
+  (1-p)`` into dx and adds dA from the masked x tile of the same columns.
 - ``_lora_db_kernel``: ``dB = scale * dy.T @ h``, one fp32 tile per program over a split of
   the rows, written once after its loop.
 
 Rules the CPU interpreter cannot check (it runs no software pipeline) but a GPU compile can
-break: a pipelined loop holds only loads and dots under compile-time conditions; every atomic
-add is one per program, after its loop; transposed operands are loaded through transposed
-pointers, never made with ``tl.trans``. An earlier backward kernel added dB inside its N loop
-under a runtime ``if`` (a dot of ``tl.trans(dy)`` and an atomic add); on an H200 (Triton 3.6)
-its dB came out zero or wrong while the interpreter's was right. Compiled for sm_90 (Triton
-3.9) that loop keeps dy in a two-slot shared-memory ring and issues the copy of tile n+2 into
-tile n's slot before the branch reads its transposed view: the branch saw a later tile, or
-the zeros of a masked copy past the end.
+break: a pipelined loop holds only loads and dots under compile-time conditions; no tile it
+loads is masked along its unit-stride axis by anything but the loop's own bound (not by the
+rank R: padding to R_PAD is the launcher's job), so that each can be copied asynchronously
+into a shared-memory ring; every atomic add is one per program, after its loop; transposed
+operands are loaded through transposed pointers, never made with ``tl.trans``.
+
+An earlier backward kernel added dB inside its N loop under a runtime ``if`` (a dot of
+``tl.trans(dy)`` and an atomic add); on an H200 (Triton 3.6) its dB came out zero or wrong
+while the interpreter's was right. Compiled for sm_90 (Triton 3.9) that loop keeps dy in a
+two-slot shared-memory ring and issues the copy of tile n+2 into tile n's slot before the
+branch reads its transposed view: the branch saw a later tile, or the zeros of a masked copy
+past the end. The next one read B's tile, contiguous along the rank, masked to R there and
+with a run-time row stride, so that it was never copied asynchronously but stored to shared
+memory from registers in every iteration. For layers whose sizes are no multiples of 16
+(where dy and W go through registers too) ptxas 12.8, Triton 3.6's, built the wgmma
+descriptors of that tile's k-steps 1-3 from a uniform register pair that nothing had written
+(dx alone on the small-M and 128x64 tiles, dx with or without dA on four other 16-bit
+tiles): on an H200 dx's rank-R term came out wrong (relative error 1.58) where the
+interpreter's was right. The same PTX assembled by ptxas 12.9 or 13.4 was sound. With B
+padded, ptxas 12.8 compiles every variant without such reads, and tests/compile_kernels.py
+reads the machine code for them.
 
 The dropout mask is the hash of :mod:`fastlora.ops.reference` on uint32 values, regenerated
 from (seed, row, col) wherever it is needed, never stored.
@@ -31,9 +44,10 @@ import triton
 import triton.language as tl
 
 # Scalars not worth a compiled variant per value class (==1, multiple of 16, other): the seed
-# words; the row count and rank, which only bound masks along non-contiguous axes; and B's
-# row stride (the rank, for a contiguous B), which only addresses one small tile. N, K and the
-# other strides stay specialized: their divisibility lets the big loads vectorize.
+# words; the row count and rank, which only bound masks along non-contiguous axes; and, in the
+# forward, B's row stride (the rank, for a contiguous B), which only addresses its one epilogue
+# tile. N, K and the other strides stay specialized: their divisibility lets the big loads
+# vectorize.
 _SHAPE = ["M", "R"]
 _SEED = ["seed_lo", "seed_hi", "threshold"]
 
@@ -151,10 +165,10 @@ def _lora_forward_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.jit(do_not_specialize=[*_SHAPE, "stride_bn", *_SEED])
+@triton.jit(do_not_specialize=[*_SHAPE, *_SEED])
 def _lora_backward_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, dx_ptr, da_ptr, M, N, K, R,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxm, stride_dxk,
     scale, inv_keep, seed_lo, seed_hi, threshold,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, DROPOUT: tl.constexpr,
@@ -163,7 +177,8 @@ def _lora_backward_kernel(
 ):
     """One ``(BLOCK_M, BLOCK_K)`` tile of dx and its share of dA, reading its rows of dy once.
 
-    The loop over the N output features accumulates ``dy @ W`` and ``g = dy @ B`` and holds
+    ``b_ptr`` is B zero-padded to a contiguous ``(N, R_PAD)`` (the launcher's ``_padded_b``). The
+    loop over the N output features accumulates ``dy @ W`` and ``g = dy @ B`` and holds
     nothing but loads and dots. The epilogue adds ``scale * keep * (g @ A) / (1-p)`` to the dx
     tile and writes it once, then adds ``scale * (dropout(x).T @ g).T / (1-p)`` for these
     columns into dA, a zeroed contiguous fp32 ``(R, K)`` buffer, with one atomic add.
@@ -179,7 +194,7 @@ def _lora_backward_kernel(
     safe_k = (offs_k % K).to(tl.int64)
     dy_ptrs = dy_ptr + safe_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
-    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    b_ptrs = b_ptr + offs_n[:, None] * R_PAD + offs_r[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
@@ -188,11 +203,11 @@ def _lora_backward_kernel(
         if NEED_DX:
             w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
             acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-        b = tl.load(b_ptrs, mask=(offs_n[:, None] < n_left) & (offs_r[None, :] < R), other=0.0)
+        b = tl.load(b_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
         g = tl.dot(dy, b, g, input_precision=PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
-        b_ptrs += BLOCK_N * stride_bn
+        b_ptrs += BLOCK_N * R_PAD
 
     g_scaled = (g * (scale * inv_keep)).to(dy_ptr.dtype.element_ty)
     if DROPOUT:
