@@ -1,19 +1,19 @@
 """Compile the triton backend's kernels for a GPU architecture without a GPU and report what came out.
 
-Run by tests/test_ops_triton.py in a subprocess without TRITON_INTERPRET (the interpreter
-would replace the compiler): ``python compile_kernels.py KERNELS_PY < JOBS_JSON``. Each job
-names a kernel of ``KERNELS_PY`` and its constexprs, unit strides, whether the layer's sizes
-and strides are multiples of 16 (``odd``: they are not, so no integer argument gets the JIT's
-divisibility hint), pointer dtype, warps, stages and target (``arch``, e.g. 90 for H100/H200,
-86 for RTX 30xx); the script prints one JSON object per job, in order: the shared memory the
-compiled kernel asks for, ptxas's register and spill counts, facts about its PTX (wgmma or
-mma.sync tensor-core instructions, pipelined copies, global reductions, plain stores) and
-``error``, the failure (a compile error, a broken pipelining rule, or machine code that reads
-a uniform register no path has written) or None. Run it with an empty TRITON_CACHE_DIR: a
-cached kernel skips ptxas, whose log gives the register counts. It compiles with the triton
-of the Python that runs it: the test's own, or (FASTLORA_COMPILE_PYTHON) another environment's,
-e.g. the release a GPU machine runs, to check that release's compiler. Jobs run in a process
-pool: compiling is single-threaded and CPU-bound.
+Run by tests/test_ops_triton.py in a subprocess without TRITON_INTERPRET (the interpreter would
+replace the compiler): ``python compile_kernels.py KERNELS_PY < JOBS_JSON``. Each job names a kernel
+of ``KERNELS_PY`` and its constexprs, unit strides, its fp32 and int32 (``i32_ptrs``, optional)
+pointers, whether the layer's sizes and strides are multiples of 16 (``odd``: they are not, so no
+integer argument gets the JIT's divisibility hint), pointer dtype, warps, stages and target
+(``arch``, e.g. 90 for H100/H200, 86 for RTX 30xx); the script prints one JSON object per job, in
+order: the shared memory the compiled kernel asks for, ptxas's register and spill counts, facts
+about its PTX (wgmma or mma.sync tensor-core instructions, pipelined copies, global reductions,
+plain stores) and ``error``, the failure (a compile error, a broken pipelining rule, or machine code
+that reads a uniform register no path has written) or None. Run it with an empty TRITON_CACHE_DIR: a
+cached kernel skips ptxas, whose log gives the register counts. It compiles with the triton of the
+Python that runs it: the test's own, or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the
+release a GPU machine runs, to check that release's compiler. Jobs run in a process pool: compiling
+is single-threaded and CPU-bound.
 """
 
 import contextlib
@@ -61,8 +61,9 @@ def pipelining_error(ttgir: str, arch: int) -> str | None:
     before it refills them (async copies): the first dB kernel read a refilled slot inside an
     scf.if. (On sm_80-class targets Triton's prefetch loads the next iteration's operands from
     another slot after issuing the copies, by design, so the order says nothing there.)"""
-    for body in ttgir.split("scf.for ")[1:]:
-        body = body[:body.index("scf.yield")]
+    for body in ttgir.split("scf.for ")[1:]:  # a loop's own ops (up to a nested loop's head: the head's own)
+        end = body.find("scf.yield")
+        body = body[:end] if end >= 0 else body
         if "scf.if" in body:
             return "a branch inside a pipelined loop"
         read, refill = body.rfind("ttg.local_load"), body.find("ttg.async_copy_global_to_local")
@@ -203,7 +204,8 @@ def compile_job(path: str, job: dict) -> dict:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in job["fp32_ptrs"] else "*" + job["dtype"]
+            signature[name] = ("*fp32" if name in job["fp32_ptrs"] else "*i32" if name in job.get("i32_ptrs", ())
+                               else "*" + job["dtype"])
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
         odd = job.get("odd") and signature[name] == "i32"  # pointers stay 16-byte aligned, as torch allocates

@@ -265,6 +265,67 @@ def _thin_jobs() -> list[dict]:
     return jobs
 
 
+MIXED_I32 = ["ids_ptr", "order_ptr", "thr_ptr", "seg_ptr", "sel_ptr"]
+# The mixed GEMM's unit strides: forward (x, W.T as (in, out), B's stack as (R_PAD, out) per adapter, y) and dx
+# (dy, W as (out, in), A's stack as (R_PAD, in), dx), for nn.Linear's and Conv1D's weight.
+MIXED_GEMM_UNITS = {("forward", "linear"): ["stride_xk", "stride_wk", "stride_ur", "stride_on"],
+                    ("forward", "conv1d"): ["stride_xk", "stride_wn", "stride_ur", "stride_on"],
+                    ("dx", "linear"): ["stride_xk", "stride_wn", "stride_un", "stride_on"],
+                    ("dx", "conv1d"): ["stride_xk", "stride_wk", "stride_un", "stride_on"]}
+
+
+def _mixed_gemm_job(direction, tile, r_pad, dtype, precision, layout="linear", odd=False, dropout=None) -> dict:
+    rows, cols, step, stages, warps = tile
+    forward = direction == "forward"
+    return {"kernel": "_mixed_gemm_kernel", "dtype": dtype, "fp32_ptrs": ["l_ptr"], "i32_ptrs": MIXED_I32,
+            "constexprs": {"HAS_BIAS": forward, "DROPOUT": not forward if dropout is None else dropout,
+                           "R_PAD": r_pad, "PRECISION": precision, "BLOCK_M": rows, "BLOCK_N": cols,
+                           "BLOCK_K": step, "GROUP_M": 8},
+            "unit_strides": [] if odd else MIXED_GEMM_UNITS[direction, layout], "odd": odd,
+            "num_warps": warps, "num_stages": stages, "arch": 90,
+            "smem_limit": triton_backend._mixed_smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2)}
+
+
+def _mixed_jobs() -> list[dict]:
+    """The mixed-adapter kernels: the GEMM forward (bias) and dx (with and without dropout) at every 16-bit
+    tile and the fp32 ones at padded rank 16, at 64 where kept, for both weight layouts and an odd layer;
+    the down kernel for h (A's stack, dropout) and g (B's stack, contiguous along the rank); the dA and dB
+    reductions, stored and atomic."""
+    jobs = []
+    for family in ("16bit", "16bit-small-m", "fp32"):
+        dtype, precision = _dtype_precision(family)
+        for tile in triton_backend.TILES[family]:
+            jobs += [_mixed_gemm_job(direction, tile, 16, dtype, precision) for direction in ("forward", "dx")]
+        for tile in triton_backend._mixed_fitting_tiles(family, 64, H100_SMEM)[:1]:
+            jobs += [_mixed_gemm_job(direction, tile, 64, dtype, precision) for direction in ("forward", "dx")]
+    small = triton_backend.TILES["16bit-small-m"][0]
+    jobs += [_mixed_gemm_job(direction, small, 16, "fp16", "tf32", layout="conv1d") for direction in ("forward", "dx")]
+    jobs += [_mixed_gemm_job("dx", small, 16, "bf16", "tf32", dropout=False),
+             _mixed_gemm_job("dx", small, 16, "fp16", "tf32", odd=True)]
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        for r_pad in (16, 64, 256):
+            block_m, block_k = triton_backend._down_tile(4096, r_pad)
+            for dropout, units in ((True, ["stride_xk", "stride_ak"]), (False, ["stride_xk", "stride_ar"])):
+                jobs.append({"kernel": "_mixed_down_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "h_ptr"],
+                             "i32_ptrs": MIXED_I32, "unit_strides": units,
+                             "constexprs": {"DROPOUT": dropout, "R_PAD": r_pad, "PRECISION": precision,
+                                            "BLOCK_M": block_m, "BLOCK_K": block_k},
+                             "num_warps": 4, "num_stages": 2, "arch": 90, "smem_limit": SMALL_CARD_SMEM})
+        for r_pad in (16, 64):
+            side, stages = triton_backend._db_tile(r_pad)
+            for da in (True, False):
+                for atomic in (True, False):
+                    jobs.append({"kernel": "_mixed_grad_kernel", "dtype": dtype,
+                                 "fp32_ptrs": ["out_ptr", "l_ptr" if da else "r_ptr"], "i32_ptrs": MIXED_I32,
+                                 "unit_strides": ["stride_lp", "stride_rq"],
+                                 "constexprs": {"DA": da, "DROPOUT": da, "ATOMIC": atomic, "PRECISION": precision,
+                                                "BLOCK_P": r_pad if da else side, "BLOCK_Q": side if da else r_pad,
+                                                "BLOCK_M": 16 if da and dtype == "fp32" else side},
+                                 "num_warps": 4, "num_stages": stages, "arch": 90,
+                                 "smem_limit": _db_smem_bytes(r_pad)})
+    return jobs
+
+
 def test_fallback_tile_fits_small_cards_up_to_rank_256():
     for backward in (False, True):
         for elem in (2, 4):
@@ -291,8 +352,8 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as error:
         pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
-    jobs = list({json.dumps(job, sort_keys=True): job for job in _gemm_jobs() + _thin_jobs() + _variant_jobs()}
-                .values())
+    jobs = list({json.dumps(job, sort_keys=True): job
+                 for job in _gemm_jobs() + _thin_jobs() + _variant_jobs() + _mixed_jobs()}.values())
     kernels_path = os.path.join(os.path.dirname(triton_backend.__file__), "_kernels.py")
     script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -304,6 +365,7 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     reports = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(reports) == len(jobs) > 50
     spills = {}  # bf16 at padded rank 16 (ranks up to 16), every flag on: kernel -> each config's spill bytes
+    mixed_spills = {}  # mixed kernels: the forward GEMM's, dx's, the down kernel's at padded rank 16, dA/dB's
     for job, report in zip(jobs, reports, strict=True):
         flags = job["constexprs"]
         name = f"{job['kernel']} {job['dtype']} {flags} stages={job['num_stages']}{' odd' if job.get('odd') else ''}"
@@ -312,20 +374,31 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
         # Odd sizes leave loads too narrow to copy asynchronously, but those of padded tiles (B's, h's).
         if not job.get("odd") or job["kernel"] == "_lora_backward_kernel":
             assert report["cp_async"], f"{name}: loads not pipelined"
-        if job["kernel"] in ("_lora_forward_kernel", "_lora_backward_kernel"):
+        if job["kernel"] in ("_lora_forward_kernel", "_lora_backward_kernel", "_mixed_gemm_kernel"):
             tensor_cores = report["wgmma"] if job["arch"] == 90 else report["mma"] and not report["wgmma"]
             assert tensor_cores == (job["dtype"] != "fp32" and (flags["BLOCK_M"] >= 64 or job["arch"] != 90)), \
                 f"{name} sm_{job['arch']}: {'wgmma' if job['arch'] == 90 else 'mma.sync'}"
         if job["kernel"] == "_lora_backward_kernel":
             assert report["reduction"] == flags["NEED_DA"] and report["store"] == flags["NEED_DX"], name
-        if job["kernel"] == "_lora_db_kernel":
+        if job["kernel"] in ("_lora_db_kernel", "_mixed_grad_kernel"):
             assert report["reduction"] == flags["ATOMIC"] and report["store"] != flags["ATOMIC"], name
+        if job["kernel"] in ("_mixed_gemm_kernel", "_mixed_down_kernel"):
+            assert report["store"] and not report["reduction"], name
+        if job["kernel"].startswith("_mixed"):
+            if job["kernel"] == "_mixed_gemm_kernel" and not flags["HAS_BIAS"]:
+                mixed_spills.setdefault("dx", []).append(report["spill_stores"])
+            elif job["kernel"] != "_mixed_down_kernel" or flags["R_PAD"] == 16:
+                mixed_spills.setdefault(job["kernel"], []).append(report["spill_stores"])
+            continue
         assert report["registers"] is not None, f"{name}: no ptxas register count"
         if job["arch"] == 90 and job["dtype"] == "bf16" and flags["R_PAD"] == 16 and not job.get("odd") \
                 and all(v for k, v in flags.items() if k.isupper()):
             spills.setdefault(job["kernel"], []).append(report["spill_stores"])
     assert set(spills) == {"_lora_forward_kernel", "_lora_backward_kernel", "_lora_down_kernel", "_lora_db_kernel"}
     assert all(s == 0 for kernel, found in spills.items() if kernel != "_lora_backward_kernel" for s in found), spills
+    assert set(mixed_spills) == {"_mixed_gemm_kernel", "dx", "_mixed_down_kernel", "_mixed_grad_kernel"}
+    assert all(s == 0 for kernel, found in mixed_spills.items() if kernel != "dx" for s in found), mixed_spills
+    assert 0 in mixed_spills["dx"], mixed_spills  # as the backward's, dx with dropout spills on the widest tiles
     # With dropout the backward's widest tiles spill (the masked rank-R term needs a second tile-sized fp32
     # temporary); the autotuner, keyed on DROPOUT, measures them against the spill-free ones.
     assert 0 in spills["_lora_backward_kernel"], spills
@@ -378,7 +451,7 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
     with open(kernels_path) as source:
         tree = ast.parse(source.read())
     loops = [node for node in ast.walk(tree) if isinstance(node, ast.For)]
-    assert len(loops) == 4  # the down, forward, backward and dB kernels' loops
+    assert len(loops) == 9  # the down, forward, backward and dB kernels' loops; the mixed kernels' five
     for loop in loops:
         for node in ast.walk(loop):
             if isinstance(node, ast.If):
@@ -442,3 +515,107 @@ def test_gpu_benchmark_dry_run_exercises_every_code_path(tmp_path):
     assert all(v["status"] == "ok" and v["tokens_per_s"] > 0 for v in variants.values()), variants
     assert variants["fastlora"]["trainable"] == variants["peft"]["trainable"] > 0 == variants["floor"]["trainable"]
     assert "| fastlora |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def _mixed_operands(rows, n_in, n_out, ranks, dtype, layout, seed=0):
+    """x, weight (nn.Linear's (out, in) or a Conv1D-style transposed view), bias and one adapter per rank."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+
+    weight = rand(n_out, n_in, scale=n_in**-0.5) if layout == "linear" else rand(n_in, n_out, scale=n_in**-0.5).t()
+    As = [rand(r, n_in, scale=n_in**-0.5) for r in ranks]
+    Bs = [rand(n_out, r, scale=r**-0.5) for r in ranks]
+    return rand(rows, n_in), weight, rand(n_out), As, Bs
+
+
+def _check_mixed(rows, ids, ranks, dtype, layout, p, need_dx=True, need_lora=None, n_in=40, n_out=56):
+    """forward_mixed and backward_mixed against the reference's in float64: every output, None where expected."""
+    x, weight, bias, As, Bs = _mixed_operands(rows, n_in, n_out, ranks, dtype, layout, seed=len(ranks) + rows)
+    ids = torch.as_tensor(ids, dtype=torch.int64, device=DEVICE)
+    scales = [0.5 + 0.25 * (a % 5) for a in range(len(ranks))]
+    ps = [p * (a % 3) / 2 for a in range(len(ranks))]  # 0, p/2, p: adapters without dropout among those with
+    need_lora = need_lora if need_lora is not None else [True] * len(ranks)
+    seed = torch.tensor(1234)
+    doubled = [[t.double() for t in ts] for ts in (As, Bs)]
+    got = triton_backend.forward_mixed(x, weight, bias, As, Bs, scales, ps, ids, seed)
+    expected = reference.forward_mixed(x.double(), weight.double(), bias.double(), *doubled, scales, ps, ids, seed)
+    assert got.dtype == dtype and rel_err(got, expected) <= TOLERANCE[dtype], f"y error {rel_err(got, expected):.2e}"
+    grad_out = torch.randn(rows, n_out, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    dx, dAs, dBs = triton_backend.backward_mixed(grad_out, x, weight, As, Bs, scales, ps, ids, seed, need_dx,
+                                                 need_lora)
+    ref_dx, ref_dAs, ref_dBs = reference.backward_mixed(grad_out.double(), x.double(), weight.double(), *doubled,
+                                                        scales, ps, ids, seed, need_dx, need_lora)
+    assert (dx is None) == (not need_dx)
+    if need_dx:
+        assert dx.dtype == dtype and rel_err(dx, ref_dx) <= TOLERANCE[dtype], f"dx error {rel_err(dx, ref_dx):.2e}"
+    named = set(ids.tolist())
+    for a in range(len(ranks)):
+        assert (dAs[a] is None) == (dBs[a] is None) == (not (need_lora[a] and a in named)), a
+        if dAs[a] is not None:
+            for name, g, e in (("dA", dAs[a], ref_dAs[a]), ("dB", dBs[a], ref_dBs[a])):
+                assert g.dtype == dtype and g.shape == e.shape, name
+                assert rel_err(g, e) <= TOLERANCE[dtype], f"{name}[{a}] error {rel_err(g, e):.2e}"
+
+
+MIXED_RANKS = [1, 64, 3, 16, 8, 2, 33, 5, 1, 12, 7, 64, 4, 20, 1, 9, 17, 6, 2, 48]  # 20 adapters, ranks 1 to 64
+
+
+def _mixed_ids(rows: int, seed: int = 0) -> torch.Tensor:
+    """Random ids over the 20 adapters and -1, one adapter named by no row (10), and adapter 3 on a run of 75
+    rows: its sorted segment crosses several 32-row tiles and dA/dB row splits."""
+    ids = torch.randint(-1, len(MIXED_RANKS), (rows,), generator=torch.Generator().manual_seed(seed))
+    ids[ids == 10] = 3
+    ids[20:95] = 3
+    return ids
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixed_twenty_adapters_of_ranks_1_to_64(layout, p, dtype):
+    """20 adapters (padded to rank 64) in a 150-row batch whose sorted tiles each meet several segments."""
+    _check_mixed(150, _mixed_ids(150), MIXED_RANKS, dtype, layout, p)
+
+
+@pytest.mark.parametrize("rows", [1, 37])
+def test_mixed_rows_without_adapters_are_the_base_layer(rows):
+    _check_mixed(rows, [-1] * rows, [4, 2], torch.float32, "linear", 0.2)
+
+
+@pytest.mark.parametrize("adapter", [-1, 0, 2])
+def test_mixed_single_row(adapter):
+    _check_mixed(1, [adapter], [4, 9, 1], torch.float32, "conv1d", 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("need_dx, need_lora", [
+    (True, [False] * 4), (False, [True] * 4), (False, [True, False, False, True]), (True, [False, True, True, False])])
+def test_mixed_backward_computes_only_what_is_needed(need_dx, need_lora, dtype):
+    ids = [0, 1, 3, 3, -1, 0, 1, 1, 3, 0] * 7  # adapter 2: no row
+    _check_mixed(len(ids), ids, [5, 16, 2, 40], dtype, "linear", 0.25, need_dx, need_lora)
+
+
+def test_mixed_one_adapter_over_every_row_spans_many_tiles():
+    """One segment over 4.5 tiles of the GEMM and several dA/dB splits, no rows of other adapters."""
+    _check_mixed(150, [1] * 150, [3, 6], torch.float16, "conv1d", 0.1)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_mixed_kernels_mask_is_bit_identical_to_reference(seed):
+    """With x = 1 and each adapter's A a 0/1 selection, h's support is each row's keep-mask of its own p."""
+    rows, cols, ps = 50, 16, [0.3, 0.0, 0.7]
+    ids = torch.tensor([a % 4 - 1 for a in range(rows)], device=DEVICE)  # -1, 0, 1, 2, -1, ...
+    As = [torch.eye(cols, device=DEVICE)] * 3
+    Bs = [torch.zeros(4, cols, device=DEVICE)] * 3
+    x = torch.ones(rows, cols, device=DEVICE)
+    batch = triton_backend._MixedBatch(x, 4, As, Bs, [1.0] * 3, ps, ids, torch.tensor(seed))
+    h = triton_backend._mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
+    h = torch.empty_like(h).index_copy_(0, batch.order.long(), h)  # back to the original row order
+    for a, p in enumerate(ps):
+        rows_a = ids == a
+        keep = dropout_keep_mask(torch.tensor(seed), rows, cols, p, torch.device(DEVICE))[rows_a]
+        assert torch.equal(h[rows_a, :cols] != 0, keep)
+        assert torch.all(h[rows_a, :cols][keep] == torch.tensor(1 / (1 - p), dtype=torch.float32))
+    assert not h[ids == -1].any()

@@ -8,7 +8,8 @@ from the masked x tile (when dx or dA is asked for); and, for dB, the thin pass 
 and ``scale * dy.T @ h`` over splits of the rows. The dropout mask is regenerated from the
 seed in every kernel that needs it, never stored. Kernels live in
 :mod:`fastlora.ops.triton._kernels` (with the rules that keep them correct on a GPU, where
-the interpreter cannot tell); this module picks configs and launches.
+the interpreter cannot tell); this module picks configs and launches. Mixed-adapter batches
+(``forward_mixed`` / ``backward_mixed``) run the same plan over rows sorted by adapter, at the end.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from fastlora.ops.triton._kernels import (  # noqa: E402
     _lora_db_kernel,
     _lora_down_kernel,
     _lora_forward_kernel,
+    _mixed_down_kernel,
+    _mixed_gemm_kernel,
+    _mixed_grad_kernel,
 )
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
@@ -129,10 +133,13 @@ def tuned_configs() -> list[dict]:
     """What autotuning has chosen in this process, one entry per kernel variant and tuning key
     (the key's values, then the dtypes of the tensor arguments): for benchmark reports."""
     chosen = []
-    for (backward, family, r_pad, _, _), tuned in _AUTOTUNED.items():
+    entries = [("backward" if backward else "forward", family, r_pad, tuned)
+               for (backward, family, r_pad, _, _), tuned in _AUTOTUNED.items()]
+    entries += [("mixed", family, r_pad, tuned) for (family, r_pad, _), tuned in _MIXED_AUTOTUNED.items()]
+    for kernel, family, r_pad, tuned in entries:
         for key, config in tuned.cache.items():
             named, dtypes = key[:len(tuned.keys)], key[len(tuned.keys):]
-            chosen.append({"kernel": "backward" if backward else "forward", "family": family, "r_pad": r_pad,
+            chosen.append({"kernel": kernel, "family": family, "r_pad": r_pad,
                            "key": dict(zip(tuned.keys, named, strict=True)), "dtypes": [str(k) for k in dtypes],
                            "tile": dict(config.kwargs), "num_warps": config.num_warps,
                            "num_stages": config.num_stages})
@@ -176,15 +183,21 @@ def _int32_bits(value: int) -> int:
 _NO_DROPOUT = {"inv_keep": 1.0, "seed_lo": 0, "seed_hi": 0, "threshold": 0, "DROPOUT": False}
 
 
+def _seed_words(seed: Tensor) -> tuple[int, int]:
+    """The seed's low and high 32 bits as int32 bit patterns."""
+    seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return _int32_bits(seed_value & 0xFFFFFFFF), _int32_bits(seed_value >> 32)
+
+
 def _dropout_args(dropout_p: float, seed: Tensor) -> dict:
     """The kernels' dropout scalars: the seed's 32-bit halves, the threshold and 1/(1-p)."""
     if dropout_p == 0:
         return _NO_DROPOUT
-    seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
+    seed_lo, seed_hi = _seed_words(seed)
     return {
         "inv_keep": 1.0 / (1.0 - dropout_p),
-        "seed_lo": _int32_bits(seed_value & 0xFFFFFFFF),
-        "seed_hi": _int32_bits(seed_value >> 32),
+        "seed_lo": seed_lo,
+        "seed_hi": seed_hi,
         "threshold": dropout_threshold(dropout_p),
         "DROPOUT": True,
     }
@@ -330,3 +343,181 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
         if need_dB:
             dB = _lora_db(grad_out, _lora_down(x, lora_A, drop), R, scale)
     return dx, dA, dB
+
+
+# Mixed-adapter batches (see the mixed kernels in _kernels.py): the ids sorted once per call on the device,
+# the adapters stacked and zero-padded to one R_PAD, two launches forward (h, then the GEMM with the
+# segmented rank-R epilogue), up to five backward (g = dy @ B_a; the dx GEMM with g @ A_a fused; h again;
+# dA and dB as per-adapter reductions over their segments).
+_MIXED_AUTOTUNED: dict[tuple, triton.runtime.Autotuner] = {}
+
+
+def _mixed_smem_bytes(tile: tuple, r_pad: int, elem: int) -> int:
+    """Shared memory of a mixed GEMM tile, an upper estimate: its K loop holds the forward's two operand
+    tiles, its segment loop an fp32 rank-wide tile and an adapter's tile; that loop is pipelined too, and
+    its buffers may come on top of the K loop's (sm_90, padded rank 64: 16 KiB more), so the sum."""
+    rows, cols, step, stages, _ = tile
+    return stages * (rows * step + step * cols) * elem + rows * r_pad * 4 + r_pad * cols * elem
+
+
+def _mixed_fitting_tiles(family: str, r_pad: int, smem_limit: int) -> list[tuple]:
+    """The forward family's tiles that fit the mixed GEMM's shared memory and the register budget, or the fallback."""
+    elem = 4 if family.startswith("fp32") else 2
+    return [t for t in TILES[family] if _mixed_smem_bytes(t, r_pad, elem) <= smem_limit
+            and _epilogue_values(t, r_pad) <= REGISTER_BUDGET[elem]] or [FALLBACK_TILE]
+
+
+def _mixed_gemm_tuned(family: str, r_pad: int, smem_limit: int):
+    """The mixed GEMM autotuned over the tiles that fit (both directions: forward and dx)."""
+    variant = (family, r_pad, smem_limit)
+    if variant not in _MIXED_AUTOTUNED:
+        configs = [triton.Config({"BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GROUP_M": 8},
+                                 num_stages=stages, num_warps=warps)
+                   for rows, cols, step, stages, warps in _mixed_fitting_tiles(family, r_pad, smem_limit)]
+        _MIXED_AUTOTUNED[variant] = triton.autotune(configs, key=["N", "K", "HAS_BIAS", "DROPOUT"])(
+            _mixed_gemm_kernel)
+    return _MIXED_AUTOTUNED[variant]
+
+
+class _MixedBatch:
+    """What every mixed kernel reads: the sorted ids and each sorted position's original row (int32), the
+    adapters' A's stacked ``(n, R_PAD, in)`` and B's ``(n, out, R_PAD)`` zero-padded in x's dtype, each
+    adapter's ``scale / (1 - p)`` (fp32) and dropout threshold (int32), and the seed words."""
+
+    def __init__(self, x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                 scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> None:
+        n, device = max(len(lora_As), 1), x.device  # no adapters: one zero adapter that no row names
+        self.r_pad = _rank_pad(max((A.shape[0] for A in lora_As), default=1))
+        sorted_ids, order = torch.sort(adapter_ids, stable=True)
+        self.sorted_ids, self.ids, self.order = sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)
+        self.a_stack = x.new_zeros(n, self.r_pad, x.shape[1])
+        self.b_stack = x.new_zeros(n, out_features, self.r_pad)
+        for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+            self.a_stack[a, :A.shape[0]] = A
+            self.b_stack[a, :, :B.shape[1]] = B
+        self.factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
+                                   dtype=torch.float32, device=device)
+        self.thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=device)
+        self.dropout = any(p > 0 for p in dropout_ps)
+        self.seed_words = _seed_words(seed) if self.dropout else (0, 0)
+
+    def a_rows(self) -> tuple:
+        """A's stack as the down kernel's ``(n, R_PAD, K)`` operand, and as the dx GEMM's ``(R_PAD, in)`` U."""
+        return self.a_stack.stride()
+
+    def b_as_u(self) -> tuple:
+        """B's stack as the forward GEMM's ``(R_PAD, out)`` U, and as g's ``(n, R_PAD, out)`` down operand."""
+        stride_a, stride_n, stride_r = self.b_stack.stride()
+        return stride_a, stride_r, stride_n
+
+
+def _mixed_down(src: Tensor, stack: Tensor, strides: tuple, batch: _MixedBatch, dropout: bool) -> Tensor:
+    """``factor_a * dropout_a(src_i) @ stack_a.T`` as an fp32 ``(M, R_PAD)`` buffer in sorted order."""
+    M, K = src.shape
+    h = torch.empty(M, batch.r_pad, device=src.device, dtype=torch.float32)
+    block_m, block_k = _down_tile(M, batch.r_pad)
+    _mixed_down_kernel[(triton.cdiv(M, block_m),)](
+        src, stack, batch.ids, batch.order, batch.factor, batch.thr, h, M, K, *src.stride(), *strides,
+        *batch.seed_words, DROPOUT=dropout, R_PAD=batch.r_pad, PRECISION=_precision(src.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=2,
+    )
+    return h
+
+
+def _mixed_gemm(src: Tensor, weight: Tensor, w_strides: tuple, low_rank: Tensor, stack: Tensor, u_strides: tuple,
+                bias: Tensor | None, out: Tensor, batch: _MixedBatch, dropout: bool) -> None:
+    """``out_i = src_i @ w + bias + keep_i * low_rank_i @ U_a`` for every row, written once into ``out``."""
+    (M, K), N = src.shape, out.shape[1]
+    if N == 0:
+        return
+    args = (src, weight, low_rank, stack, batch.ids, batch.order, batch.thr, bias if bias is not None else out, out,
+            M, N, K, *src.stride(), *w_strides, *u_strides, *out.stride(), *batch.seed_words)
+    meta = {"HAS_BIAS": bias is not None, "DROPOUT": dropout, "R_PAD": batch.r_pad,
+            "PRECISION": _precision(src.dtype)}
+
+    def grid(cfg):
+        return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    if INTERPRET:
+        _mixed_gemm_kernel[grid(INTERPRET_CONFIG)](*args, **meta, **INTERPRET_CONFIG)
+    else:
+        tuned = _mixed_gemm_tuned(_family(M, src.dtype), batch.r_pad, _smem_limit(src.device.index))
+        tuned[grid](*args, **meta)
+
+
+def _mixed_grad(left: Tensor, right: Tensor, dA: bool, batch: _MixedBatch, segments: Tensor, wanted: list[int],
+                most_rows: int) -> Tensor:
+    """fp32 ``(len(wanted), P, Q)``: per wanted adapter, ``g.T @ dropout(x)`` over its rows (dA: left g,
+    right x) or ``dy.T @ h`` (dB: left dy, right h), split over its rows like the single-adapter dB."""
+    r_pad = batch.r_pad
+    P, Q = (r_pad, right.shape[1]) if dA else (left.shape[1], r_pad)
+    side, stages = _db_tile(r_pad)
+    if INTERPRET:
+        side = min(side, INTERPRET_CONFIG["BLOCK_M"])
+    block_p, block_q = (r_pad, side) if dA else (side, r_pad)
+    # fp32 dA: IEEE dots hold their operands in registers and the dropout hash its keys: 64-row steps spilled
+    block_m = 16 if dA and right.dtype == torch.float32 and not INTERPRET else side
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    if tiles == 0:
+        return left.new_zeros(len(wanted), P, Q, dtype=torch.float32)
+    sms = INTERPRET_SMS if INTERPRET else _sm_count(left.device.index)
+    rows_per_split, splits = _db_splits(most_rows, tiles * len(wanted), side, sms * DB_PROGRAMS_PER_SM)
+    out = (torch.zeros if splits > 1 else torch.empty)(len(wanted), P, Q, device=left.device, dtype=torch.float32)
+    selected = torch.tensor(wanted, dtype=torch.int32, device=left.device)
+    _mixed_grad_kernel[(tiles, len(wanted), splits)](
+        left, right, segments, selected, batch.order, batch.thr, out, P, Q, rows_per_split,
+        *left.stride(), *right.stride(), *batch.seed_words,
+        DA=dA, DROPOUT=dA and batch.dropout, ATOMIC=splits > 1,
+        PRECISION=_precision(right.dtype if dA else left.dtype),
+        BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_M=block_m, num_warps=4, num_stages=stages,
+    )
+    return out
+
+
+def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
+    """``(M, out)``, each row with its own adapter's update; see :func:`fastlora.ops.reference.forward_mixed`."""
+    M, N = x.shape[0], weight.shape[0]
+    out = x.new_empty(M, N)
+    if M == 0:
+        return out
+    with _on_device(x):
+        batch = _MixedBatch(x, N, lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed)
+        h = _mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
+        _mixed_gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), bias, out,
+                    batch, dropout=False)
+    return out
+
+
+def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor,
+                   need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
+                                                                   list[Tensor | None]]:
+    """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. Reads the per-adapter row
+    counts back to the host once: an adapter no row names gets None, as the reference's."""
+    (M, K), N, n = x.shape, weight.shape[0], len(lora_As)
+    dAs: list[Tensor | None] = [None] * n
+    dBs: list[Tensor | None] = [None] * n
+    dx = x.new_empty(M, K) if need_dx else None
+    if M == 0:
+        return dx, dAs, dBs
+    counts = torch.bincount(adapter_ids + 1, minlength=n + 1)[1:].tolist()
+    wanted = [a for a in range(n) if need_lora[a] and counts[a]]
+    if not (need_dx or wanted):
+        return dx, dAs, dBs
+    with _on_device(x):
+        batch = _MixedBatch(x, N, lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed)
+        b_stack, b_strides = batch.b_stack, batch.b_as_u()
+        g = _mixed_down(grad_out, b_stack, b_strides, batch, dropout=False)  # factor_a * dy_i @ B_a
+        if need_dx:
+            _mixed_gemm(grad_out, weight, weight.stride(), g, batch.a_stack, batch.a_rows(), None, dx, batch,
+                        dropout=batch.dropout)
+        if wanted:
+            h = _mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
+            segments = torch.searchsorted(batch.sorted_ids, torch.arange(n + 1, device=x.device)).to(torch.int32)
+            most_rows = max(counts[a] for a in wanted)
+            dA = _mixed_grad(g, x, True, batch, segments, wanted, most_rows)
+            dB = _mixed_grad(grad_out, h, False, batch, segments, wanted, most_rows)
+            for i, a in enumerate(wanted):
+                rank = lora_As[a].shape[0]
+                dAs[a], dBs[a] = dA[i, :rank].to(lora_As[a].dtype), dB[i, :, :rank].to(lora_Bs[a].dtype)
+    return dx, dAs, dBs

@@ -12,6 +12,8 @@ the padding columns of ``A`` and ``B`` load as zeros.
   (1-p)`` into dx and adds dA from the masked x tile of the same columns.
 - ``_lora_db_kernel``: ``dB = scale * dy.T @ h``, one fp32 tile per program over a split of
   the rows, written once after its loop.
+- ``_mixed_down_kernel``, ``_mixed_gemm_kernel``, ``_mixed_grad_kernel``: the same for batches whose
+  rows each name their own adapter (see the comment above them).
 
 Rules the CPU interpreter cannot check (it runs no software pipeline) but a GPU compile can
 break: a pipelined loop holds only loads and dots under compile-time conditions; no tile it
@@ -270,3 +272,192 @@ def _lora_db_kernel(
         tl.atomic_add(db_ptrs, acc * scale, mask=in_db, sem="relaxed")
     else:
         tl.store(db_ptrs, (acc * scale).to(db_ptr.dtype.element_ty), mask=in_db)
+
+
+# Mixed-adapter batches: each row names its own adapter (or none, -1). The launcher sorts the ids once
+# per call (stable, on the device): ``ids`` holds the sorted ids (int32) and ``order`` the original row of
+# each sorted position, so that every adapter's rows form one contiguous segment. The adapters' A's and B's
+# are stacked and zero-padded to R_PAD: A as ``(n, R_PAD, in)``, B as ``(n, out, R_PAD)``; the per-adapter
+# ``scale / (1 - p)`` (``factor``) and dropout threshold (``thr``) are small device tables. Kernels tile
+# the sorted positions; a tile meets a few segments and loops over them (``_first_segment``: the first
+# adapter and how many distinct adapters the tile holds), each iteration masking the tile's rows to its
+# segment, so that one accumulator serves them all. Rows are read through ``order`` and results written
+# back to the rows' original positions; the dropout hash keys on the original row, as the
+# single-adapter op's.
+_MAX_ID = tl.constexpr(2**31 - 1)
+
+
+@triton.jit
+def _first_segment(ids_ptr, offs_m, ids, M, first_pos):
+    """The smallest adapter id (>= 0) among a tile's sorted rows and how many distinct ones it holds."""
+    valid = (offs_m < M) & (ids >= 0)
+    prev = tl.load(ids_ptr + offs_m - 1, mask=(offs_m < M) & (offs_m > first_pos), other=-2)
+    segments = tl.sum((valid & (ids != prev)).to(tl.int32), axis=0)
+    return tl.min(tl.where(valid, ids, _MAX_ID), axis=0), segments
+
+
+@triton.jit
+def _next_segment(ids, adapter):
+    """The next larger adapter id among the tile's rows (ids are sorted, so rows past the end add none)."""
+    return tl.min(tl.where(ids > adapter, ids, _MAX_ID), axis=0)
+
+
+@triton.jit(do_not_specialize=["M", *_SEED])
+def _mixed_down_kernel(
+    x_ptr, a_ptr, ids_ptr, order_ptr, factor_ptr, thr_ptr, h_ptr, M, K,
+    stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, seed_lo, seed_hi,
+    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One block of sorted rows of ``h = factor_a * dropout_a(x_i) @ A_a.T``, fp32 ``(M, R_PAD)`` in sorted
+    order (zero for rows without adapter). Also ``g = factor_a * dy_i @ B_a`` (x: dy, A: B's stack read as
+    ``(n, R_PAD, out)`` through its strides, no dropout): the backward's rank-wide gradient."""
+    first = tl.program_id(0) * BLOCK_M
+    offs_m = first + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    row_ok = offs_m < M
+    ids = tl.load(ids_ptr + offs_m, mask=row_ok, other=-1)
+    rows = tl.load(order_ptr + offs_m, mask=row_ok, other=0)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    has_adapter = ids >= 0
+    if DROPOUT:
+        row_key = _row_keys(rows, seed_lo, seed_hi)
+        thr = tl.load(thr_ptr + ids, mask=has_adapter, other=0)
+    adapter, segments = _first_segment(ids_ptr, offs_m, ids, M, first)
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for _ in range(segments):
+        in_segment = ids == adapter
+        a_ptrs = a_ptr + adapter.to(tl.int64) * stride_aa + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_k
+            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=in_segment[:, None] & (cols[None, :] < K),
+                        other=0.0)
+            if DROPOUT:
+                x = tl.where(_kept(row_key[:, None], _col_keys(cols)[None, :], thr[:, None]), x, 0.0)
+            a = tl.load(a_ptrs, mask=cols[:, None] < K, other=0.0)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        adapter = _next_segment(ids, adapter)
+    factor = tl.load(factor_ptr + ids, mask=has_adapter, other=0.0)
+    tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * R_PAD + offs_r[None, :], acc * factor[:, None],
+             mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["M", *_SEED])
+def _mixed_gemm_kernel(
+    x_ptr, w_ptr, l_ptr, u_ptr, ids_ptr, order_ptr, thr_ptr, bias_ptr, out_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_ua, stride_ur, stride_un, stride_om, stride_on,
+    seed_lo, seed_hi,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of sorted rows of ``out_i = x_i @ w + bias + keep_i * l_i @ U_a``,
+    written once to the rows' original positions.
+
+    ``x: (M, K)`` rows read through ``order``; ``w: (K, N)`` through its strides; ``l`` the fp32 ``(M,
+    R_PAD)`` rank-wide buffer in sorted order (scale and 1/(1-p) applied); ``U`` a stack of ``(R_PAD, N)``
+    per-adapter matrices through their strides. Forward: x, W.T, h, B's stack, with bias, no mask. dx:
+    dy, W, g, A's stack, the keep-mask of each row's adapter (DROPOUT), no bias. The K loop is the plain
+    GEMM; the segment loop after it holds loads and one dot per adapter of the tile.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    row_ok = offs_m < M
+    safe_n = (offs_n % N).to(tl.int64)  # columns past the end re-read valid ones and are never stored
+    rows = tl.load(order_ptr + offs_m % M).to(tl.int64)  # sorted positions past the end: a valid row, never stored
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    ids = tl.load(ids_ptr + offs_m, mask=row_ok, other=-1)
+    adapter, segments = _first_segment(ids_ptr, offs_m, ids, M, pid_m * BLOCK_M)
+    l_ptrs = l_ptr + offs_m.to(tl.int64)[:, None] * R_PAD + offs_r[None, :]
+    u_offsets = offs_r[:, None] * stride_ur + safe_n[None, :] * stride_un
+    if DROPOUT:
+        low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        low_rank = acc
+    for _ in range(segments):
+        u = tl.load(u_ptr + adapter.to(tl.int64) * stride_ua + u_offsets)
+        rank_wide = tl.load(l_ptrs, mask=(ids == adapter)[:, None], other=0.0)
+        low_rank = tl.dot(rank_wide.to(u.dtype), u, low_rank, input_precision=PRECISION)
+        adapter = _next_segment(ids, adapter)
+    if DROPOUT:
+        thr = tl.load(thr_ptr + ids, mask=ids >= 0, other=0)
+        keep = _kept(_row_keys(rows, seed_lo, seed_hi)[:, None], _col_keys(offs_n)[None, :], thr[:, None])
+        acc += tl.where(keep, low_rank, 0.0)
+    else:
+        acc = low_rank
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["rows_per_split", *_SEED])
+def _mixed_grad_kernel(
+    l_ptr, r_ptr, seg_ptr, sel_ptr, order_ptr, thr_ptr, out_ptr, P, Q, rows_per_split,
+    stride_lm, stride_lp, stride_rm, stride_rq, seed_lo, seed_hi,
+    DA: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """One ``(BLOCK_P, BLOCK_Q)`` tile of ``out[s] = left.T @ right`` over one split of the rows of adapter
+    ``a = sel[s]`` (its segment of the sorted positions, from ``seg``: each adapter's first position).
+
+    DA: ``dA_a = g.T @ dropout_a(x)`` (left: g, fp32 in sorted order, ``P = R_PAD``; right: x's rows through
+    ``order``, masked when DROPOUT). Else ``dB_a = dy.T @ h`` (left: dy's rows through ``order``; right: h,
+    fp32 in sorted order, ``Q = R_PAD``). The fp32 operand is cast to the other's dtype for the dot; the
+    left one is loaded transposed (no ``tl.trans``). The loop over the split's rows holds loads and a dot;
+    the one write follows it: a store into the fp32 ``(len(sel), P, Q)`` output, or (ATOMIC, several
+    splits) an atomic add into it zeroed.
+    """
+    num_q = tl.cdiv(Q, BLOCK_Q)
+    offs_p = (tl.program_id(0) // num_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = (tl.program_id(0) % num_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_m = tl.arange(0, BLOCK_M)
+    safe_p = (offs_p % P).to(tl.int64)  # past the end: valid ones re-read, never written
+    safe_q = (offs_q % Q).to(tl.int64)
+    adapter = tl.load(sel_ptr + tl.program_id(1))
+    lo = tl.load(seg_ptr + adapter) + tl.program_id(2) * rows_per_split
+    hi = tl.minimum(tl.load(seg_ptr + adapter + 1), lo + rows_per_split)
+    if DROPOUT:
+        col_key = _col_keys(offs_q)
+        thr = tl.load(thr_ptr + adapter)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        pos = m0 + offs_m
+        in_split = pos < hi
+        rows = tl.load(order_ptr + pos, mask=in_split, other=0)
+        if DA:
+            l_rows = pos.to(tl.int64)
+            r_rows = rows.to(tl.int64)
+        else:
+            l_rows = rows.to(tl.int64)
+            r_rows = pos.to(tl.int64)
+        left_t = tl.load(l_ptr + safe_p[:, None] * stride_lp + l_rows[None, :] * stride_lm,
+                         mask=in_split[None, :], other=0.0)
+        right = tl.load(r_ptr + r_rows[:, None] * stride_rm + safe_q[None, :] * stride_rq,
+                        mask=in_split[:, None], other=0.0)
+        if DROPOUT:
+            right = tl.where(_kept(_row_keys(rows, seed_lo, seed_hi)[:, None], col_key[None, :], thr), right, 0.0)
+        if DA:
+            acc = tl.dot(left_t.to(right.dtype), right, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(left_t, right.to(left_t.dtype), acc, input_precision=PRECISION)
+    out_ptrs = out_ptr + tl.program_id(1).to(tl.int64) * P * Q + offs_p[:, None] * Q + offs_q[None, :]
+    in_out = (offs_p[:, None] < P) & (offs_q[None, :] < Q)
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=in_out, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc, mask=in_out)
