@@ -2,10 +2,10 @@
 
 Row i gets ``x_i W^T + b + s_a * dropout(x_i) A_a^T B_a^T`` with ``a = adapter_ids[i]`` (-1: the base
 alone); each adapter's gradients come from its own rows only, so several adapters can train in one batch.
-With every row naming the same adapter it is :func:`fastlora.lora_linear`, bit for bit on the same backend's
-mask: a row's dropout mask depends on (seed, row, col), not on which adapters share the batch.
+With every row naming the same adapter it computes what :func:`fastlora.lora_linear` computes, to rounding, with
+the same dropout mask: a row's mask depends on (seed, row, col), not on which adapters share the batch.
 
-Backends provide ``forward_mixed`` / ``backward_mixed``; one that has none runs the reference's.
+Backends provide ``forward_mixed`` / ``backward_mixed``; one that has none would run the reference's.
 """
 
 from __future__ import annotations
