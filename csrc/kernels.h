@@ -29,6 +29,15 @@ inline uint32_t dropout_row_key(uint64_t seed, int64_t row) {
 // int32((row_key ^ col_key) * kElementMul) >= threshold, threshold = floor(p * 2^32) - 2^31.
 inline uint32_t dropout_col_key(int64_t col) { return mix32(static_cast<uint32_t>(col) * kColMul); }
 
+// One row's LoRA term for small_gemm_nt: c[i, j] += sum_{r < rank} h[r] * b[j * ldb + r], b's rows aligned
+// with w's (rank 0: none, and h, b are not read).
+struct RowLora {
+    const float* h;
+    const float* b;
+    int64_t ldb;
+    int64_t rank;
+};
+
 struct Kernels {
     const char* name;
     // out[k] = kept(row_key, col_keys[k]) ? x[k] : 0 for k < n (a dropped NaN becomes 0, as the
@@ -42,10 +51,17 @@ struct Kernels {
     void (*lowrank_rows)(float* c, int64_t ldc, const float* bias, const float* h, int64_t ldh,
                          const float* bt, int64_t ldbt, int64_t rank, int64_t rows, int64_t n, float alpha,
                          bool accumulate);
+    // bt[c * ldbt + r] = b[r * ldb + c] for r < rows, c < cols: B^T, or a chunk, for lowrank_rows / _scatter.
+    void (*transpose)(const float* b, int64_t ldb, int64_t rows, int64_t cols, float* bt, int64_t ldbt);
+    // lowrank_rows with row i of c at c_rows[i] (rows anywhere, e.g. a mixed batch's rows of one adapter).
+    void (*lowrank_scatter)(float* const* c_rows, const float* bias, const float* h, int64_t ldh, const float* bt,
+                            int64_t ldbt, int64_t rank, int64_t rows, int64_t n, float alpha, bool accumulate);
     // c[i, j] += sum_p a[i, p] * w[j, p] for i < rows, j < n, p < k: a few rows (the decode case)
-    // times a row-major W^T, streaming W once per group of up to 8 rows.
+    // times a row-major W^T, streaming W once per group of up to 4 rows. With lora (null or one per
+    // row), row i also gets lora[i]'s term, summed with its dot products: a decode step streams W
+    // and each row's B in one pass, B untransposed.
     void (*small_gemm_nt)(float* c, int64_t ldc, const float* a, int64_t lda, int64_t rows, const float* w,
-                          int64_t ldw, int64_t n, int64_t k);
+                          int64_t ldw, int64_t n, int64_t k, const RowLora* lora);
 };
 
 // The table of each instruction set built into this binary; null where it is not built here.

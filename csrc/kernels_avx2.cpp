@@ -11,6 +11,8 @@ namespace fastlora {
 #endif
 namespace avx2 {
 static const char kName[] = "avx2";
+constexpr int kVectorFloats = 8;
+constexpr int kVectorRegisters = 16;
 #include "kernels_impl.inc"
 }  // namespace avx2
 #if defined(__clang__)

@@ -11,6 +11,8 @@ namespace fastlora {
 #endif
 namespace avx512 {
 static const char kName[] = "avx512";
+constexpr int kVectorFloats = 16;
+constexpr int kVectorRegisters = 32;
 #include "kernels_impl.inc"
 }  // namespace avx512
 #if defined(__clang__)

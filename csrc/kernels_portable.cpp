@@ -4,6 +4,8 @@
 namespace fastlora {
 namespace portable {
 static const char kName[] = "portable";
+constexpr int kVectorFloats = 4;  // SSE2 or NEON
+constexpr int kVectorRegisters = 16;
 #include "kernels_impl.inc"
 }  // namespace portable
 

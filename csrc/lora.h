@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastlora {
 
@@ -38,5 +39,43 @@ void lora_forward(const LoraProblem& problem, float* out);
 // problem.base_product is false.
 void lora_backward(const LoraProblem& problem, const float* grad_out, int64_t ld_grad, float* dx, float* dA,
                    float* dB);
+
+// One adapter of a mixed batch.
+struct Adapter {
+    Matrix A;           // (rank, in), row- or column-major
+    Matrix B;           // (out, rank), row- or column-major
+    float scale;        // the LoRA scale with inverted dropout's 1 / (1 - p) folded in
+    float dropout_p;
+    int32_t threshold;  // an element is kept iff its signed hash >= threshold
+};
+
+// A mixed batch: one base layer, each row of x with its own adapter or none. The rows are grouped
+// by adapter: group g (adapter g - 1; group 0 holds the rows without one) is
+// order[starts[g], starts[g + 1]), ascending. x is row-major, weight row- or column-major.
+struct MixedProblem {
+    Matrix x;
+    Matrix weight;
+    const float* bias;  // (out,) or null
+    std::vector<Adapter> adapters;
+    std::vector<int64_t> order;
+    std::vector<int64_t> starts;  // adapters.size() + 2 entries
+    uint64_t seed;
+    int threads;
+    bool base_product;  // false: leave x W^T (forward) and dy W (backward's dx) to the caller
+};
+
+// Fills problem.order and problem.starts from ids[i * stride] (i < problem.x.rows), each in
+// [-1, adapters.size()) (checked by the caller): a stable counting sort.
+void group_rows(MixedProblem& problem, const int64_t* ids, int64_t stride);
+
+// out (M, out) contiguous: row i = x_i W^T + bias + scale_a * dropout_a(x_i) A_a^T B_a^T with a its
+// adapter (none: the base alone), without x W^T when problem.base_product is false.
+void lora_forward_mixed(const MixedProblem& problem, float* out);
+
+// grad_out (M, out) row-major with row stride ld_grad. dx (M, in) contiguous, or null; dA[a]
+// (rank_a, in) and dB[a] (out, rank_a) contiguous, or null to skip adapter a's gradients. Each
+// adapter's come from its own rows only; dx lacks dy W when problem.base_product is false.
+void lora_backward_mixed(const MixedProblem& problem, const float* grad_out, int64_t ld_grad, float* dx,
+                         const std::vector<float*>& dA, const std::vector<float*>& dB);
 
 }  // namespace fastlora

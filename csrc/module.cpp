@@ -13,8 +13,10 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <deque>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cpu_features.h"
 #include "lora.h"
@@ -36,7 +38,8 @@ namespace {
 // references are held for the life of the process.
 struct TorchApi {
     PyTypeObject* tensor_type;
-    PyObject* float32;
+    PyObject *float32, *int64;
+    PyObject *empty, *float32_kwargs;  // torch.empty and {"dtype": torch.float32}, for outputs made here
     PyObject *dtype, *device, *is_cpu, *is_neg, *shape, *stride, *data_ptr;  // interned attribute names
 };
 const TorchApi* torch_api = nullptr;
@@ -51,8 +54,13 @@ void load_torch_api() {
     const py::module_ torch = py::module_::import("torch");
     py::object tensor = torch.attr("Tensor");
     CHECK_ARG(PyType_Check(tensor.ptr()), "torch.Tensor is not a type");
+    py::dict float32_kwargs;
+    float32_kwargs["dtype"] = torch.attr("float32");
     torch_api = new TorchApi{reinterpret_cast<PyTypeObject*>(tensor.release().ptr()),
                              py::object(torch.attr("float32")).release().ptr(),
+                             py::object(torch.attr("int64")).release().ptr(),
+                             py::object(torch.attr("empty")).release().ptr(),
+                             float32_kwargs.release().ptr(),
                              interned("dtype"), interned("device"), interned("is_cpu"), interned("is_neg"),
                              interned("shape"), interned("stride"), interned("data_ptr")};
 }
@@ -68,9 +76,9 @@ py::object attribute(py::handle obj, PyObject* name, bool call, const char* arg)
     return py::reinterpret_steal<py::object>(value);
 }
 
-// A CPU float32 tensor of one or two dims: its data pointer, shape and element strides.
+// A CPU tensor of one or two dims: its data pointer, shape and element strides.
 struct Tensor {
-    const float* data;
+    const void* data;
     int ndim;
     int64_t shape[2];
     int64_t strides[2];
@@ -97,14 +105,16 @@ bool int64_items(const py::object& obj, int64_t* items, Py_ssize_t n) {
     return true;
 }
 
-// The torch.Tensor obj as a Tensor of ndim dims, checked: float32, dense, on the CPU, not a
-// negated view, sizes and strides in 32-bit BLAS range, a non-null aligned data pointer.
-Tensor tensor(py::handle obj, const char* name, int ndim) {
+// The torch.Tensor obj as a Tensor of ndim dims, checked: float32 (int64 if integer), dense, on the
+// CPU, not a negated view, sizes and strides in 32-bit BLAS range, a non-null aligned data pointer.
+Tensor tensor(py::handle obj, const char* name, int ndim, bool integer = false) {
     const TorchApi& api = *torch_api;
     if (!PyObject_TypeCheck(obj.ptr(), api.tensor_type))
         throw py::type_error(std::string(name) + " must be a torch.Tensor, got " + Py_TYPE(obj.ptr())->tp_name);
     const py::object dtype = attribute(obj, api.dtype, false, name);
-    CHECK_ARG(dtype.ptr() == api.float32, std::string(name) + " must be float32, got " + std::string(py::str(dtype)));
+    CHECK_ARG(dtype.ptr() == (integer ? api.int64 : api.float32),
+              std::string(name) + (integer ? " must be int64, got " : " must be float32, got ") +
+                  std::string(py::str(dtype)));
     CHECK_ARG(attribute(obj, api.is_cpu, false, name).ptr() == Py_True,
               std::string(name) + " must be on the CPU, got " +
                   std::string(py::str(attribute(obj, api.device, false, name))));
@@ -130,8 +140,9 @@ Tensor tensor(py::handle obj, const char* name, int ndim) {
         fail(std::string(name) + ": data_ptr() is not an address: " + error.what());
     }
     CHECK_ARG(t.numel() == 0 || address != 0, std::string(name) + " has a null data pointer");
-    CHECK_ARG(address % alignof(float) == 0, std::string(name) + "'s data pointer is not float-aligned");
-    t.data = reinterpret_cast<const float*>(static_cast<uintptr_t>(address));
+    CHECK_ARG(address % (integer ? alignof(int64_t) : alignof(float)) == 0,
+              std::string(name) + "'s data pointer is not aligned to its elements");
+    t.data = reinterpret_cast<const void*>(static_cast<uintptr_t>(address));
     return t;
 }
 
@@ -151,8 +162,9 @@ Matrix matrix(py::handle obj, const char* name, bool column_major_ok) {
               ", got shape " + shape_of(a) + " with element strides (" + std::to_string(rs) + ", " +
               std::to_string(cs) + ")");
     CHECK_ARG(rs < INT_MAX && cs < INT_MAX, std::string(name) + " has strides too large for 32-bit BLAS");
-    if (row_major) return {a.data, rows, cols, rs, 1};
-    return {a.data, rows, cols, 1, cs};
+    const float* data = static_cast<const float*>(a.data);
+    if (row_major) return {data, rows, cols, rs, 1};
+    return {data, rows, cols, 1, cs};
 }
 
 bool c_contiguous(const Tensor& t) {
@@ -178,7 +190,7 @@ const float* contiguous(const Tensor& a, const char* name, std::initializer_list
     want += shape.size() == 1 ? ",)" : ")";
     CHECK_ARG(same, std::string(name) + " must have shape " + want + ", got " + shape_of(a));
     CHECK_ARG(c_contiguous(a), std::string(name) + " must be C-contiguous");
-    return a.data;
+    return static_cast<const float*>(a.data);
 }
 
 const float* contiguous(py::handle obj, const char* name, std::initializer_list<int64_t> shape) {
@@ -248,6 +260,160 @@ void backward(py::handle dx, py::handle dA, py::handle dB, py::handle grad_out, 
     fastlora::lora_backward(p, dy.data, dy.row_stride, dx_data, dA_data, dB_data);
 }
 
+// The items of obj, a list or tuple, as a tuple (a list is copied, so that the tensors outlive the
+// call whatever happens to the list); n >= 0 requires that many items, one per adapter.
+py::tuple items(py::handle obj, const char* name, Py_ssize_t n) {
+    if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr()))
+        throw py::type_error(std::string(name) + " must be a list or tuple, got " + Py_TYPE(obj.ptr())->tp_name);
+    PyObject* tuple = PySequence_Tuple(obj.ptr());
+    if (tuple == nullptr) throw py::error_already_set();
+    py::tuple t = py::reinterpret_steal<py::tuple>(tuple);
+    CHECK_ARG(n < 0 || PyTuple_GET_SIZE(tuple) == n, std::string(name) + " must have one item per adapter (" +
+                                                         std::to_string(n) + ", as lora_As), got " +
+                                                         std::to_string(PyTuple_GET_SIZE(tuple)));
+    return t;
+}
+
+// name[i] ("lora_As[3]"), made once and kept in names: the checks take the name of every tensor
+// they check, and a deque does not move its strings as it grows (the GIL guards it).
+const char* item_name(std::deque<std::string>& names, const char* name, Py_ssize_t i) {
+    while (static_cast<Py_ssize_t>(names.size()) <= i)
+        names.push_back(std::string(name) + "[" + std::to_string(names.size()) + "]");
+    return names[static_cast<size_t>(i)].c_str();
+}
+
+double number(py::handle obj, const char* name, Py_ssize_t i) {
+    const double value = PyFloat_AsDouble(obj.ptr());
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::type_error(std::string(name) + "[" + std::to_string(i) + "] must be a number, got " +
+                             Py_TYPE(obj.ptr())->tp_name);
+    }
+    return value;
+}
+
+std::string shape_of(const Matrix& m) { return "(" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + ")"; }
+
+// A mixed batch's arguments, checked, and the tuples that hold its adapters' tensors.
+struct MixedArgs {
+    fastlora::MixedProblem problem;
+    py::tuple As, Bs;
+};
+
+MixedArgs mixed_args(py::handle x, py::handle weight, py::handle bias, py::handle lora_As, py::handle lora_Bs,
+                     py::handle scales, py::handle dropout_ps, py::handle adapter_ids, int64_t seed, int threads,
+                     bool base_product) {
+    MixedArgs args;
+    fastlora::MixedProblem& p = args.problem;
+    p.x = matrix(x, "x", false);
+    p.weight = matrix(weight, "weight", true);
+    const int64_t m = p.x.rows, in = p.x.cols, out = p.weight.rows;
+    CHECK_ARG(p.weight.cols == in, "weight must be (out, " + std::to_string(in) + ") to match x " + shape_of(p.x) +
+                                       ", got " + shape_of(p.weight));
+    p.bias = bias.is_none() ? nullptr : contiguous(bias, "bias", {out});
+    args.As = items(lora_As, "lora_As", -1);
+    const Py_ssize_t n = PyTuple_GET_SIZE(args.As.ptr());
+    args.Bs = items(lora_Bs, "lora_Bs", n);
+    const py::tuple scale_items = items(scales, "scales", n), p_items = items(dropout_ps, "dropout_ps", n);
+    static std::deque<std::string> a_names, b_names;
+    p.adapters.reserve(static_cast<size_t>(n));
+    for (Py_ssize_t a = 0; a < n; ++a) {
+        const char* a_name = item_name(a_names, "lora_As", a);
+        const char* b_name = item_name(b_names, "lora_Bs", a);
+        const Matrix A = matrix(PyTuple_GET_ITEM(args.As.ptr(), a), a_name, true);
+        CHECK_ARG(A.cols == in && A.rows >= 1, std::string(a_name) + " must be (rank, " + std::to_string(in) +
+                                                   ") with rank >= 1 to match x " + shape_of(p.x) + ", got " +
+                                                   shape_of(A));
+        const Matrix B = matrix(PyTuple_GET_ITEM(args.Bs.ptr(), a), b_name, true);
+        CHECK_ARG(B.rows == out && B.cols == A.rows,
+                  std::string(b_name) + " must be (" + std::to_string(out) + ", " + std::to_string(A.rows) +
+                      ") to match weight " + shape_of(p.weight) + " and " + a_name + " " + shape_of(A) + ", got " +
+                      shape_of(B));
+        const double scale = number(PyTuple_GET_ITEM(scale_items.ptr(), a), "scales", a);
+        const double dropout_p = number(PyTuple_GET_ITEM(p_items.ptr(), a), "dropout_ps", a);
+        CHECK_ARG(std::isfinite(scale), "scales[" + std::to_string(a) + "] must be finite");
+        CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0,
+                  "dropout_ps[" + std::to_string(a) + "] must be in [0, 1), got " + std::to_string(dropout_p));
+        // As the single-adapter op: the scale in float, 1 / (1 - p) folded in through double, and
+        // reference.dropout_threshold's int(p * 2**32) - 2**31.
+        const float scale_f = static_cast<float>(scale), p_f = static_cast<float>(dropout_p);
+        const int64_t threshold = static_cast<int64_t>(dropout_p * 4294967296.0) - (int64_t{1} << 31);
+        p.adapters.push_back({A, B, static_cast<float>(double{scale_f} / (1.0 - double{p_f})), p_f,
+                              static_cast<int32_t>(threshold)});
+    }
+    const Tensor ids = tensor(adapter_ids, "adapter_ids", 1, true);
+    CHECK_ARG(ids.shape[0] == m, "adapter_ids must have shape (" + std::to_string(m) + ",), one per row of x, got " +
+                                     shape_of(ids));
+    const int64_t* id = static_cast<const int64_t*>(ids.data);
+    const int64_t stride = ids.strides[0];
+    for (int64_t i = 0; i < m; ++i)
+        CHECK_ARG(id[i * stride] >= -1 && id[i * stride] < n,
+                  "adapter_ids[" + std::to_string(i) + "] = " + std::to_string(id[i * stride]) +
+                      " is out of range [-1, " + std::to_string(n) + ") for " + std::to_string(n) +
+                      " adapters (-1: no adapter)");
+    CHECK_ARG(threads >= 1, "threads must be >= 1");
+    p.seed = static_cast<uint64_t>(seed);
+    p.threads = std::min(threads, 256);
+    p.base_product = base_product;
+    fastlora::group_rows(p, id, stride);
+    return args;
+}
+
+void forward_mixed(py::handle out, py::handle x, py::handle weight, py::handle bias, py::handle lora_As,
+                   py::handle lora_Bs, py::handle scales, py::handle dropout_ps, py::handle adapter_ids, int64_t seed,
+                   int threads, bool base_product) {
+    const MixedArgs args = mixed_args(x, weight, bias, lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed,
+                                      threads, base_product);
+    float* y = output(out, "out", {args.problem.x.rows, args.problem.weight.rows});
+    py::gil_scoped_release release;
+    fastlora::lora_forward_mixed(args.problem, y);
+}
+
+// A new float32 (rows, cols) tensor.
+py::object new_tensor(int64_t rows, int64_t cols) {
+    const py::tuple shape = py::make_tuple(rows, cols);
+    PyObject* t = PyObject_Call(torch_api->empty, shape.ptr(), torch_api->float32_kwargs);
+    if (t == nullptr) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(t);
+}
+
+py::tuple backward_mixed(py::handle dx, py::handle grad_out, py::handle x, py::handle weight, py::handle lora_As,
+                         py::handle lora_Bs, py::handle scales, py::handle dropout_ps, py::handle adapter_ids,
+                         int64_t seed, py::handle need_lora, int threads, bool base_product) {
+    const MixedArgs args = mixed_args(x, weight, py::none(), lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed,
+                                      threads, base_product);
+    const fastlora::MixedProblem& p = args.problem;
+    const int64_t m = p.x.rows, in = p.x.cols, out = p.weight.rows;
+    const Matrix dy = matrix(grad_out, "grad_out", false);
+    CHECK_ARG(dy.rows == m && dy.cols == out, "grad_out must be (" + std::to_string(m) + ", " + std::to_string(out) +
+                                                  "), got " + shape_of(dy));
+    float* dx_data = dx.is_none() ? nullptr : output(dx, "dx", {m, in});
+    const Py_ssize_t n = static_cast<Py_ssize_t>(p.adapters.size());
+    const py::tuple needs = items(need_lora, "need_lora", n);
+    py::list dAs, dBs;
+    std::vector<float*> dA(static_cast<size_t>(n), nullptr), dB(static_cast<size_t>(n), nullptr);
+    for (Py_ssize_t a = 0; a < n; ++a) {
+        const int need = PyObject_IsTrue(PyTuple_GET_ITEM(needs.ptr(), a));
+        if (need < 0) throw py::error_already_set();
+        if (!need || p.starts[a + 2] == p.starts[a + 1]) {  // not wanted, or no row names the adapter
+            dAs.append(py::none());
+            dBs.append(py::none());
+            continue;
+        }
+        const int64_t rank = p.adapters[static_cast<size_t>(a)].A.rows;
+        const py::object da = new_tensor(rank, in), db = new_tensor(out, rank);
+        dA[static_cast<size_t>(a)] = output(da, "dA", {rank, in});
+        dB[static_cast<size_t>(a)] = output(db, "dB", {out, rank});
+        dAs.append(da);
+        dBs.append(db);
+    }
+    {
+        py::gil_scoped_release release;
+        fastlora::lora_backward_mixed(p, dy.data, dy.row_stride, dx_data, dA, dB);
+    }
+    return py::make_tuple(dAs, dBs);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -264,6 +430,18 @@ PYBIND11_MODULE(_C, m) {
           py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"),
           py::arg("threshold"), py::arg("seed"), py::arg("threads"), py::arg("base_product") = true,
           "Writes dx, dA, dB (each skipped when None) of the forward with the same arguments; dx without "
+          "grad_out weight if base_product is False.");
+    m.def("forward_mixed", &forward_mixed, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
+          py::arg("lora_As"), py::arg("lora_Bs"), py::arg("scales"), py::arg("dropout_ps"), py::arg("adapter_ids"),
+          py::arg("seed"), py::arg("threads"), py::arg("base_product") = true,
+          "A mixed batch: out[i] = x[i] weight^T + bias + scales[a] (dropout(x[i]) lora_As[a]^T) lora_Bs[a]^T with "
+          "a = adapter_ids[i] (int64; -1: none), dropout_ps[a] per adapter; without x weight^T if base_product "
+          "is False.");
+    m.def("backward_mixed", &backward_mixed, py::arg("dx"), py::arg("grad_out"), py::arg("x"), py::arg("weight"),
+          py::arg("lora_As"), py::arg("lora_Bs"), py::arg("scales"), py::arg("dropout_ps"), py::arg("adapter_ids"),
+          py::arg("seed"), py::arg("need_lora"), py::arg("threads"), py::arg("base_product") = true,
+          "Writes dx (skipped when None) of forward_mixed with the same arguments and returns (dAs, dBs): each "
+          "adapter's gradients from its own rows, None where need_lora[a] is false or no row names it; dx without "
           "grad_out weight if base_product is False.");
     m.def("supported_isas", &fastlora::supported_isas, "Instruction sets usable on this CPU, narrowest first.");
     m.def("isa", [] { return std::string(fastlora::active_kernels().name); }, "The instruction set in use.");

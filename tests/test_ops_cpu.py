@@ -1,4 +1,5 @@
-"""Tests specific to the C++ cpu backend: kernel paths, layouts, threads, robustness, bad calls."""
+"""Tests specific to the C++ cpu backend, single-adapter and mixed-batch: kernel paths, layouts, threads,
+robustness, bad calls."""
 
 import importlib
 import sys
@@ -252,3 +253,202 @@ def test_extension_shares_pytorchs_openmp_runtime():
     runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
                 if "libgomp" in line or "libiomp" in line or "libomp" in line}
     assert len(runtimes) == 1, runtimes
+
+
+# Mixed batches (each row its own adapter): forward_mixed / backward_mixed against the reference's.
+
+def make_mixed(m, n_in, n_out, ranks, conv1d=False, lora_col_major=False, seed=0):
+    """x, weight, bias and one (A, B) per rank; with lora_col_major, A and B are transposed views."""
+    x, weight, bias, _, _ = make(m, n_in, n_out, 1, conv1d=conv1d, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    As = [torch.randn(r, n_in, generator=gen) * n_in**-0.5 for r in ranks]
+    Bs = [torch.randn(n_out, r, generator=gen) * r**-0.5 for r in ranks]
+    if lora_col_major:
+        As, Bs = [A.t().contiguous().t() for A in As], [B.t().contiguous().t() for B in Bs]
+    return x, weight, bias, As, Bs
+
+
+def check_mixed(x, weight, bias, As, Bs, ids, scales, ps, seed=11, need_dx=True, need_lora=None,
+                tol=TOLERANCE[torch.float32]):
+    """The backend's forward_mixed and backward_mixed against the reference's in float64."""
+    need_lora = [True] * len(As) if need_lora is None else need_lora
+    seed_t = torch.tensor(seed)
+    y = cpu.forward_mixed(x, weight, bias, As, Bs, scales, ps, ids, seed_t)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    dx, dAs, dBs = cpu.backward_mixed(grad, x, weight, As, Bs, scales, ps, ids, seed_t, need_dx, need_lora)
+    f64 = [t.double() for t in As], [t.double() for t in Bs]
+    y_ref = reference.forward_mixed(x.double(), weight.double(), bias.double() if bias is not None else None, *f64,
+                                    scales, ps, ids, seed_t)
+    dx_ref, dAs_ref, dBs_ref = reference.backward_mixed(grad.double(), x.double(), weight.double(), *f64, scales, ps,
+                                                        ids, seed_t, need_dx, need_lora)
+    pairs = [("y", y, y_ref)] + ([("dx", dx, dx_ref)] if need_dx else [])
+    assert (dx is None) == (not need_dx)
+    for a, (dA, dB, dA_ref, dB_ref) in enumerate(zip(dAs, dBs, dAs_ref, dBs_ref, strict=True)):
+        assert (dA is None) == (dA_ref is None) and (dB is None) == (dB_ref is None), f"adapter {a}"
+        if dA is not None:
+            pairs += [(f"dA[{a}]", dA, dA_ref), (f"dB[{a}]", dB, dB_ref)]
+    for name, got, want in pairs:
+        assert got.dtype == torch.float32 and got.shape == want.shape, name
+        if want.numel():
+            assert rel_err(got, want) <= tol, f"{name} error {rel_err(got, want):.2e}"
+
+
+@pytest.fixture(params=[1, 2], ids=["1t", "2t"])
+def threads(request):
+    yield from _torch_threads(request.param)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 40, 600], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "col-major-lora"])
+def test_mixed_every_kernel_path_matches_the_reference(isa, gemm, threads, m, layout):
+    """The fused decode pass (M <= 8), sgemv (few rows an adapter), transposed-B and column-major-B updates,
+    column and row splits, every ISA and GEMM, 1 and 2 threads; ranks off the vector width, rows without an
+    adapter, an adapter that no row names, dropout differing between adapters."""
+    ranks = [16, 1, 17, 4, 64, 3]
+    x, weight, bias, As, Bs = make_mixed(m, 97, 203, ranks, conv1d=layout == "conv1d",
+                                         lora_col_major=layout == "col-major-lora", seed=m)
+    ids = torch.randint(-1, len(ranks) - 1, (m,), generator=torch.Generator().manual_seed(m))  # none names the last
+    ids[0] = 0  # M = 1: not rank 1, whose dA, dB would be a single dot product, too ill-conditioned for 1e-5
+    check_mixed(x, weight, bias, As, Bs, ids, [1.5, 0.5, 2.0, 1.0, 0.25, 3.0], [0.1, 0.0, 0.3, 0.2, 0.0, 0.1])
+
+
+@pytest.mark.parametrize("m", [1, 8, 64, 600], ids=lambda m: f"M{m}")
+def test_mixed_many_adapters_of_mixed_ranks(gemm, threads, m):
+    """64 adapters of ranks 1 to 64 spread over the rows; some need no gradients; no bias."""
+    ranks = [1 + (7 * a) % 64 for a in range(64)]
+    x, weight, _, As, Bs = make_mixed(m, 48, 80, ranks, seed=m)
+    ids = torch.arange(m) * 37 % 64
+    need = [a % 5 != 0 for a in range(64)]
+    check_mixed(x, weight, None, As, Bs, ids, [0.5 + a / 32 for a in range(64)], [0.1 * (a % 3) for a in range(64)],
+                need_lora=need)
+
+
+@pytest.mark.parametrize("m", [3, 700], ids=lambda m: f"M{m}")
+def test_mixed_backward_without_dx_or_lora_gradients(two_threads, gemm, m):
+    """Each of dx and the adapters' gradients alone; one adapter's rows split between threads."""
+    x, weight, bias, As, Bs = make_mixed(m, 64, 40, [8, 2])
+    ids = torch.where(torch.arange(m) % 3 == 0, -1, torch.arange(m) % 2)
+    check_mixed(x, weight, bias, As, Bs, ids, [2.0, 1.0], [0.2, 0.0], need_dx=False)
+    check_mixed(x, weight, bias, As, Bs, ids, [2.0, 1.0], [0.2, 0.0], need_lora=[False, False])
+
+
+def test_mixed_inputs_with_strides_and_edge_shapes(two_threads):
+    """Row-strided x, strided adapter_ids, no rows, only rows without an adapter, no adapters at all."""
+    x, weight, bias, As, Bs = make_mixed(150, 40, 72, [4, 8], seed=3)
+    wide = torch.zeros(150, 100)
+    wide[:, :40] = x
+    ids = torch.arange(300).remainder(3).sub(1)[::2]
+    assert not ids.is_contiguous()
+    check_mixed(wide[:, :40], weight, bias, As, Bs, ids, [1.0, 2.0], [0.1, 0.2])
+    check_mixed(x[:0], weight, bias, As, Bs, ids[:0], [1.0, 2.0], [0.1, 0.2])
+    check_mixed(x[:9], weight, bias, As, Bs, torch.full((9,), -1), [1.0, 2.0], [0.1, 0.2])
+    check_mixed(x[:9], weight, bias, [], [], torch.full((9,), -1), [], [])
+
+
+def test_mixed_dropout_mask_is_the_reference_mask_bit_for_bit(isa):
+    """With W = 0, A = B = I and no bias, row i is exactly dropout(x_i) with its adapter's p."""
+    n, m, seed = 75, 301, (5 << 32) + 17
+    x = torch.rand(m, n) + 0.5  # no zeros of its own
+    eye = torch.eye(n)
+    ps = [0.3, 0.0, 0.6]
+    ids = torch.arange(m) % 3
+    y = cpu.forward_mixed(x, torch.zeros(n, n), None, [eye] * 3, [eye] * 3, [1.0] * 3, ps, ids, torch.tensor(seed))
+    for a, p in enumerate(ps):
+        rows = ids == a
+        keep = dropout_keep_mask(torch.tensor(seed), m, n, p, torch.device("cpu"))[rows] if p else torch.ones(1)
+        assert torch.equal(y[rows] != 0, keep.expand_as(y[rows]))
+        torch.testing.assert_close(y[rows], x[rows] * keep / (1 - p), rtol=1e-6, atol=0)
+
+
+def _good_mixed_args():
+    m, n_in, n_out = 5, 6, 7
+    return dict(out=torch.zeros(m, n_out), x=torch.ones(m, n_in), weight=torch.ones(n_out, n_in),
+                bias=torch.ones(n_out), lora_As=[torch.ones(2, n_in), torch.ones(3, n_in)],
+                lora_Bs=[torch.ones(n_out, 2), torch.ones(n_out, 3)], scales=[1.0, 2.0], dropout_ps=[0.1, 0.0],
+                adapter_ids=torch.tensor([0, -1, 1, 1, 0]), seed=3, threads=2)
+
+
+BAD_MIXED_ARGS = {  # (the bad arguments, what the error must say)
+    "As not a list": (dict(lora_As=torch.ones(2, 6)), "lora_As must be a list or tuple, got Tensor"),
+    "Bs too few": (dict(lora_Bs=[torch.ones(7, 2)]),
+                   r"lora_Bs must have one item per adapter \(2, as lora_As\), got 1"),
+    "scales too many": (dict(scales=[1.0, 2.0, 3.0]), r"scales must have one item per adapter \(2, .*got 3"),
+    "dropout_ps too few": (dict(dropout_ps=(0.1,)), r"dropout_ps must have one item per adapter"),
+    "A numpy": (dict(lora_As=[np.ones((2, 6), np.float32), torch.ones(3, 6)]),
+                r"lora_As\[0\] must be a torch.Tensor, got numpy.ndarray"),
+    "A float64": (dict(lora_As=[torch.ones(2, 6), torch.ones(3, 6, dtype=torch.float64)]),
+                  r"lora_As\[1\] must be float32, got torch.float64"),
+    "A in mismatch": (dict(lora_As=[torch.ones(2, 6), torch.ones(3, 5)]),
+                      r"lora_As\[1\] must be \(rank, 6\) with rank >= 1 to match x \(5, 6\), got \(3, 5\)"),
+    "A rank 0": (dict(lora_As=[torch.ones(0, 6), torch.ones(3, 6)], lora_Bs=[torch.ones(7, 0), torch.ones(7, 3)]),
+                 r"lora_As\[0\] must be \(rank, 6\) with rank >= 1"),
+    "B rank mismatch": (dict(lora_Bs=[torch.ones(7, 2), torch.ones(7, 2)]),
+                        r"lora_Bs\[1\] must be \(7, 3\) to match weight \(7, 6\) and lora_As\[1\] \(3, 6\), "
+                        r"got \(7, 2\)"),
+    "B out mismatch": (dict(lora_Bs=[torch.ones(8, 2), torch.ones(7, 3)]), r"lora_Bs\[0\] must be \(7, 2\)"),
+    "B no unit stride": (dict(lora_Bs=[torch.ones(14, 4)[::2, ::2], torch.ones(7, 3)]),
+                         r"lora_Bs\[0\] must be row- or column-major"),
+    "B on meta": (dict(lora_Bs=[torch.ones(7, 2), torch.ones(7, 3, device="meta")]),
+                  r"lora_Bs\[1\] must be on the CPU"),
+    "scale not a number": (dict(scales=[1.0, "2"]), r"scales\[1\] must be a number, got str"),
+    "scale inf": (dict(scales=[float("inf"), 1.0]), r"scales\[0\] must be finite"),
+    "dropout 1": (dict(dropout_ps=[0.1, 1.0]), r"dropout_ps\[1\] must be in \[0, 1\), got 1"),
+    "negative dropout": (dict(dropout_ps=[-0.1, 0.0]), r"dropout_ps\[0\] must be in \[0, 1\)"),
+    "id too large": (dict(adapter_ids=torch.tensor([0, -1, 2, 1, 0])),
+                     r"adapter_ids\[2\] = 2 is out of range \[-1, 2\) for 2 adapters \(-1: no adapter\)"),
+    "id below -1": (dict(adapter_ids=torch.tensor([0, -1, 1, 1, -2])), r"adapter_ids\[4\] = -2 is out of range"),
+    "ids int32": (dict(adapter_ids=torch.tensor([0, -1, 1, 1, 0], dtype=torch.int32)),
+                  "adapter_ids must be int64, got torch.int32"),
+    "ids length": (dict(adapter_ids=torch.tensor([0, 1, 1])), r"adapter_ids must have shape \(5,\), one per row of x, "
+                                                              r"got \(3,\)"),
+    "ids 2-D": (dict(adapter_ids=torch.zeros(5, 1, dtype=torch.int64)), "adapter_ids must have 1 dims"),
+    "ids list": (dict(adapter_ids=[0, -1, 1, 1, 0]), "adapter_ids must be a torch.Tensor, got list"),
+    "x float64": (dict(x=torch.ones(5, 6, dtype=torch.float64)), "x must be float32, got torch.float64"),
+    "weight in mismatch": (dict(weight=torch.ones(7, 5)),
+                           r"weight must be \(out, 6\) to match x \(5, 6\), got \(7, 5\)"),
+    "bias shape": (dict(bias=torch.ones(3)), r"bias must have shape \(7,\), got \(3,\)"),
+    "out shape": (dict(out=torch.zeros(5, 6)), r"out must have shape \(5, 7\)"),
+    "zero threads": (dict(threads=0), "threads must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_MIXED_ARGS, ids=list(BAD_MIXED_ARGS))
+def test_malformed_mixed_calls_raise_naming_the_argument(bad):
+    args = _good_mixed_args()
+    cpu._C.forward_mixed(**args)  # the good call works
+    changes, message = BAD_MIXED_ARGS[bad]
+    args.update(changes)
+    with pytest.raises((ValueError, TypeError), match=message):
+        cpu._C.forward_mixed(**args)
+
+
+def test_malformed_mixed_backward_calls_raise():
+    a = _good_mixed_args()
+    del a["out"], a["bias"]
+    good = dict(a, dx=torch.zeros(5, 6), grad_out=torch.ones(5, 7), need_lora=[True, False])
+    dAs, dBs = cpu._C.backward_mixed(**good)
+    assert [t is None for t in dAs + dBs] == [False, True, False, True]
+    bad_args = [(dict(grad_out=torch.ones(5, 6)), r"grad_out must be \(5, 7\), got \(5, 6\)"),
+                (dict(dx=torch.zeros(6, 5)), r"dx must have shape \(5, 6\)"),
+                (dict(need_lora=[True]), r"need_lora must have one item per adapter \(2, as lora_As\), got 1"),
+                (dict(need_lora=True), "need_lora must be a list or tuple, got bool"),
+                (dict(adapter_ids=torch.tensor([0, 5, 1, 1, 0])), r"adapter_ids\[1\] = 5 is out of range")]
+    for bad, message in bad_args:
+        with pytest.raises((ValueError, TypeError), match=message):
+            cpu._C.backward_mixed(**(good | bad))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_repeated_mixed_calls_do_not_grow_memory(one_thread):
+    x, weight, bias, As, Bs = make_mixed(64, 48, 80, [4, 2, 8])
+    ids, seed, grad = torch.arange(64) % 4 - 1, torch.tensor(1), torch.randn(64, 80)
+
+    def calls(n):
+        for _ in range(n):
+            cpu.forward_mixed(x, weight, bias, As, Bs, [1.0] * 3, [0.1] * 3, ids, seed)
+            cpu.backward_mixed(grad, x, weight, As, Bs, [1.0] * 3, [0.1] * 3, ids, seed, True, [True] * 3)
+
+    calls(500)
+    before = _rss_bytes()
+    calls(5000)
+    assert _rss_bytes() - before < 8 * 2**20

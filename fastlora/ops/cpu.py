@@ -1,4 +1,5 @@
-"""The cpu backend: fp32 LoRA forward and backward in the C++ extension ``fastlora._C``.
+"""The cpu backend: fp32 LoRA forward and backward in the C++ extension ``fastlora._C``, for one
+adapter and for mixed batches (each row its own adapter, see :mod:`fastlora.ops.mixed`).
 
 The extension writes bias + dropout + rank-R update into the output (and dx's masked rank-R
 term, dA and dB in one pass in backward); the base product ``x W^T`` (``dy W``) is accumulated
@@ -135,3 +136,38 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     if need_dx and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dA, dB
+
+
+def _mixed_seed(seed: Tensor, dropout_ps: list[float]) -> int:
+    return int(seed) if any(dropout_ps) else 0
+
+
+def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
+    """``(M, out)`` mixed-batch output: :func:`fastlora._C.forward_mixed` (which groups the rows by adapter and
+    checks every argument), then ``+= x W^T`` if torch does the GEMM."""
+    x, weight = _rows_unit_stride(x), _weight_view(weight)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    in_extension = _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
+    _C.forward_mixed(out, x, weight, None if bias is None else bias.contiguous(), lora_As, lora_Bs, scales, dropout_ps,
+                     adapter_ids, _mixed_seed(seed, dropout_ps), torch.get_num_threads(), in_extension)
+    if not in_extension:
+        out.addmm_(x.detach(), weight.detach().t())
+    return out
+
+
+def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor, need_dx: bool,
+                   need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
+    """``(dx, dAs, dBs)`` of :func:`forward_mixed`: :func:`fastlora._C.backward_mixed` (which makes dA, dB for
+    each adapter that ``need_lora`` asks for and some row names, None otherwise), then ``dx += dy W`` if torch
+    does the GEMM."""
+    grad_out, weight = _rows_unit_stride(grad_out), _weight_view(weight)
+    dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None
+    in_extension = _gemm == "openblas"
+    dAs, dBs = _C.backward_mixed(dx, grad_out, _rows_unit_stride(x), weight, lora_As, lora_Bs, scales, dropout_ps,
+                                 adapter_ids, _mixed_seed(seed, dropout_ps), need_lora, torch.get_num_threads(),
+                                 in_extension)
+    if need_dx and not in_extension:
+        dx.addmm_(grad_out.detach(), weight.detach())
+    return dx, dAs, dBs
