@@ -69,11 +69,13 @@ step backends 30 "$PY" -m fastlora
 # Correctness first, triton-focused (no -x: every failure is worth seeing), then the timings,
 # then the rest of the suite.
 # The op suites in every dtype (fp32, fp16, bf16) on the GPU, CUDA fp16/bf16 autocast on every target kind,
-# mixed-adapter batches; then FSDP2 and DDP over nccl (one GPU: one rank) against the one-process run.
-TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops.py tests/test_ops_triton.py tests/test_ops_mixed.py \
+# mixed-adapter batches; then the layer and training-step timings, mixed-adapter batches against peft, and FSDP2
+# and DDP over nccl (one GPU: one rank) against the one-process run.
+TAIL=40 step pytest_triton 180 "$PY" -m pytest tests/test_ops.py tests/test_ops_triton.py tests/test_ops_mixed.py \
     tests/test_autocast.py -q --maxfail=15 -p no:cacheprovider
-step distributed_cuda 90 bash tests/distributed_cuda.sh "$PY" "$OUT"
-TAIL=70 step gpu_bench 240 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+TAIL=70 step gpu_bench 200 "$PY" benchmarks/gpu_bench.py --out "$OUT"
+TAIL=40 step mixed_bench 60 "$PY" benchmarks/mixed.py --device cuda --repeats 5
+step distributed_cuda 60 bash tests/distributed_cuda.sh "$PY" "$OUT"
 step pytest_rest 90 "$PY" -m pytest tests -x -q -p no:cacheprovider \
     --ignore=tests/test_ops.py --ignore=tests/test_ops_triton.py --ignore=tests/test_ops_mixed.py \
     --ignore=tests/test_autocast.py --ignore=tests/test_distributed.py
