@@ -220,14 +220,6 @@ BAD_FORWARD_ARGS = {  # (the bad arguments, what the error must say)
 }
 
 
-@pytest.mark.parametrize("bad", BAD_FORWARD_ARGS, ids=list(BAD_FORWARD_ARGS))
-def test_malformed_direct_calls_raise_naming_the_argument(bad):
-    args = _good_args()
-    cpu._C.forward(**args)  # the good call works
-    changes, message = BAD_FORWARD_ARGS[bad]
-    args.update(changes)
-    with pytest.raises((ValueError, TypeError), match=message):
-        cpu._C.forward(**args)
 
 
 def test_malformed_backward_calls_raise():
@@ -412,14 +404,18 @@ BAD_MIXED_ARGS = {  # (the bad arguments, what the error must say)
 }
 
 
-@pytest.mark.parametrize("bad", BAD_MIXED_ARGS, ids=list(BAD_MIXED_ARGS))
-def test_malformed_mixed_calls_raise_naming_the_argument(bad):
-    args = _good_mixed_args()
-    cpu._C.forward_mixed(**args)  # the good call works
-    changes, message = BAD_MIXED_ARGS[bad]
-    args.update(changes)
+MALFORMED_CALLS = [("forward", _good_args, name, *BAD_FORWARD_ARGS[name]) for name in BAD_FORWARD_ARGS] + \
+    [("forward_mixed", _good_mixed_args, name, *BAD_MIXED_ARGS[name]) for name in BAD_MIXED_ARGS]
+
+
+@pytest.mark.parametrize(("function", "good_args", "name", "changes", "message"), MALFORMED_CALLS,
+                         ids=[f"{c[0]}-{c[2]}" for c in MALFORMED_CALLS])
+def test_malformed_direct_calls_raise_naming_the_argument(function, good_args, name, changes, message):
+    call = getattr(cpu._C, function)
+    args = good_args()
+    call(**args)  # the good call works
     with pytest.raises((ValueError, TypeError), match=message):
-        cpu._C.forward_mixed(**args)
+        call(**args | changes)
 
 
 def test_malformed_mixed_backward_calls_raise():

@@ -126,6 +126,23 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
 
 
+@triton.jit
+def _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``x @ W.T`` from the tiles' first K-step pointers: a loop of
+    loads masked along K only, and dots."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
 @triton.jit(do_not_specialize=[*_SHAPE, "stride_bn"])
 def _lora_forward_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R,
@@ -147,14 +164,7 @@ def _lora_forward_kernel(
     safe_n = (offs_n % N).to(tl.int64)
     x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     offs_r = tl.arange(0, R_PAD)
     h = tl.load(h_ptr + safe_m[:, None] * R_PAD + offs_r[None, :])
@@ -371,14 +381,7 @@ def _mixed_gemm_kernel(
     rows = tl.load(order_ptr + offs_m % M).to(tl.int64)  # sorted positions past the end: a valid row, never stored
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     ids = tl.load(ids_ptr + offs_m, mask=row_ok, other=-1)
     adapter, segments = _first_segment(ids_ptr, offs_m, ids, M, pid_m * BLOCK_M)
