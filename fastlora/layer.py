@@ -213,10 +213,10 @@ class LoRALinear(nn.Module):
         if x.dim() < 2 or x.shape[0] != ids.shape[0]:
             raise ValueError(f"use_adapters gave {ids.shape[0]} adapter names but this layer's input {tuple(x.shape)} "
                              f"has {x.shape[0] if x.dim() >= 2 else 'no'} sequences (one name per row of the batch)")
-        adapters = [self.adapters[n] for n in names]
+        adapters = [self.adapters[n] for n in names]  # ids stay on the CPU: range-checking them needs no GPU sync
         return lora_linear_mixed(x, self.base_weight(), self.base_layer.bias, [a.lora_A for a in adapters],
                                  [a.lora_B for a in adapters], [a.scale for a in adapters],
-                                 ids.to(x.device, non_blocking=True), [a.dropout for a in adapters], self.training,
+                                 ids, [a.dropout for a in adapters], self.training,
                                  slices=[a.slices for a in adapters])
 
     def set_mixed(self, names: Sequence[str | None] | None) -> None:

@@ -73,7 +73,7 @@ def _row_ids(adapter_ids: Tensor, x: Tensor, adapters: int) -> Tensor:
     if adapter_ids.numel() and not -1 <= int(adapter_ids.min()) <= int(adapter_ids.max()) < adapters:
         raise ValueError(f"adapter_ids must be in [-1, {adapters}) for {adapters} adapters (-1: no adapter), "
                          f"got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}")
-    ids = adapter_ids.to(device=x.device, dtype=torch.int64)
+    ids = adapter_ids.to(device=x.device, dtype=torch.int64, non_blocking=True)
     return ids.reshape(*ids.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
 
 
