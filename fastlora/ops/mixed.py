@@ -10,6 +10,7 @@ Backends provide ``forward_mixed`` / ``backward_mixed``; one that has none would
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -77,6 +78,16 @@ def _row_ids(adapter_ids: Tensor, x: Tensor, adapters: int) -> Tensor:
     return ids.reshape(*ids.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
 
 
+def _like_the_first(A: Tensor, B: Tensor, first: tuple[Tensor, Tensor], scale, dropout_p, slices, first_slices) -> bool:
+    """Whether an adapter passes what :func:`_validate` checks, given that the first adapter did: the same
+    layout of A and B up to the rank, dtype and device, with a finite scale and a dropout in [0, 1)."""
+    A0, B0 = first
+    rank_ok = A.dim() == 2 and B.dim() == 2 and A.shape[0] * B0.shape[1] == B.shape[1] * A0.shape[0]
+    return (rank_ok and A.shape[1] == A0.shape[1] and B.shape[0] == B0.shape[0] and A.dtype == A0.dtype
+            and B.dtype == B0.dtype and A.device == A0.device and B.device == B0.device and slices == first_slices
+            and isinstance(scale, (int, float)) and math.isfinite(scale) and 0.0 <= dropout_p < 1.0)
+
+
 def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: Sequence[Tensor],
                       lora_Bs: Sequence[Tensor], scales: Sequence[float], adapter_ids: Tensor,
                       dropout_ps: Sequence[float] | float = 0.0, training: bool = True,
@@ -104,13 +115,19 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
     if not (len(lora_Bs) == len(scales) == len(dropout_ps) == len(slices) == n):
         raise ValueError(f"lora_As, lora_Bs, scales, dropout_ps and slices need one entry per adapter, got "
                          f"{n}, {len(lora_Bs)}, {len(scales)}, {len(dropout_ps)} and {len(slices)}")
-    lora = [_autocast(x, weight, None, A, B)[3:] for A, B in zip(lora_As, lora_Bs, strict=True)]
-    x, weight, bias, _, _ = _autocast(x, weight, bias, None, None)
+    cast_x = _autocast(x, weight, bias, None, None)
+    if cast_x[0] is x and cast_x[1] is weight and lora_As and _autocast(x, weight, None, lora_As[0], None)[3] is \
+            lora_As[0] and lora_As[0].dtype == x.dtype:  # the common case: nothing to cast
+        lora = list(zip(lora_As, lora_Bs, strict=True))
+    else:
+        lora = [_autocast(x, weight, None, A, B)[3:] for A, B in zip(lora_As, lora_Bs, strict=True)]
+    x, weight, bias, _, _ = cast_x
     for a, (A, B) in enumerate(lora):
-        try:
-            _validate(x, weight, bias, A, B, scales[a], dropout_ps[a], slices[a])
-        except ValueError as error:
-            raise ValueError(f"adapter {a}: {error}") from None
+        if a == 0 or not _like_the_first(A, B, lora[0], scales[a], dropout_ps[a], slices[a], slices[0]):
+            try:  # the full check, with its message; adapters shaped like the first one only get the quick one
+                _validate(x, weight, bias, A, B, scales[a], dropout_ps[a], slices[a])
+            except ValueError as error:
+                raise ValueError(f"adapter {a}: {error}") from None
     ids = _row_ids(adapter_ids, x, n)
     ps = [float(p) if training else 0.0 for p in dropout_ps]
     seed_tensor = _seed_tensor(seed) if any(ps) or seed is not None else _NO_SEED
