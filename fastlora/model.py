@@ -1,4 +1,4 @@
-"""Model-level API: inject LoRA layers into any model, pick what trains, merge and unload."""
+"""Model-level API: inject LoRA layers into any model, manage named adapters and mixed batches, merge, unload."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (zero-overhead inference)."""
+    """Fold every layer's active adapter into its base weight (zero-overhead inference)."""
     for _, layer in lora_layers(model):
         layer.merge()
     return model
@@ -221,7 +221,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Put the base layers back (with the updates merged in, or dropped), giving a plain model."""
+    """Put the base layers back (with each layer's active adapter merged in, or every adapter dropped),
+    giving a plain model."""
     for name, layer in list(lora_layers(model)):
         if merge:
             layer.merge()
