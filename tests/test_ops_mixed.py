@@ -141,3 +141,18 @@ def test_bad_mixed_arguments_are_clear_errors(change, message):
         lora_linear_mixed(**args)
     for t in args["lora_As"] + args["lora_Bs"]:
         assert t.grad is None
+
+
+def test_fp32_adapter_beside_bf16_ones_over_a_bf16_layer_computes_in_bf16():
+    """Each adapter is cast on its own (as lora_linear casts fp32 LoRA parameters of a 16-bit layer)."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 16, generator=gen).to(torch.bfloat16)
+    weight = torch.randn(12, 16, generator=gen).to(torch.bfloat16)
+    As, Bs = make_adapters([2, 4], 16, 12, torch.float32, "cpu", seed=10)
+    As[0], Bs[0] = As[0].detach().to(torch.bfloat16), Bs[0].detach().to(torch.bfloat16)
+    ids = torch.tensor([0, 1, -1, 1, 0, 1])
+    with torch.no_grad():
+        y = lora_linear_mixed(x, weight, None, As, Bs, [1.0, 2.0], ids)
+    expected, *_ = float64_mixed(x, weight, None, [t.to(torch.bfloat16) for t in As],
+                                 [t.to(torch.bfloat16) for t in Bs], [1.0, 2.0], [0.0, 0.0], ids, 0)
+    assert y.dtype == torch.bfloat16 and rel_err(y, expected) <= TOLERANCE[torch.bfloat16]

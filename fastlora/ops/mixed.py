@@ -115,13 +115,10 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
     if not (len(lora_Bs) == len(scales) == len(dropout_ps) == len(slices) == n):
         raise ValueError(f"lora_As, lora_Bs, scales, dropout_ps and slices need one entry per adapter, got "
                          f"{n}, {len(lora_Bs)}, {len(scales)}, {len(dropout_ps)} and {len(slices)}")
-    cast_x = _autocast(x, weight, bias, None, None)
-    if cast_x[0] is x and cast_x[1] is weight and lora_As and _autocast(x, weight, None, lora_As[0], None)[3] is \
-            lora_As[0] and lora_As[0].dtype == x.dtype:  # the common case: nothing to cast
-        lora = list(zip(lora_As, lora_Bs, strict=True))
-    else:
-        lora = [_autocast(x, weight, None, A, B)[3:] for A, B in zip(lora_As, lora_Bs, strict=True)]
-    x, weight, bias, _, _ = cast_x
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    lora = [(A, B) if not autocasting and A.dtype == B.dtype == x.dtype  # nothing to cast: the common case
+            else _autocast(x, weight, None, A, B)[3:] for A, B in zip(lora_As, lora_Bs, strict=True)]
+    x, weight, bias, _, _ = _autocast(x, weight, bias, None, None)
     for a, (A, B) in enumerate(lora):
         if a == 0 or not _like_the_first(A, B, lora[0], scales[a], dropout_ps[a], slices[a], slices[0]):
             try:  # the full check, with its message; adapters shaped like the first one only get the quick one
