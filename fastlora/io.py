@@ -54,11 +54,12 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | N
     layout: ``default`` in ``directory`` itself and each other adapter in ``directory/<name>``.
     """
     model = unwrap(model)
-    names = [name] if name is not None else adapter_names(model)
-    if not names:
+    held = adapter_names(model)
+    if not held:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save")
-    if name is not None and name not in adapter_names(model):
-        raise ValueError(f"{type(model).__name__} has no adapter named {name!r} (it has {adapter_names(model)})")
+    if name is not None and name not in held:
+        raise ValueError(f"{type(model).__name__} has no adapter named {name!r} (it has {held})")
+    names = [name] if name is not None else held
     directory = Path(directory)
     for adapter_name in names:
         folder = directory if name is not None or adapter_name == DEFAULT_ADAPTER else directory / adapter_name

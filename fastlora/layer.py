@@ -78,6 +78,11 @@ class LoRAAdapter(nn.Module):
         return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, slices={self.slices}"
 
 
+def _active_adapters(attribute: str) -> property:
+    """A read-only property of LoRALinear: the active adapter's ``attribute``."""
+    return property(lambda self: getattr(self.adapter(), attribute), doc=f"The active adapter's {attribute}.")
+
+
 class LoRALinear(nn.Module):
     """``base(x) + scale * B(A(dropout(x)))`` computed by the fused op; the base layer is not copied.
 
@@ -145,37 +150,14 @@ class LoRALinear(nn.Module):
             raise KeyError(f"no adapter named {name!r} on this layer (it has {list(self.adapters)})")
         return self.adapters[name]
 
-    @property
-    def lora_A(self) -> nn.Parameter:
-        return self.adapter().lora_A
-
-    @property
-    def lora_B(self) -> nn.Parameter:
-        return self.adapter().lora_B
-
-    @property
-    def r(self) -> int:
-        return self.adapter().r
-
-    @property
-    def alpha(self) -> float:
-        return self.adapter().alpha
-
-    @property
-    def scale(self) -> float:
-        return self.adapter().scale
-
-    @property
-    def dropout(self) -> float:
-        return self.adapter().dropout
-
-    @property
-    def slices(self) -> list[bool] | None:
-        return self.adapter().slices
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.adapter().use_rslora
+    lora_A = _active_adapters("lora_A")
+    lora_B = _active_adapters("lora_B")
+    r = _active_adapters("r")
+    alpha = _active_adapters("alpha")
+    scale = _active_adapters("scale")
+    dropout = _active_adapters("dropout")
+    slices = _active_adapters("slices")
+    use_rslora = _active_adapters("use_rslora")
 
     # -- the base layer ---------------------------------------------------------------------------------------
 

@@ -103,7 +103,14 @@ def _weight_view(weight: Tensor) -> Tensor:
 
 
 def _seed(seed: Tensor, dropout_p: float) -> int:
+    """The seed as an int, or 0 when no dropout reads it (``dropout_p``: the largest of the call's)."""
     return int(seed.item()) if dropout_p > 0 else 0
+
+
+def _base_in_extension(x: Tensor, weight: Tensor) -> bool:
+    """Whether a forward's base product runs in the extension: its OpenBLAS GEMM, or its streaming
+    kernel for a decode-sized x over a row-major weight; else PyTorch's GEMM is added afterwards."""
+    return _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -111,7 +118,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     """``(M, out)`` output: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM."""
     x, weight = _rows_unit_stride(x), _weight_view(weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    in_extension = _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
+    in_extension = _base_in_extension(x, weight)
     _C.forward(out, x, weight, None if bias is None else bias.contiguous(), lora_A.contiguous(), lora_B.contiguous(),
                scale, dropout_p, dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(),
                in_extension)
@@ -138,19 +145,15 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     return dx, dA, dB
 
 
-def _mixed_seed(seed: Tensor, dropout_ps: list[float]) -> int:
-    return int(seed) if any(dropout_ps) else 0
-
-
 def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
     """``(M, out)`` mixed-batch output: :func:`fastlora._C.forward_mixed` (which groups the rows by adapter and
     checks every argument), then ``+= x W^T`` if torch does the GEMM."""
     x, weight = _rows_unit_stride(x), _weight_view(weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    in_extension = _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
+    in_extension = _base_in_extension(x, weight)
     _C.forward_mixed(out, x, weight, None if bias is None else bias.contiguous(), lora_As, lora_Bs, scales, dropout_ps,
-                     adapter_ids, _mixed_seed(seed, dropout_ps), torch.get_num_threads(), in_extension)
+                     adapter_ids, _seed(seed, max(dropout_ps, default=0.0)), torch.get_num_threads(), in_extension)
     if not in_extension:
         out.addmm_(x.detach(), weight.detach().t())
     return out
@@ -166,8 +169,8 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
     dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None
     in_extension = _gemm == "openblas"
     dAs, dBs = _C.backward_mixed(dx, grad_out, _rows_unit_stride(x), weight, lora_As, lora_Bs, scales, dropout_ps,
-                                 adapter_ids, _mixed_seed(seed, dropout_ps), need_lora, torch.get_num_threads(),
-                                 in_extension)
+                                 adapter_ids, _seed(seed, max(dropout_ps, default=0.0)), need_lora,
+                                 torch.get_num_threads(), in_extension)
     if need_dx and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dAs, dBs

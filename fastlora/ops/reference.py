@@ -70,9 +70,9 @@ def dropout_keep_mask(seed: Tensor, rows: int, cols: int, p: float, device: torc
     return _hashed(seed, rows, cols, device) >= dropout_threshold(p)
 
 
-def _drop_mask(seed: Tensor, x: Tensor, p: float) -> Tensor:
-    """Boolean mask of the elements of 2-D ``x`` that dropout zeroes."""
-    return _hashed(seed, x.shape[0], x.shape[1], x.device) < dropout_threshold(p)
+def _drop_mask(seed: Tensor, x: Tensor, p: float, rows: Tensor | None = None) -> Tensor:
+    """Boolean mask of the elements of 2-D ``x`` (or of its rows ``rows``) that dropout zeroes."""
+    return _hashed(seed, x.shape[0] if rows is None else rows, x.shape[1], x.device) < dropout_threshold(p)
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -124,7 +124,7 @@ def _lora_input(x: Tensor, rows: Tensor, seed: Tensor, p: float) -> tuple[Tensor
     x_rows = x.index_select(0, rows)
     if p == 0:
         return x_rows, None
-    drop = _hashed(seed, rows, x.shape[1], x.device) < dropout_threshold(p)
+    drop = _drop_mask(seed, x, p, rows)
     return x_rows.masked_fill_(drop, 0), drop
 
 
