@@ -15,7 +15,7 @@ RESULTS="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
 OUT="$(mktemp -d)"
 mkdir -p "$RESULTS"
 pack() {
-    for f in card.txt steps.txt gpu_bench.md gpu_bench.json; do
+    for f in card.txt steps.txt gpu_bench.md gpu_bench.json host_profile.md graph_step.json; do
         [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/"
     done
     tar czf "$RESULTS/logs.tar.gz" -C "$OUT" .
@@ -66,13 +66,15 @@ for name in ('transformers', 'peft', 'pytest', 'pytest_benchmark'):
 "
 step install 90 "$PY" -m pip install --no-build-isolation --no-deps -e .
 step backends 30 "$PY" -m fastlora
-# Correctness first, triton-focused (no -x: every failure is worth seeing), then the timings,
-# then the rest of the suite.
-# The op suites in every dtype (fp32, fp16, bf16) on the GPU, CUDA fp16/bf16 autocast on every target kind,
-# mixed-adapter batches; then the layer and training-step timings, mixed-adapter batches against peft, and FSDP2
-# and DDP over nccl (one GPU: one rank) against the one-process run.
-TAIL=40 step pytest_triton 180 "$PY" -m pytest tests/test_ops.py tests/test_ops_triton.py tests/test_ops_mixed.py \
-    tests/test_autocast.py -q --maxfail=15 -p no:cacheprovider
+# Correctness first, triton-focused (no -x: every failure is worth seeing): the op suites in every dtype (fp32,
+# fp16, bf16) on the GPU, CUDA fp16/bf16 autocast on every target kind, mixed-adapter batches. Then what a call
+# costs on the host and how many kernels it runs (host_profile.py), a GPT-2 step captured in a CUDA graph
+# (graph_step.py), the layer and training-step timings, mixed-adapter batches against peft, FSDP2 and DDP over nccl
+# (one GPU: one rank) against the one-process run, the rest of the suite.
+TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops_triton.py tests/test_ops.py tests/test_autocast.py \
+    tests/test_ops_mixed.py -k "triton or cuda or mixed" -q --maxfail=15 -p no:cacheprovider
+TAIL=30 step host_profile 70 "$PY" benchmarks/host_profile.py --out "$OUT"
+TAIL=10 step graph_step 70 "$PY" benchmarks/graph_step.py --out "$OUT"
 TAIL=70 step gpu_bench 200 "$PY" benchmarks/gpu_bench.py --out "$OUT"
 TAIL=40 step mixed_bench 60 "$PY" benchmarks/mixed.py --device cuda --repeats 5
 step distributed_cuda 60 bash tests/distributed_cuda.sh "$PY" "$OUT"

@@ -99,6 +99,7 @@ class LoRALinear(nn.Module):
         if not is_adaptable(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
         self.base_layer = base
+        self.conv1d = is_conv1d(base)  # its weight is stored (in, out): the op takes the transposed view
         self.in_features, self.out_features = self.base_weight().shape[1], self.base_weight().shape[0]
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
@@ -174,7 +175,7 @@ class LoRALinear(nn.Module):
     def base_weight(self) -> Tensor:
         """The base weight as ``(out, in)``: a transposed view for Conv1D, never a copy."""
         weight = self.base_layer.weight
-        return weight.t() if is_conv1d(self.base_layer) else weight
+        return weight.t() if self.conv1d else weight
 
     # -- forward ----------------------------------------------------------------------------------------------
 
@@ -183,8 +184,9 @@ class LoRALinear(nn.Module):
             return self._forward_mixed(x)
         if self.merged_adapter is not None or self.active_adapter is None:
             return self.base_layer(x)
-        a = self.adapters[self.active_adapter]
-        return lora_linear(x, self.base_weight(), self.base_layer.bias, a.lora_A, a.lora_B, a.scale,
+        a = self.adapters._modules[self.active_adapter]
+        base = self.base_layer
+        return lora_linear(x, base.weight.t() if self.conv1d else base.weight, base.bias, a.lora_A, a.lora_B, a.scale,
                            a.dropout, self.training, slices=a.slices)
 
     def _forward_mixed(self, x: Tensor) -> Tensor:

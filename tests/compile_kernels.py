@@ -3,17 +3,18 @@
 Run by tests/test_ops_triton.py in a subprocess without TRITON_INTERPRET (the interpreter would
 replace the compiler): ``python compile_kernels.py KERNELS_PY < JOBS_JSON``. Each job names a kernel
 of ``KERNELS_PY`` and its constexprs, unit strides, its fp32 and int32 (``i32_ptrs``, optional)
-pointers, whether the layer's sizes and strides are multiples of 16 (``odd``: they are not, so no
-integer argument gets the JIT's divisibility hint), pointer dtype, warps, stages and target
-(``arch``, e.g. 90 for H100/H200, 86 for RTX 30xx); the script prints one JSON object per job, in
-order: the shared memory the compiled kernel asks for, ptxas's register and spill counts, facts
-about its PTX (wgmma or mma.sync tensor-core instructions, pipelined copies, global reductions,
-plain stores) and ``error``, the failure (a compile error, a broken pipelining rule, or machine code
-that reads a uniform register no path has written) or None. Run it with an empty TRITON_CACHE_DIR: a
-cached kernel skips ptxas, whose log gives the register counts. It compiles with the triton of the
-Python that runs it: the test's own, or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the
-release a GPU machine runs, to check that release's compiler. Jobs run in a process pool: compiling
-is single-threaded and CPU-bound.
+pointers (``ptr_dtypes``: any other pointer's dtype, e.g. ``i64`` for a seed in memory; a pointer
+given in the constexprs is passed as that constant, e.g. None), whether the layer's sizes and
+strides are multiples of 16 (``odd``: they are not, so no integer argument gets the JIT's
+divisibility hint), pointer dtype, warps, stages and target (``arch``, e.g. 90 for H100/H200, 86 for
+RTX 30xx); the script prints one JSON object per job, in order: the shared memory the compiled
+kernel asks for, ptxas's register and spill counts, facts about its PTX (wgmma or mma.sync tensor-
+core instructions, pipelined copies, global reductions, plain stores) and ``error``, the failure (a
+compile error, a broken pipelining rule, or machine code that reads a uniform register no path has
+written) or None. Run it with an empty TRITON_CACHE_DIR: a cached kernel skips ptxas, whose log
+gives the register counts. It compiles with the triton of the Python that runs it: the test's own,
+or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the release a GPU machine runs, to check
+that release's compiler. Jobs run in a process pool: compiling is single-threaded and CPU-bound.
 """
 
 import contextlib
@@ -36,7 +37,7 @@ from triton.compiler import ASTSource
 # plus the float scalars. Every other integer is compiled as a multiple of 16, as the JIT would
 # see it for aligned tensors with 16-divisible sizes, unless the job is ``odd``.
 UNSPECIALIZED = {"M", "R", "seed_lo", "seed_hi", "threshold", "scale", "inv_keep", "stride_bn", "stride_ar",
-                 "rows_per_split"}
+                 "rows_per_split", "N", "GROUP_ROWS", "m_blocks", "n_da", "n_db", "N_B"}
 FLOATS = {"scale", "inv_keep"}
 REDUCTION = re.compile(r"\b(red|atom)\.global\.")  # not the "shared.global" of cp.async; Triton 3.6 writes atom
 REGISTERS = re.compile(r"Used (\d+) registers")
@@ -204,12 +205,14 @@ def compile_job(path: str, job: dict) -> dict:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = ("*fp32" if name in job["fp32_ptrs"] else "*i32" if name in job.get("i32_ptrs", ())
+            signature[name] = ("*" + job["ptr_dtypes"][name] if name in job.get("ptr_dtypes", {})
+                               else "*fp32" if name in job["fp32_ptrs"] else "*i32" if name in job.get("i32_ptrs", ())
                                else "*" + job["dtype"])
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
         odd = job.get("odd") and signature[name] == "i32"  # pointers stay 16-byte aligned, as torch allocates
-        if signature[name] != "constexpr" and name not in UNSPECIALIZED and not odd:
+        unspecialized = name in UNSPECIALIZED and (name != "N" or job["kernel"] == "_lora_down_kernel")
+        if signature[name] != "constexpr" and not unspecialized and not odd:
             attrs[(i,)] = [["tt.divisibility", 16]]
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log goes to stdout: captured below
     log = io.StringIO()

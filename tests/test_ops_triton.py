@@ -25,7 +25,8 @@ def test_forward_kernel_mask_is_bit_identical_to_reference(seed, p):
     rows, cols = 70, 80  # neither a multiple of any block size
     x = torch.ones(rows, cols, device=DEVICE)
     drop = triton_backend._dropout_args(p, torch.tensor(seed))
-    h = triton_backend._lora_down(x, torch.eye(cols, device=DEVICE), drop)
+    layout = triton_backend._layout(rows, 3, cols, None, 0)
+    h = triton_backend._down(x, torch.eye(cols, device=DEVICE), torch.zeros(3, cols, device=DEVICE), layout, drop)
     keep = dropout_keep_mask(torch.tensor(seed), rows, cols, p, torch.device(DEVICE))
     assert torch.equal(h[:, :cols] != 0, keep)
     assert torch.all(h[:, :cols][keep] == torch.tensor(1 / (1 - p), dtype=torch.float32))
@@ -81,16 +82,30 @@ def test_backward_computes_only_what_is_needed(needs, dtype, p, rows):
             assert rel_err(g, e) <= TOLERANCE[dtype], f"{name} error {rel_err(g, e):.2e}"
 
 
-@pytest.mark.parametrize("rank", [5, 16])
-def test_backward_reads_b_zero_padded_to_a_contiguous_padded_rank(rank):
-    """The backward kernel's B tiles need no mask along their contiguous axis: B arrives as (N, R_PAD)."""
-    r_pad = triton_backend._rank_pad(rank)
-    lora_B = torch.randn(rank, 7, device=DEVICE).t()  # (7, rank), not contiguous
-    padded = triton_backend._padded_b(lora_B, r_pad)
-    assert padded.shape == (7, r_pad) and padded.is_contiguous()
-    assert torch.equal(padded[:, :rank], lora_B) and not padded[:, rank:].any()
-    contiguous = lora_B.contiguous()
-    assert (triton_backend._padded_b(contiguous, r_pad) is contiguous) == (rank == r_pad)  # no copy if none needed
+@pytest.mark.parametrize("rank, slices", [(5, None), (16, None), (3, (True, False, True)), (4, (False, True))])
+def test_forward_prepares_the_backward_b_and_zeroes_its_gradient_buffers(rank, slices):
+    """The forward's first launch also lays B out as the backward GEMM reads it (dense, contiguous (N, h_pad),
+    zero outside each enabled slice's rank columns, no mask needed along its contiguous axis) and zeroes the
+    fp32 buffers dA and dB accumulate into; B already so laid out is used as it is."""
+    n_in, n_out, rows = 8, 48, 40
+    enabled = sum(slices) if slices else 1
+    lora_A = torch.randn(rank * enabled, n_in, device=DEVICE)
+    lora_B = torch.randn(rank, n_out // len(slices) * enabled if slices else n_out, device=DEVICE).t()  # strided
+    layout = triton_backend._layout(rows, n_out, lora_A.shape[0], slices, 0)
+    bpad = torch.full((n_out, layout.h_pad), 7.0, device=DEVICE)
+    dA, dB = torch.full_like(lora_A, 7.0), torch.full_like(lora_B, 7.0)
+    triton_backend._down(torch.randn(rows, n_in, device=DEVICE), lora_A, lora_B, layout,
+                         triton_backend._NO_DROPOUT, bpad, dA, dB)
+    dense = reference.expand_slices(lora_B, slices, n_out) if slices else lora_B
+    expected = torch.zeros(n_out, layout.h_pad, device=DEVICE)
+    for e in range(enabled):  # slice e's rank columns start at e * rs_pad
+        expected[:, e * layout.rs_pad:e * layout.rs_pad + rank] = dense[:, e * rank:(e + 1) * rank]
+    assert torch.equal(bpad, expected)
+    assert not dA.any() and not dB.any()
+    assert triton_backend._needs_bpad(lora_B, lora_B, layout)
+    contiguous = torch.randn(n_out, 16, device=DEVICE)
+    assert triton_backend._needs_bpad(contiguous, contiguous, layout) == (rank > 16 or slices is not None or
+                                                                          layout.h_pad != 16)
 
 
 @pytest.mark.parametrize("n_in, n_out", [(6, 0), (0, 7)])
@@ -199,6 +214,13 @@ def _gemm_jobs() -> list[dict]:
         variants = ([{"NEED_DX": dx, "NEED_DA": da} for dx, da in ((True, False), (False, True))]
                     + [{"DROPOUT": False}]) if backward else [{"HAS_BIAS": False}]
         jobs += [_gemm_job(backward, tile, 16, "bf16", "tf32", **variant) for variant in variants]
+        # q,v slices at rank 4 (two enabled of three groups, 16 rank columns each) with fp32 LoRA parameters;
+        # the backward also with the seed read from memory (a CUDA graph's device-drawn seed)
+        slices = {"ENABLED": 2, "SEED_FROM_PTR": True} if backward else {"GROUPS": 3, "SLICE_MASK": 5}
+        jobs.append({**_gemm_job(backward, tile, 16, "bf16", "tf32", ptr32=["a_ptr" if backward else "b_ptr"],
+                                 **slices), "odd": False})
+        jobs[-1]["constexprs"].update(H_PAD=32)
+        jobs[-1]["constexprs"].pop("seed_ptr", None)
         for family in ("16bit", "16bit-small-m", "fp32"):  # what a 100 KB card (RTX 30xx/40xx, sm_86) keeps
             dtype, precision = _dtype_precision(family)
             jobs += [_gemm_job(backward, tile, 16, dtype, precision, arch=86, smem=SMALL_CARD_SMEM)
@@ -221,36 +243,46 @@ def _variant_jobs() -> list[dict]:
              for flags in BACKWARD_FLAGS if flags["NEED_DX"] and flags["DROPOUT"]]
     jobs.append(_gemm_job(False, small, 16, "fp16", "tf32", layout="strided", odd=True))
     return jobs + [{**job, "odd": True} for job in _thin_jobs()
-                   if job["dtype"] == "bf16" and job["constexprs"]["R_PAD"] == 16]
+                   if job["dtype"] == "bf16" and job["constexprs"].get("RS_PAD") == 16]
 
 
 def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90, smem=H100_SMEM, odd=False,
-              **flags) -> dict:
+              ptr32=(), **flags) -> dict:
     rows, cols, step, stages, warps = tile
     if backward:
         constexprs = {"NEED_DX": True, "NEED_DA": True, "DROPOUT": True, "BLOCK_M": rows, "BLOCK_K": cols,
                       "BLOCK_N": step}
     else:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step}
-    constexprs.update(R_PAD=r_pad, PRECISION=precision, GROUP_M=8, **flags)
+    rank_axis = {"ENABLED": 1, "SEED_FROM_PTR": False} if backward else {"GROUPS": 1, "SLICE_MASK": 1}
+    constexprs.update(RS_PAD=r_pad, H_PAD=r_pad, PRECISION=precision, GROUP_M=8, **rank_axis)
+    constexprs.update(flags)
     # As the launcher passes them: the fp32 h, or dA; without dA its pointer is dx's, without dx dx's is dA's.
     fp32_ptrs = ["h_ptr"] if not backward else (["da_ptr"] if constexprs["NEED_DA"] else []) + (
         [] if constexprs["NEED_DX"] else ["dx_ptr"])
+    if constexprs.get("SEED_FROM_PTR") is False:
+        constexprs["seed_ptr"] = None
     return {"kernel": "_lora_backward_kernel" if backward else "_lora_forward_kernel", "constexprs": constexprs,
             "unit_strides": (BACKWARD_UNITS if backward else FORWARD_UNITS)[layout], "dtype": dtype,
-            "fp32_ptrs": fp32_ptrs, "odd": odd, "num_warps": warps, "num_stages": stages, "arch": arch,
+            "fp32_ptrs": fp32_ptrs + list(ptr32), "ptr_dtypes": {"seed_ptr": "i64"}, "odd": odd,
+            "num_warps": warps, "num_stages": stages, "arch": arch,
             "smem_limit": min(smem, triton_backend._smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2, backward))}
 
 
 def _thin_jobs() -> list[dict]:
-    """The down kernel with the tiles _lora_down picks and the dB kernel with its tile, padded ranks 16 to 512."""
+    """The down kernel with the tiles _down picks and the dB kernel with its tile, padded ranks 16 to 512; the
+    down kernel also preparing the backward (B laid out, buffers zeroed) for q,v slices with fp32 parameters and
+    a seed in memory, and the dB kernel for slices; the fp32-to-16-bit gradient conversion."""
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for r_pad in (16, 128, 256, 512):
             for block_m, block_k in {triton_backend._down_tile(rows, r_pad) for rows in (1, 4096)}:
-                jobs.append({"kernel": "_lora_down_kernel", "dtype": dtype, "fp32_ptrs": ["h_ptr"],
-                             "constexprs": {"DROPOUT": True, "R_PAD": r_pad, "PRECISION": precision,
-                                            "BLOCK_M": block_m, "BLOCK_K": block_k},
+                jobs.append({"kernel": "_lora_down_kernel", "dtype": dtype, "fp32_ptrs": ["h_ptr", "da_ptr", "db_ptr"],
+                             "constexprs": {"DROPOUT": True, "SEED_FROM_PTR": False, "RS_PAD": r_pad,
+                                            "H_PAD": r_pad, "GROUPS": 1, "SLICE_MASK": 1, "ENABLED": 1,
+                                            "PRECISION": precision, "BLOCK_M": block_m, "BLOCK_K": block_k,
+                                            "AUX_PROGRAMS": triton_backend.AUX_PROGRAMS, "bpad_ptr": None,
+                                            "seed_ptr": None},
                              "unit_strides": ["stride_xk", "stride_ak"], "num_warps": 4, "num_stages": 2,
                              "arch": 90, "smem_limit": SMALL_CARD_SMEM})
         for r_pad in (16, 64, 512):
@@ -258,10 +290,28 @@ def _thin_jobs() -> list[dict]:
             for atomic in (True, False):
                 jobs.append({"kernel": "_lora_db_kernel", "dtype": dtype,
                              "fp32_ptrs": ["h_ptr"] + (["db_ptr"] if atomic else []),
-                             "constexprs": {"ATOMIC": atomic, "R_PAD": r_pad, "PRECISION": precision,
-                                            "BLOCK_N": side, "BLOCK_M": side},
+                             "constexprs": {"ATOMIC": atomic, "RS_PAD": r_pad, "H_PAD": r_pad, "GROUPS": 1,
+                                            "SLICE_MASK": 1, "PRECISION": precision, "BLOCK_N": side, "BLOCK_M": side},
                              "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages,
                              "arch": 90, "smem_limit": _db_smem_bytes(r_pad)})
+    block_m, block_k = triton_backend._down_tile(4096, 32)
+    jobs.append({"kernel": "_lora_down_kernel", "dtype": "bf16", "fp32_ptrs": ["h_ptr", "da_ptr", "db_ptr", "a_ptr",
+                                                                            "b_ptr"],
+                 "ptr_dtypes": {"seed_ptr": "i64"},
+                 "constexprs": {"DROPOUT": True, "SEED_FROM_PTR": True, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3,
+                                "SLICE_MASK": 5, "ENABLED": 2, "PRECISION": "tf32", "BLOCK_M": block_m,
+                                "BLOCK_K": block_k, "AUX_PROGRAMS": triton_backend.AUX_PROGRAMS},
+                 "unit_strides": ["stride_xk", "stride_ak", "stride_br"], "num_warps": 4, "num_stages": 2,
+                 "arch": 90, "smem_limit": SMALL_CARD_SMEM})
+    side, stages = triton_backend._db_tile(16)
+    jobs.append({"kernel": "_lora_db_kernel", "dtype": "bf16", "fp32_ptrs": ["h_ptr", "db_ptr"],
+                 "constexprs": {"ATOMIC": True, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3, "SLICE_MASK": 5,
+                                "PRECISION": "tf32", "BLOCK_N": side, "BLOCK_M": side},
+                 "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages, "arch": 90,
+                 "smem_limit": _db_smem_bytes(32)})
+    jobs.append({"kernel": "_cast_pair_kernel", "dtype": "bf16", "fp32_ptrs": ["src1_ptr", "src2_ptr"],
+                 "constexprs": {"BLOCK": 1024}, "unit_strides": [], "num_warps": 4, "num_stages": 1, "arch": 90,
+                 "smem_limit": SMALL_CARD_SMEM})
     return jobs
 
 
@@ -380,6 +430,9 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
                 f"{name} sm_{job['arch']}: {'wgmma' if job['arch'] == 90 else 'mma.sync'}"
         if job["kernel"] == "_lora_backward_kernel":
             assert report["reduction"] == flags["NEED_DA"] and report["store"] == flags["NEED_DX"], name
+        if job["kernel"] == "_cast_pair_kernel":
+            assert report["store"] and not report["reduction"], name
+            continue
         if job["kernel"] in ("_lora_db_kernel", "_mixed_grad_kernel"):
             assert report["reduction"] == flags["ATOMIC"] and report["store"] != flags["ATOMIC"], name
         if job["kernel"] in ("_mixed_gemm_kernel", "_mixed_down_kernel"):
@@ -391,8 +444,8 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
                 mixed_spills.setdefault(job["kernel"], []).append(report["spill_stores"])
             continue
         assert report["registers"] is not None, f"{name}: no ptxas register count"
-        if job["arch"] == 90 and job["dtype"] == "bf16" and flags["R_PAD"] == 16 and not job.get("odd") \
-                and all(v for k, v in flags.items() if k.isupper()):
+        if job["arch"] == 90 and job["dtype"] == "bf16" and flags.get("H_PAD") == 16 and not job.get("odd") \
+                and all(flags.get(k, True) for k in ("HAS_BIAS", "NEED_DX", "NEED_DA", "DROPOUT", "ATOMIC")):
             spills.setdefault(job["kernel"], []).append(report["spill_stores"])
     assert set(spills) == {"_lora_forward_kernel", "_lora_backward_kernel", "_lora_down_kernel", "_lora_db_kernel"}
     assert all(s == 0 for kernel, found in spills.items() if kernel != "_lora_backward_kernel" for s in found), spills
@@ -450,9 +503,10 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
     kernels_path = os.path.join(os.path.dirname(triton_backend.__file__), "_kernels.py")
     with open(kernels_path) as source:
         tree = ast.parse(source.read())
-    loops = [node for node in ast.walk(tree) if isinstance(node, ast.For)]
-    assert len(loops) == 8  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs, the
-    # mixed kernels' four others
+    loops = [node for node in ast.walk(tree) if isinstance(node, ast.For)
+             and ast.unparse(node.iter).split("(")[0] != "tl.static_range"]  # unrolled at compile time
+    assert len(loops) == 11  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
+    # the down kernel's three preparing the backward (stores only), the mixed kernels' four others
     for loop in loops:
         for node in ast.walk(loop):
             if isinstance(node, ast.If):
@@ -478,14 +532,14 @@ def test_tiles_that_do_not_fit_shared_memory_or_registers_are_dropped(backward):
 @pytest.mark.parametrize("backward", [False, True])
 def test_autotuning_keys_on_the_variant_not_on_the_row_count(backward):
     """A dropout-free call (eval) must not fix the config that a training call then uses; a new M must not re-tune."""
-    tuned = triton_backend._autotuned(backward, "16bit", 16, H100_SMEM, backward)
+    tuned = triton_backend._autotuned(backward, "16bit", 16, H100_SMEM)
     assert set(tuned.keys) == ({"N", "K", "NEED_DX", "NEED_DA", "DROPOUT"} if backward else {"N", "K", "HAS_BIAS"})
-    assert triton_backend._autotuned(backward, "16bit", 16, H100_SMEM, backward) is tuned
+    assert triton_backend._autotuned(backward, "16bit", 16, H100_SMEM) is tuned
 
 
 def test_tuned_configs_reports_each_choice_with_its_key(monkeypatch):
     monkeypatch.setattr(triton_backend, "_AUTOTUNED", {})
-    tuned = triton_backend._autotuned(True, "16bit", 16, H100_SMEM, True)
+    tuned = triton_backend._autotuned(True, "16bit", 16, H100_SMEM)
     assert triton_backend.tuned_configs() == []
     tuned.cache[(3072, 1024, True, True, False, "torch.bfloat16", "torch.float32")] = tuned.configs[2]
     rows, cols, step, stages, warps = triton_backend.TILES["16bit"][2]
@@ -538,6 +592,8 @@ def _check_mixed(rows, ids, ranks, dtype, layout, p, need_dx=True, need_lora=Non
     scales = [0.5 + 0.25 * (a % 5) for a in range(len(ranks))]
     ps = [p * (a % 3) / 2 for a in range(len(ranks))]  # 0, p/2, p: adapters without dropout among those with
     need_lora = need_lora if need_lora is not None else [True] * len(ranks)
+    named = set(ids.tolist())
+    need_lora = [need and a in named for a, need in enumerate(need_lora)]  # as the op asks: named adapters only
     seed = torch.tensor(1234)
     doubled = [[t.double() for t in ts] for ts in (As, Bs)]
     got = triton_backend.forward_mixed(x, weight, bias, As, Bs, scales, ps, ids, seed)
@@ -551,7 +607,6 @@ def _check_mixed(rows, ids, ranks, dtype, layout, p, need_dx=True, need_lora=Non
     assert (dx is None) == (not need_dx)
     if need_dx:
         assert dx.dtype == dtype and rel_err(dx, ref_dx) <= TOLERANCE[dtype], f"dx error {rel_err(dx, ref_dx):.2e}"
-    named = set(ids.tolist())
     for a in range(len(ranks)):
         assert (dAs[a] is None) == (dBs[a] is None) == (not (need_lora[a] and a in named)), a
         if dAs[a] is not None:

@@ -10,6 +10,7 @@ draws the dropout seed, flattens leading dims and expands ``slices`` into a bloc
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -17,92 +18,113 @@ import torch
 from torch import Tensor
 
 from fastlora.ops.dispatch import select
+from fastlora.ops.reference import expand_slices, stack_slices
+
+__all__ = ["expand_slices", "lora_linear", "stack_slices"]
 
 _SEED_LIMIT = 2**62
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument when dropout is off (never read)
-
-
-def _run_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                 scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    return select(x).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-
-
-def _run_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-                  dropout_p: float, seed: Tensor, need_dx: bool, need_dA: bool, need_dB: bool):
-    return select(x).backward(grad_out.contiguous(), x, weight, lora_A, lora_B, scale, dropout_p, seed,
-                              (need_dx, need_dA, need_dB))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _, lora_A, lora_B, scale, dropout_p, seed = inputs
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.save_for_backward(x, weight, lora_A, lora_B, seed)
-
-
-def _gradients(ctx, grad_out: Tensor, run_backward) -> tuple:
-    """The op's input gradients (dx, dA, dB; None for the rest) through ``run_backward``."""
-    x, weight, lora_A, lora_B, seed = ctx.saved_tensors
-    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-    if need_dW or need_db:
-        raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
-    dx, dA, dB = run_backward(grad_out, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, seed,
-                              need_dx, need_dA, need_dB)
-    return (dx if need_dx else None), None, None, (dA if need_dA else None), (dB if need_dB else None), \
-        None, None, None
+Slices = tuple[bool, ...] | None
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """The eager path: forward and backward straight to the selected backend."""
+    """The eager path: forward and backward straight to the selected backend. A backend with
+    ``forward_for_backward`` also returns tensors it prepared for its backward (the triton backend: the
+    low-rank product, B laid out for the backward GEMM, zeroed gradient buffers), saved with the inputs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
-        out = _run_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scale, dropout_p, seed), out)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices):
+        backend = select(x)
+        prepare = getattr(backend, "forward_for_backward", None)
+        if prepare is None:
+            out, saved = backend.forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices), ()
+        else:
+            needs = ctx.needs_input_grad
+            out, saved = prepare(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices,
+                                 (needs[0], needs[3], needs[4]))
+        ctx.backend, ctx.scale, ctx.dropout_p, ctx.slices, ctx.fresh = backend, scale, dropout_p, slices, True
+        ctx.save_for_backward(x, weight, lora_A, lora_B, seed, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _gradients(ctx, grad_out, _run_backward)
+        x, weight, lora_A, lora_B, seed, *saved = ctx.saved_tensors
+        if not ctx.fresh:  # a second backward through the same graph: the prepared buffers were consumed
+            saved = ()
+        ctx.fresh = False
+        needs = _needs(ctx)
+        dx, dA, dB = ctx.backend.backward(grad_out.contiguous(), x, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p,
+                                          seed, needs, ctx.slices, tuple(saved))
+        return dx, None, None, dA, dB, None, None, None, None
+
+
+def _needs(ctx) -> tuple[bool, bool, bool]:
+    """(dx, dA, dB) asked for; W and b must be frozen."""
+    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+    if need_dW or need_db:
+        raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
+    return need_dx, need_dA, need_dB
+
+
+def _slices_arg(slices: list[bool] | None) -> Slices:
+    return None if slices is None else tuple(slices)
 
 
 @torch.library.custom_op("fastlora::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                    scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    return _run_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+                    scale: float, dropout_p: float, seed: Tensor, slices: list[bool] | None) -> Tensor:
+    return select(x).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, _slices_arg(slices))
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("fastlora::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                             scale: float, dropout_p: float, seed: Tensor,
+                             scale: float, dropout_p: float, seed: Tensor, slices: list[bool] | None,
                              need_dx: bool, need_dA: bool, need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _run_backward(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need_dA, need_dB)
+    grads = select(x).backward(grad_out.contiguous(), x, weight, lora_A, lora_B, scale, dropout_p, seed,
+                               (need_dx, need_dA, need_dB), _slices_arg(slices))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, seed, need_dx, need_dA, need_dB):
+def _(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, seed, slices, need_dx, need_dA, need_dB):
     def maybe(needed, like):
         return torch.empty_like(like, memory_format=torch.contiguous_format) if needed else x.new_empty(0)
     return maybe(need_dx, x), maybe(need_dA, lora_A), maybe(need_dB, lora_B)
 
 
-_lora_linear_op.register_autograd(lambda ctx, grad_out: _gradients(ctx, grad_out, _lora_linear_backward_op),
-                                  setup_context=_setup_context)
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, lora_A, lora_B, scale, dropout_p, seed, slices = inputs
+    ctx.scale, ctx.dropout_p, ctx.slices = scale, dropout_p, slices
+    ctx.save_for_backward(x, weight, lora_A, lora_B, seed)
 
 
-def _apply(*args) -> Tensor:
+def _compiled_backward(ctx, grad_out):
+    x, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    dx, dA, dB = _lora_linear_backward_op(grad_out, x, weight, lora_A, lora_B, ctx.scale, ctx.dropout_p, seed,
+                                          ctx.slices, *_needs(ctx))
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None), None, None, (dA if needs[3] else None), (dB if needs[4] else None), \
+        None, None, None, None
+
+
+_lora_linear_op.register_autograd(_compiled_backward, setup_context=_setup_context)
+
+
+def _apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices) -> Tensor:
     """The custom op while torch.compile traces; else the autograd.Function, or the bare forward
     when no gradient is wanted (inference skips autograd's per-call bookkeeping)."""
     if torch.compiler.is_compiling():
-        return _lora_linear_op(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        return _LoraLinearFunction.apply(*args)
-    return _run_forward(*args)
+        return _lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
+                               None if slices is None else list(slices))
+    if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                    or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return _LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices)
+    return select(x).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices)
 
 
 def _shape(t: Tensor | None) -> str:
@@ -112,8 +134,20 @@ def _shape(t: Tensor | None) -> str:
 def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None:
     """Raise a ValueError naming the argument and shapes for any inconsistent input.
 
-    Messages are formatted only on failure: this runs on every call.
+    Messages are formatted only on failure: this runs on every call, so the usual case (no slices) is
+    accepted by one expression first.
     """
+    w_shape, a_shape, b_shape, device, dtype = weight.shape, lora_A.shape, lora_B.shape, x.device, x.dtype
+    if (slices is None and len(w_shape) == len(a_shape) == len(b_shape) == 2 and x.ndim >= 1
+            and x.shape[-1] == w_shape[1] == a_shape[1] and b_shape[0] == w_shape[0] and b_shape[1] == a_shape[0]
+            and weight.dtype == dtype and device == weight.device == lora_A.device == lora_B.device
+            and (bias is None or (bias.shape == w_shape[:1] and bias.dtype == dtype and bias.device == device))
+            and (lora_A.dtype == dtype == lora_B.dtype
+                 or (dtype in _HALF_DTYPES and lora_A.dtype in (dtype, torch.float32)
+                     and lora_B.dtype in (dtype, torch.float32)))
+            and dtype.is_floating_point and 0.0 <= dropout_p < 1.0 and isinstance(scale, (int, float))
+            and math.isfinite(scale)):
+        return
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {_shape(weight)}")
     out_features, in_features = weight.shape
@@ -137,9 +171,13 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
     if lora_B.dim() != 2 or tuple(lora_B.shape) != expected_B:
         raise ValueError(f"lora_B must have shape {expected_B} for weight {_shape(weight)}, lora_A {_shape(lora_A)} "
                          f"and slices {None if slices is None else list(slices)}, got {_shape(lora_B)}")
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)):
+    for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device} (all must match)")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != x.device or (t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _HALF_DTYPES)):
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device} (LoRA parameters "
+                             "must be on x's device, in x's dtype or float32 over a 16-bit x)")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if not 0.0 <= dropout_p < 1.0:
@@ -152,36 +190,34 @@ _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _cast_fp32(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t.to(dtype) if t is not None and t.dtype == torch.float32 else t
-
-
-def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor | None, lora_B: Tensor | None) -> tuple:
-    """Every floating operand in the autocast dtype when autocast is on for x's device (as ``F.linear``
-    is cast). Under autocast a layer's input often arrives already in the autocast dtype while its
-    frozen weight and LoRA parameters are fp32. Without autocast, fp32 LoRA parameters of a 16-bit
-    layer (as peft keeps them) compute in the layer's dtype. The casts are differentiable, so fp32
-    LoRA parameters get fp32 gradients."""
-    if not (torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES):
-        if x.dtype in _HALF_DTYPES and weight.dtype == x.dtype:  # fp32 LoRA parameters over a 16-bit base layer
-            return x, weight, bias, _cast_fp32(lora_A, x.dtype), _cast_fp32(lora_B, x.dtype)
-        return x, weight, bias, lora_A, lora_B
+def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
+    """x, weight and bias in the autocast dtype when autocast is on for x's device (as ``F.linear``
+    is cast): under autocast a layer's input often arrives already in the autocast dtype while its
+    frozen weight is fp32. LoRA parameters are never cast: the backends read fp32 ones over a 16-bit
+    x as they are, compute in x's dtype and return fp32 gradients (as peft keeps them)."""
+    if not torch.is_autocast_enabled(x.device.type) or x.dtype not in _AUTOCAST_DTYPES:
+        return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t: Tensor | None) -> Tensor | None:
         return t.to(dtype) if t is not None and t.dtype in _AUTOCAST_DTYPES else t
-    return cast(x), cast(weight), cast(bias), cast(lora_A), cast(lora_B)
+    return cast(x), cast(weight), cast(bias)
 
 
-def _seed_tensor(seed: int | Tensor | None) -> Tensor:
-    """The dropout seed as a 0-d int64 CPU tensor: drawn from torch's default generator when None."""
+def _seed_tensor(seed: int | Tensor | None, device: torch.device) -> Tensor:
+    """The dropout seed as a 0-d int64 tensor. None draws one: from torch's default CPU generator
+    (so ``torch.manual_seed`` makes runs repeat), or on ``device`` while a CUDA graph is being captured
+    or ``torch.compile`` traces, so that every replay draws a fresh one there."""
     if seed is None:
+        if device.type == "cuda" and (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            return torch.randint(_SEED_LIMIT, (), dtype=torch.int64, device=device)
         return torch.randint(_SEED_LIMIT, (), dtype=torch.int64)
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
             raise ValueError(f"seed must be an integer or a one-element integer tensor, got {seed.dtype} "
                              f"tensor of shape {_shape(seed)}")
-        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+        return seed.reshape(()).to(dtype=torch.int64) if seed.device.type == device.type else \
+            seed.reshape(()).to(device="cpu", dtype=torch.int64)
     try:
         value = operator.index(seed) if not isinstance(seed, bool) else None
     except TypeError:
@@ -189,19 +225,6 @@ def _seed_tensor(seed: int | Tensor | None) -> Tensor:
     if value is None or not -2**63 <= value < 2**63:
         raise ValueError(f"seed must be an integer in [-2**63, 2**63) (int64), got {seed!r}")
     return torch.tensor(value, dtype=torch.int64)
-
-
-def expand_slices(lora_B: Tensor, slices: Sequence[bool], out_features: int) -> Tensor:
-    """Block-structured ``(out, r * enabled)`` B from the stacked per-slice ``(out/G * enabled, r)`` B.
-
-    Group g's rows take its own B_g in its own rank columns; a disabled group's rows are zero.
-    """
-    groups, rank = len(slices), lora_B.shape[1]
-    enabled = [g for g, on in enumerate(slices) if on]
-    rows = out_features // groups
-    full = lora_B.new_zeros(groups, rows, len(enabled), rank)
-    full[enabled, :, range(len(enabled)), :] = lora_B.view(len(enabled), rows, rank)
-    return full.view(out_features, len(enabled) * rank)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -225,12 +248,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     Returns:
         ``(..., out)`` tensor in x's dtype (under autocast, the autocast dtype).
     """
-    x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
+    x, weight, bias = _autocast(x, weight, bias)
     _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices)
     p = float(dropout_p) if training else 0.0
-    seed_tensor = _seed_tensor(seed) if p > 0.0 or seed is not None else _NO_SEED
-    out_features = weight.shape[0]
+    seed_tensor = _seed_tensor(seed, x.device) if p > 0.0 or seed is not None else _NO_SEED
     if slices is not None:
-        lora_B = expand_slices(lora_B, slices, out_features)
-    flat = _apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, seed_tensor)
-    return flat.view(*x.shape[:-1], out_features)
+        slices = tuple(bool(s) for s in slices)
+    if x.ndim == 2:
+        return _apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed_tensor, slices)
+    flat = _apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, seed_tensor, slices)
+    return flat.view(*x.shape[:-1], weight.shape[0])

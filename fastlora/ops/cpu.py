@@ -28,7 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastlora.ops.reference import dropout_threshold
+from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices
 
 ISA_ENV_VAR = "FASTLORA_CPU_ISA"
 GEMM_ENV_VAR = "FASTLORA_CPU_GEMM"
@@ -114,8 +114,11 @@ def _base_in_extension(x: Tensor, weight: Tensor) -> bool:
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-            scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    """``(M, out)`` output: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM."""
+            scale: float, dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None) -> Tensor:
+    """``(M, out)`` output: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM. Slices
+    run over the block-structured B (:func:`~fastlora.ops.reference.expand_slices`)."""
+    if slices is not None:
+        lora_B = expand_slices(lora_B, slices, weight.shape[0])
     x, weight = _rows_unit_stride(x), _weight_view(weight)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
     in_extension = _base_in_extension(x, weight)
@@ -128,10 +131,15 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-             scale: float, dropout_p: float, seed: Tensor,
-             needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+             scale: float, dropout_p: float, seed: Tensor, needs: tuple[bool, bool, bool],
+             slices: tuple[bool, ...] | None = None, saved: tuple = ()
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dA, dB)``, each only when ``needs`` asks for it: :func:`fastlora._C.backward`, then
     ``dx += dy W`` if torch does the GEMM."""
+    if slices is not None:
+        dx, dA, dB = backward(grad_out, x, weight, lora_A, expand_slices(lora_B, slices, weight.shape[0]), scale,
+                              dropout_p, seed, needs)
+        return dx, dA, None if dB is None else stack_slices(dB, slices)
     need_dx, need_dA, need_dB = needs
     grad_out, weight = _rows_unit_stride(grad_out), _weight_view(weight)
     dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None

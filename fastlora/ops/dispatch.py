@@ -79,6 +79,12 @@ def forced_backend() -> str | None:
 
 def select(x: torch.Tensor) -> ModuleType:
     """The backend module that runs a call on tensors like ``x``."""
+    if not os.environ.get(ENV_VAR):  # the automatic choice, by device and dtype: cached
+        key = (x.device.type, x.dtype)
+        chosen = _AUTOMATIC.get(key)
+        if chosen is None:
+            chosen = _AUTOMATIC[key] = _automatic(x)
+        return chosen
     name = forced_backend()
     if name is not None:
         loaded = _load(name)
@@ -88,6 +94,13 @@ def select(x: torch.Tensor) -> ModuleType:
         if why_not:
             raise RuntimeError(f"{ENV_VAR}={name}: {why_not}")
         return loaded
+    return _automatic(x)
+
+
+_AUTOMATIC: dict[tuple, ModuleType] = {}
+
+
+def _automatic(x: torch.Tensor) -> ModuleType:
     preferred = "triton" if x.device.type == "cuda" else "cpu"
     loaded = _load(preferred)
     if isinstance(loaded, ModuleType) and not _accepts(preferred, x):

@@ -11,12 +11,13 @@ Backends provide ``forward_mixed`` / ``backward_mixed``; one that has none would
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from fastlora.ops import _NO_SEED, _autocast, _seed_tensor, _validate, expand_slices
+from fastlora.ops import _HALF_DTYPES, _NO_SEED, _autocast, _seed_tensor, _validate, expand_slices
 from fastlora.ops import reference as _reference
 from fastlora.ops.dispatch import select
 
@@ -27,12 +28,13 @@ def _backend(x: Tensor):
 
 
 class _Settings:
-    """The per-adapter floats an autograd context keeps (tensors go through save_for_backward)."""
+    """The per-adapter floats an autograd context keeps (tensors go through save_for_backward), and which
+    adapters some row names (known on the host: the backward then needs no device-to-host read)."""
 
-    __slots__ = ("dropout_ps", "scales")
+    __slots__ = ("dropout_ps", "named", "scales")
 
-    def __init__(self, scales: list[float], dropout_ps: list[float]) -> None:
-        self.scales, self.dropout_ps = scales, dropout_ps
+    def __init__(self, scales: list[float], dropout_ps: list[float], named: list[bool]) -> None:
+        self.scales, self.dropout_ps, self.named = scales, dropout_ps, named
 
 
 class _LoraLinearMixedFunction(torch.autograd.Function):
@@ -54,7 +56,7 @@ class _LoraLinearMixedFunction(torch.autograd.Function):
         n = len(settings.scales)
         if needs[1] or needs[2]:
             raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
-        need_lora = [needs[6 + a] or needs[6 + n + a] for a in range(n)]
+        need_lora = [(needs[6 + a] or needs[6 + n + a]) and settings.named[a] for a in range(n)]
         dx, dAs, dBs = _backend(x).backward_mixed(grad_out.contiguous(), x, weight, lora[:n], lora[n:],
                                                   settings.scales, settings.dropout_ps, adapter_ids, seed,
                                                   needs[0], need_lora)
@@ -76,6 +78,40 @@ def _row_ids(adapter_ids: Tensor, x: Tensor, adapters: int) -> Tensor:
                          f"got values from {int(adapter_ids.min())} to {int(adapter_ids.max())}")
     ids = adapter_ids.to(device=x.device, dtype=torch.int64, non_blocking=True)
     return ids.reshape(*ids.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
+
+
+def _named(adapter_ids: Tensor, adapters: int) -> list[bool]:
+    """Which adapters some row names: from the ids where they are given (ids on the GPU are read back once;
+    ids on the CPU, as :func:`fastlora.use_adapters` keeps them, cost no device-to-host read)."""
+    counts = torch.bincount(adapter_ids.reshape(-1).to(torch.int64) + 1, minlength=adapters + 1)[1:]
+    return [bool(c) for c in counts.tolist()]
+
+
+_EXPANDED: dict[tuple, tuple] = {}  # inference: block-structured B's of sliced adapters, by B's identity and version
+
+
+def _dense_B(B: Tensor, slices: Sequence[bool] | None, out_features: int) -> Tensor:
+    """B as the mixed backends take it: block-structured for a sliced adapter. Without autograd the expansion is
+    kept while B is the same tensor at the same version (decoding expands it once, and a captured decode step
+    needs none)."""
+    if slices is None:
+        return B
+    if torch.is_grad_enabled() and B.requires_grad:
+        return expand_slices(B, slices, out_features)
+    key = (id(B), B._version, tuple(slices), out_features)
+    kept = _EXPANDED.get(key)
+    if kept is not None and kept[0]() is B:
+        return kept[1]
+    while len(_EXPANDED) >= 4096:
+        _EXPANDED.pop(next(iter(_EXPANDED)))
+    dense = expand_slices(B, slices, out_features)
+    _EXPANDED[key] = (weakref.ref(B), dense)
+    return dense
+
+
+def _in_dtype_of(t: Tensor, x: Tensor) -> Tensor:
+    """An fp32 LoRA parameter over a 16-bit x cast (differentiably) to x's dtype, for the mixed kernels."""
+    return t.to(x.dtype) if t.dtype == torch.float32 and x.dtype in _HALF_DTYPES else t
 
 
 def _like_the_first(A: Tensor, B: Tensor, first: tuple[Tensor, Tensor], scale, dropout_p, slices, first_slices) -> bool:
@@ -115,10 +151,11 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
     if not (len(lora_Bs) == len(scales) == len(dropout_ps) == len(slices) == n):
         raise ValueError(f"lora_As, lora_Bs, scales, dropout_ps and slices need one entry per adapter, got "
                          f"{n}, {len(lora_Bs)}, {len(scales)}, {len(dropout_ps)} and {len(slices)}")
-    autocasting = torch.is_autocast_enabled(x.device.type)
-    lora = [(A, B) if not autocasting and A.dtype == B.dtype == x.dtype  # nothing to cast: the common case
-            else _autocast(x, weight, None, A, B)[3:] for A, B in zip(lora_As, lora_Bs, strict=True)]
-    x, weight, bias, _, _ = _autocast(x, weight, bias, None, None)
+    x, weight, bias = _autocast(x, weight, bias)
+    if getattr(_backend(x), "TAKES_FP32_LORA", False):
+        lora = list(zip(lora_As, lora_Bs, strict=True))
+    else:
+        lora = [(_in_dtype_of(A, x), _in_dtype_of(B, x)) for A, B in zip(lora_As, lora_Bs, strict=True)]
     for a, (A, B) in enumerate(lora):
         if a == 0 or not _like_the_first(A, B, lora[0], scales[a], dropout_ps[a], slices[a], slices[0]):
             try:  # the full check, with its message; adapters shaped like the first one only get the quick one
@@ -127,12 +164,12 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
                 raise ValueError(f"adapter {a}: {error}") from None
     ids = _row_ids(adapter_ids, x, n)
     ps = [float(p) if training else 0.0 for p in dropout_ps]
-    seed_tensor = _seed_tensor(seed) if any(ps) or seed is not None else _NO_SEED
+    seed_tensor = _seed_tensor(seed, x.device) if any(ps) or seed is not None else _NO_SEED
     out_features = weight.shape[0]
     As = [A for A, _ in lora]
-    Bs = [expand_slices(B, s, out_features) if s is not None else B for (_, B), s in zip(lora, slices, strict=True)]
+    Bs = [_dense_B(B, s, out_features) for (_, B), s in zip(lora, slices, strict=True)]
     flat_x = x.reshape(-1, x.shape[-1])
-    settings = _Settings([float(s) for s in scales], ps)
+    settings = _Settings([float(s) for s in scales], ps, _named(adapter_ids, n))
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *As, *Bs)):
         flat = _LoraLinearMixedFunction.apply(flat_x, weight, bias, ids, seed_tensor, settings, *As, *Bs)
     else:

@@ -22,6 +22,8 @@ Kept elements are scaled by ``1 / (1 - p)`` (inverted dropout).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -75,9 +77,40 @@ def _drop_mask(seed: Tensor, x: Tensor, p: float, rows: Tensor | None = None) ->
     return _hashed(seed, x.shape[0] if rows is None else rows, x.shape[1], x.device) < dropout_threshold(p)
 
 
+def expand_slices(lora_B: Tensor, slices: Sequence[bool], out_features: int) -> Tensor:
+    """Block-structured ``(out, r * enabled)`` B from the stacked per-slice ``(out/G * enabled, r)`` B.
+
+    Group g's rows take its own B_g in its own rank columns; a disabled group's rows are zero.
+    """
+    groups, rank = len(slices), lora_B.shape[1]
+    enabled = [g for g, on in enumerate(slices) if on]
+    rows = out_features // groups
+    full = lora_B.new_zeros(groups, rows, len(enabled), rank)
+    full[enabled, :, range(len(enabled)), :] = lora_B.view(len(enabled), rows, rank)
+    return full.view(out_features, len(enabled) * rank)
+
+
+def stack_slices(full: Tensor, slices: Sequence[bool]) -> Tensor:
+    """The inverse of :func:`expand_slices`: the enabled groups' diagonal blocks of a ``(out, r * enabled)`` matrix,
+    stacked as ``(out/G * enabled, r)``."""
+    enabled = [g for g, on in enumerate(slices) if on]
+    rank = full.shape[1] // len(enabled)
+    blocks = full.view(len(slices), full.shape[0] // len(slices), len(enabled), rank)
+    return blocks[enabled, :, range(len(enabled)), :].reshape(-1, rank)
+
+
+def _compute_operands(x: Tensor, lora_A: Tensor, lora_B: Tensor, slices) -> tuple[Tensor, Tensor]:
+    """A and the dense ``(out, R)`` B in x's dtype (LoRA parameters may be fp32 over a 16-bit x)."""
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if slices is not None:
+        lora_B = expand_slices(lora_B, slices, lora_B.shape[0] // sum(slices) * len(slices))
+    return lora_A, lora_B
+
+
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-            scale: float, dropout_p: float, seed: Tensor) -> Tensor:
+            scale: float, dropout_p: float, seed: Tensor, slices: Sequence[bool] | None = None) -> Tensor:
     """``(M, out)`` output: base product, bias and rank-R update accumulated in one buffer."""
+    lora_A, lora_B = _compute_operands(x, lora_A, lora_B, slices)
     out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     if dropout_p > 0:  # the 1 / (1 - p) of inverted dropout is folded into the scale
         x = x.masked_fill(_drop_mask(seed, x, dropout_p), 0)
@@ -87,10 +120,14 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-             scale: float, dropout_p: float, seed: Tensor,
-             needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dA, dB)``, each computed only when ``needs`` asks for it; W and b are frozen."""
+             scale: float, dropout_p: float, seed: Tensor, needs: tuple[bool, bool, bool],
+             slices: Sequence[bool] | None = None, saved: tuple = ()
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dA, dB)``, each computed only when ``needs`` asks for it, dA and dB in the LoRA parameters' own
+    dtype and layout (stacked per slice); W and b are frozen."""
     need_dx, need_dA, need_dB = needs
+    param_A, param_B = lora_A, lora_B
+    lora_A, lora_B = _compute_operands(x, lora_A, lora_B, slices)
     grad_h = grad_out @ lora_B  # (M, R): the gradient reaching x @ A.T, before the scale
     drop = _drop_mask(seed, x, dropout_p) if dropout_p > 0 else None
     if drop is not None:
@@ -105,9 +142,10 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     if need_dA or need_dB:
         x_lora = x.masked_fill(drop, 0) if drop is not None else x
         if need_dA:
-            dA = (grad_h.t() @ x_lora).mul_(scale)
+            dA = (grad_h.t() @ x_lora).mul_(scale).to(param_A.dtype)
         if need_dB:
             dB = (grad_out.t() @ (x_lora @ lora_A.t())).mul_(scale)
+            dB = (stack_slices(dB, slices) if slices is not None else dB).to(param_B.dtype)
     return dx, dA, dB
 
 

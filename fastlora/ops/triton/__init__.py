@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -27,11 +28,14 @@ except ImportError as error:
     raise ImportError(f"the triton backend needs the triton package ({error})") from error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TAKES_FP32_LORA = True  # fp32 LoRA parameters over a 16-bit x are read as they are (the op need not cast them)
 if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
-from fastlora.ops.reference import dropout_threshold  # noqa: E402
+from fastlora.ops import reference  # noqa: E402
+from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
+    _cast_pair_kernel,
     _lora_backward_kernel,
     _lora_db_kernel,
     _lora_down_kernel,
@@ -74,11 +78,6 @@ DB_PROGRAMS_PER_SM = 2
 DB_ACC_ELEMS = 4096
 
 
-def _zero_da(args: dict) -> None:
-    """Before every (also every autotuning) launch: the atomically accumulated dA starts at zero."""
-    args["da_ptr"].zero_()
-
-
 def _smem_bytes(tile: tuple, r_pad: int, elem: int, backward: bool) -> int:
     """Shared memory of a tile: an upper estimate of what Triton allocates, the larger of the
     software pipeline's buffers and the epilogue's (which reuse them after the loop)."""
@@ -109,23 +108,23 @@ def _fitting_tiles(backward: bool, family: str, r_pad: int, smem_limit: int) -> 
 _AUTOTUNED: dict[tuple, triton.runtime.Autotuner] = {}
 
 
-def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int, zero_da: bool):
+def _autotuned(backward: bool, family: str, r_pad: int, smem_limit: int):
     """The kernel autotuned over the family's tiles that fit ``smem_limit`` bytes (one per argument set).
 
     Keyed on N, K and the constexprs that change the kernel's register use (dropout makes the
     backward's wide 16-bit tiles spill on sm_90), not on M: M changes with every batch shape
     and is covered by the family (small M or not), so a new sequence length does not re-tune.
+    The backward's dA buffer is accumulated atomically: tuning zeroes it before every trial and after.
     """
-    variant = (backward, family, r_pad, smem_limit, zero_da)
+    variant = (backward, family, r_pad, smem_limit)
     if variant not in _AUTOTUNED:
-        hook = _zero_da if zero_da else None
         configs = [triton.Config({"BLOCK_M": rows, "BLOCK_K" if backward else "BLOCK_N": cols,
                                   "BLOCK_N" if backward else "BLOCK_K": step, "GROUP_M": 8},
-                                 num_stages=stages, num_warps=warps, pre_hook=hook)
+                                 num_stages=stages, num_warps=warps)
                    for rows, cols, step, stages, warps in _fitting_tiles(backward, family, r_pad, smem_limit)]
         kernel = _lora_backward_kernel if backward else _lora_forward_kernel
         key = ["N", "K", "NEED_DX", "NEED_DA", "DROPOUT"] if backward else ["N", "K", "HAS_BIAS"]
-        _AUTOTUNED[variant] = triton.autotune(configs, key=key)(kernel)
+        _AUTOTUNED[variant] = triton.autotune(configs, key=key, reset_to_zero=["da_ptr"] if backward else None)(kernel)
     return _AUTOTUNED[variant]
 
 
@@ -134,7 +133,7 @@ def tuned_configs() -> list[dict]:
     (the key's values, then the dtypes of the tensor arguments): for benchmark reports."""
     chosen = []
     entries = [("backward" if backward else "forward", family, r_pad, tuned)
-               for (backward, family, r_pad, _, _), tuned in _AUTOTUNED.items()]
+               for (backward, family, r_pad, _), tuned in _AUTOTUNED.items()]
     entries += [("mixed", family, r_pad, tuned) for (family, r_pad, _), tuned in _MIXED_AUTOTUNED.items()]
     for kernel, family, r_pad, tuned in entries:
         for key, config in tuned.cache.items():
@@ -180,44 +179,76 @@ def _int32_bits(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-_NO_DROPOUT = {"inv_keep": 1.0, "seed_lo": 0, "seed_hi": 0, "threshold": 0, "DROPOUT": False}
-
-
 def _seed_words(seed: Tensor) -> tuple[int, int]:
     """The seed's low and high 32 bits as int32 bit patterns."""
     seed_value = int(seed) & 0xFFFFFFFFFFFFFFFF
     return _int32_bits(seed_value & 0xFFFFFFFF), _int32_bits(seed_value >> 32)
 
 
+_NO_DROPOUT = {"inv_keep": 1.0, "seed_ptr": None, "seed_lo": 0, "seed_hi": 0, "threshold": 0, "DROPOUT": False,
+               "SEED_FROM_PTR": False}
+
+
 def _dropout_args(dropout_p: float, seed: Tensor) -> dict:
-    """The kernels' dropout scalars: the seed's 32-bit halves, the threshold and 1/(1-p)."""
+    """The kernels' dropout arguments: a seed on the GPU is read by the kernels from memory (drawn on the
+    device, e.g. inside a CUDA graph, where each replay draws anew; never read back to the host), a CPU
+    one passed as its two 32-bit halves; the threshold and 1/(1-p)."""
     if dropout_p == 0:
         return _NO_DROPOUT
-    seed_lo, seed_hi = _seed_words(seed)
-    return {
-        "inv_keep": 1.0 / (1.0 - dropout_p),
-        "seed_lo": seed_lo,
-        "seed_hi": seed_hi,
-        "threshold": dropout_threshold(dropout_p),
-        "DROPOUT": True,
-    }
+    from_ptr = seed.device.type == "cuda"
+    seed_lo, seed_hi = (0, 0) if from_ptr else _seed_words(seed)
+    return {"inv_keep": 1.0 / (1.0 - dropout_p), "seed_ptr": seed if from_ptr else None, "seed_lo": seed_lo,
+            "seed_hi": seed_hi, "threshold": dropout_threshold(dropout_p), "DROPOUT": True, "SEED_FROM_PTR": from_ptr}
 
 
 def _on_device(x: Tensor):
-    """Launches go to the tensors' GPU, whichever is current (a no-op under the interpreter)."""
-    return contextlib.nullcontext() if INTERPRET else torch.cuda.device(x.device)
+    """Launches go to the tensors' GPU, whichever is current (a no-op under the interpreter or when it is current)."""
+    if INTERPRET or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
-def _launch(backward: bool, tiles, args: tuple, meta: dict, zero_da: bool = False) -> None:
-    """Launch on a 1-D grid of ``tiles(config)`` programs: autotuned, or the fixed config when interpreting."""
+_CHOSEN: dict[tuple, triton.Config] = {}  # what autotuning chose, by kernel variant and tuning key
+
+
+def _launch(backward: bool, tiles, args: tuple, meta: dict, key: tuple) -> None:
+    """Launch on a 1-D grid of ``tiles(config)`` programs: the fixed config when interpreting; else the config
+    autotuning chose for ``key`` (which holds everything the tuning key does), tuned on the first call for
+    it and launched straight from the JIT afterwards (the autotuner's own per-call work skipped)."""
+    kernel = _lora_backward_kernel if backward else _lora_forward_kernel
     if INTERPRET:
-        kernel = _lora_backward_kernel if backward else _lora_forward_kernel
         kernel[(tiles(INTERPRET_CONFIG),)](*args, **meta, **INTERPRET_CONFIG)
         return
-    rows = args[0]  # x, or dy in backward: (M, ...) in the input dtype
-    family = _family(rows.shape[0], rows.dtype)
-    tuned = _autotuned(backward, family, meta["R_PAD"], _smem_limit(rows.device.index), zero_da)
-    tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
+    config = _CHOSEN.get(key)
+    if config is None:
+        rows = args[0]  # x, or dy in backward: (M, ...) in the input dtype
+        tuned = _autotuned(backward, _family(rows.shape[0], rows.dtype), meta["H_PAD"], _smem_limit(rows.device.index))
+        tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
+        config = _CHOSEN[key] = tuned.best_config
+        _compile_seed_variant(kernel, (tiles(config.kwargs),), args, {**meta, **config.all_kwargs()})
+        return
+    kernel[(tiles(config.kwargs),)](*args, **meta, **config.all_kwargs())
+
+
+_SEED_VARIANTS: set[tuple] = set()
+
+
+def _compile_seed_variant(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """Compile, without launching, the variant of a dropout kernel that reads its seed from memory, as it runs
+    inside a CUDA graph (where the seed is drawn on the device): a graph captured after eager warm-up calls then
+    finds it compiled (and tuned: ``_launch``'s key leaves the seed's place out), rather than compiling mid-capture."""
+    if INTERPRET or not meta.get("DROPOUT") or meta.get("SEED_FROM_PTR"):
+        return
+    variant = (kernel.fn.__name__, *sorted((k, v) for k, v in meta.items()), *(getattr(a, "dtype", None) for a in args))
+    if variant in _SEED_VARIANTS:
+        return
+    _SEED_VARIANTS.add(variant)
+    args = list(args)
+    device = next(a.device for a in args if isinstance(a, Tensor))
+    args[kernel.arg_names.index("seed_ptr")] = torch.zeros((), dtype=torch.int64, device=device)
+    compiled = kernel.warmup(*args, grid=grid, **{**meta, "SEED_FROM_PTR": True})
+    if hasattr(compiled, "_init_handles"):  # load it onto the GPU now too: loading is no stream work to capture
+        compiled._init_handles()
 
 
 def _down_tile(rows: int, r_pad: int) -> tuple[int, int]:
@@ -225,21 +256,6 @@ def _down_tile(rows: int, r_pad: int) -> tuple[int, int]:
     fp32 ``(BLOCK_M, R_PAD)`` result fit any GPU's shared memory for padded ranks up to 512."""
     block_m = 64 if rows >= 4096 and r_pad <= 128 and not INTERPRET else 32
     return block_m, 64 if r_pad <= 64 else 32 if r_pad <= 256 else 16
-
-
-def _lora_down(x: Tensor, lora_A: Tensor, drop: dict) -> Tensor:
-    """``dropout(x) @ A.T / (1 - p)`` as an fp32 ``(M, R_PAD)`` buffer."""
-    (M, K), R = x.shape, lora_A.shape[0]
-    r_pad = _rank_pad(R)
-    h = torch.empty(M, r_pad, device=x.device, dtype=torch.float32)
-    block_m, block_k = _down_tile(M, r_pad)
-    _lora_down_kernel[(triton.cdiv(M, block_m),)](
-        x, lora_A, h, M, K, R, *x.stride(), *lora_A.stride(),
-        drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
-        DROPOUT=drop["DROPOUT"], R_PAD=r_pad, PRECISION=_precision(x.dtype), BLOCK_M=block_m,
-        BLOCK_K=block_k, num_warps=4, num_stages=2,
-    )
-    return h
 
 
 def _db_tile(r_pad: int) -> tuple[int, int]:
@@ -258,91 +274,190 @@ def _db_splits(M: int, column_blocks: int, side: int, programs: int) -> tuple[in
     return rows_per_split, triton.cdiv(M, rows_per_split)
 
 
-def _lora_db(grad_out: Tensor, h: Tensor, rank: int, scale: float) -> Tensor:
-    """``scale * dy.T @ h`` as ``(N, rank)`` in dy's dtype: written once, or accumulated over row splits."""
-    (M, N), r_pad = grad_out.shape, h.shape[1]
-    if N == 0:
-        return grad_out.new_empty(0, rank)
-    side, stages = _db_tile(r_pad)
-    if INTERPRET:
-        side = min(side, INTERPRET_CONFIG["BLOCK_M"])
-    column_blocks = triton.cdiv(N, side)
-    sms = INTERPRET_SMS if INTERPRET else _sm_count(grad_out.device.index)
-    rows_per_split, splits = _db_splits(M, column_blocks, side, sms * DB_PROGRAMS_PER_SM)
-    atomic = splits > 1
-    dB = (torch.zeros(N, rank, device=h.device, dtype=torch.float32) if atomic
-          else grad_out.new_empty(N, rank))
-    _lora_db_kernel[(column_blocks, splits)](
-        grad_out, h, dB, M, N, rank, rows_per_split, *grad_out.stride(), scale,
-        ATOMIC=atomic, R_PAD=r_pad, PRECISION=_precision(grad_out.dtype), BLOCK_N=side, BLOCK_M=side,
-        num_warps=4, num_stages=stages,
-    )
-    return dB.to(grad_out.dtype)
+class _Layout:
+    """How a layer's LoRA parameters map onto the kernels' rank axis: ``rs_pad`` columns for each enabled slice
+    (its rank padded to a power of two >= 16, since 16-bit dots need K >= 16), ``h_pad`` in all; the output
+    features in ``groups`` equal groups of ``group_rows``, enabled by the bits of ``mask`` (one group without
+    slices); the dB kernel's tile, stages and row splits for ``M`` rows."""
+
+    def __init__(self, M: int, N: int, total_rank: int, slices: tuple[bool, ...] | None, sms: int) -> None:
+        self.groups = len(slices) if slices is not None else 1
+        self.enabled = sum(slices) if slices is not None else 1
+        self.mask = sum(1 << g for g, on in enumerate(slices) if on) if slices is not None else 1
+        self.rank = total_rank // self.enabled
+        self.rs_pad = max(16, triton.next_power_of_2(self.rank))
+        self.h_pad = triton.next_power_of_2(self.enabled * self.rs_pad)
+        self.group_rows = N // self.groups
+        self.db_rows = self.group_rows * self.enabled  # B's rows, stacked
+        side, self.db_stages = _db_tile(self.rs_pad)
+        if INTERPRET:
+            side = min(side, INTERPRET_CONFIG["BLOCK_M"])
+        if slices is not None:  # a dB tile stays inside one slice
+            side = min(side, self.group_rows & -self.group_rows)
+        self.db_side = side
+        self.db_blocks = triton.cdiv(self.db_rows, side)
+        self.db_rows_per_split, self.db_splits = _db_splits(M, self.db_blocks, side, sms * DB_PROGRAMS_PER_SM)
 
 
-def _padded_b(lora_B: Tensor, r_pad: int) -> Tensor:
-    """B as the backward kernel reads it: contiguous ``(N, r_pad)``, zero past the rank, so that its
-    tiles, like dy's and W's, need no mask along their contiguous axis (a copy only if B is not so already)."""
-    if lora_B.shape[1] == r_pad and lora_B.is_contiguous():
-        return lora_B
-    padded = lora_B.new_zeros(lora_B.shape[0], r_pad)
-    padded[:, :lora_B.shape[1]] = lora_B
-    return padded
+@functools.lru_cache(maxsize=1024)
+def _layout(M: int, N: int, total_rank: int, slices: tuple[bool, ...] | None, device_index: int) -> _Layout:
+    return _Layout(M, N, total_rank, slices, INTERPRET_SMS if INTERPRET else _sm_count(device_index))
 
 
-def _lora_dx_da(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-                drop: dict, need_dx: bool, need_dA: bool) -> tuple[Tensor | None, Tensor | None]:
-    """dx and/or dA from one launch of the backward kernel (at least one of them asked for)."""
-    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
-    r_pad = _rank_pad(R)
-    dx = x.new_empty(M, K) if need_dx else None
-    dA = None
-    if need_dA:  # atomically accumulated; on a GPU the launch's pre-hook zeroes it
-        dA = (torch.zeros if INTERPRET else torch.empty)(R, K, device=x.device, dtype=torch.float32)
-    args = (grad_out, weight, lora_A, _padded_b(lora_B, r_pad), x, dx if need_dx else dA, dA if need_dA else dx,
-            M, N, K, R, *grad_out.stride(), *weight.stride(), *lora_A.stride(), *x.stride(),
-            *(dx.stride() if need_dx else (0, 0)),
-            scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
-    meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "DROPOUT": drop["DROPOUT"], "R_PAD": r_pad,
-            "PRECISION": _precision(x.dtype)}
-    _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta,
-            zero_da=need_dA)
-    return dx, dA.to(x.dtype) if need_dA else None
+def _native_slices(N: int, slices: tuple[bool, ...] | None) -> bool:
+    """Whether the kernels take these slices as they are: each group's rows a multiple of 16 (the dB tile's
+    side); else (never the case for GPT-2's or any common model's fused projections) B is expanded densely."""
+    return slices is None or (N // len(slices)) % 16 == 0
 
 
-def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-            scale: float, dropout_p: float, seed: Tensor) -> Tensor:
-    """``(M, out)`` output of the fused LoRA linear; see :func:`fastlora.ops.reference.forward`."""
-    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
+AUX_PROGRAMS = 16  # the down kernel's programs that also prepare the backward's B and zero its buffers
+
+
+def _down(x: Tensor, lora_A: Tensor, lora_B: Tensor, layout: _Layout, drop: dict, bpad: Tensor | None = None,
+          dA: Tensor | None = None, dB: Tensor | None = None) -> Tensor:
+    """``dropout(x) @ A.T / (1 - p)`` as an fp32 ``(M, h_pad)`` buffer; the same launch fills ``bpad`` (B as the
+    backward GEMM reads it) and zeroes the fp32 gradient buffers ``dA`` and ``dB`` when given."""
+    (M, K), N = x.shape, lora_B.shape[0] if bpad is None else bpad.shape[0]
+    h = torch.empty(M, layout.h_pad, device=x.device, dtype=torch.float32)
+    block_m, block_k = _down_tile(M, layout.h_pad)
+    m_blocks = triton.cdiv(M, block_m)
+    aux = AUX_PROGRAMS if bpad is not None or dA is not None or dB is not None else 0
+    args = (x, lora_A, h, M, K, layout.rank, *x.stride(), *lora_A.stride(),
+            drop["inv_keep"], drop["seed_ptr"], drop["seed_lo"], drop["seed_hi"], drop["threshold"],
+            m_blocks, lora_B, bpad, N, layout.group_rows, *lora_B.stride(),
+            dA, 0 if dA is None else dA.numel(), dB, 0 if dB is None else dB.numel())
+    meta = {"DROPOUT": drop["DROPOUT"], "SEED_FROM_PTR": drop["SEED_FROM_PTR"], "RS_PAD": layout.rs_pad,
+            "H_PAD": layout.h_pad, "GROUPS": layout.groups, "SLICE_MASK": layout.mask, "ENABLED": layout.enabled,
+            "PRECISION": _precision(x.dtype), "BLOCK_M": block_m, "BLOCK_K": block_k, "AUX_PROGRAMS": AUX_PROGRAMS,
+            "num_warps": 4, "num_stages": 2}
+    _lora_down_kernel[(m_blocks + aux,)](*args, **meta)
+    _compile_seed_variant(_lora_down_kernel, (m_blocks + aux,), args, meta)
+    return h
+
+
+def _needs_bpad(lora_B: Tensor, x: Tensor, layout: _Layout) -> bool:
+    """Whether B must be laid out anew for the backward GEMM (dense, contiguous ``(N, h_pad)``, in x's dtype)."""
+    return not (layout.groups == 1 and lora_B.dtype == x.dtype and lora_B.shape[1] == layout.h_pad
+                and lora_B.is_contiguous())
+
+
+def _prepare(x: Tensor, lora_A: Tensor, lora_B: Tensor, layout: _Layout, drop: dict, N: int,
+             needs: tuple[bool, bool, bool]) -> tuple:
+    """``(h, bpad, dA buffer, dB buffer)`` for a backward that ``needs`` (dx, dA, dB): h from one launch that also
+    lays out B and zeroes the fp32 buffers that dA (always) and dB (when split over rows) accumulate into."""
+    need_dx, need_dA, need_dB = needs
+    bpad = (torch.empty(N, layout.h_pad, device=x.device, dtype=x.dtype)
+            if (need_dx or need_dA) and _needs_bpad(lora_B, x, layout) else None)
+    dA = torch.empty(lora_A.shape, device=x.device, dtype=torch.float32) if need_dA else None
+    dB = (torch.empty(lora_B.shape, device=x.device, dtype=torch.float32)
+          if need_dB and layout.db_splits > 1 else None)
+    return _down(x, lora_A, lora_B, layout, drop, bpad, dA, dB), bpad, dA, dB
+
+
+def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora_B: Tensor, h: Tensor, scale: float,
+          layout: _Layout) -> Tensor:
+    """The forward GEMM with bias and the rank-R term in its epilogue."""
+    (M, K), N = x.shape, weight.shape[0]
     out = x.new_empty(M, N)
-    if M == 0:
-        return out
-    with _on_device(x):
-        h = _lora_down(x, lora_A, _dropout_args(dropout_p, seed))
-        args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, R,
-                *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
-        meta = {"HAS_BIAS": bias is not None, "R_PAD": h.shape[1], "PRECISION": _precision(x.dtype)}
-        _launch(False, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta)
+    args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, layout.rank, layout.group_rows,
+            *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
+    meta = {"HAS_BIAS": bias is not None, "RS_PAD": layout.rs_pad, "H_PAD": layout.h_pad, "GROUPS": layout.groups,
+            "SLICE_MASK": layout.mask, "PRECISION": _precision(x.dtype)}
+    key = (False, M < SMALL_M, N, K, bias is not None, layout.h_pad, layout.rs_pad, layout.mask, layout.groups,
+           x.dtype, weight.dtype, lora_B.dtype, x.device.index)
+    _launch(False, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta, key)
     return out
 
 
-def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-             scale: float, dropout_p: float, seed: Tensor,
-             needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dA, dB)`` as asked by ``needs``; see :func:`fastlora.ops.reference.backward`."""
-    need_dx, need_dA, need_dB = needs
-    (M, K), N, R = x.shape, weight.shape[0], lora_A.shape[0]
-    if M == 0:
-        return (x.new_empty(0, K) if need_dx else None, x.new_zeros(R, K) if need_dA else None,
-                x.new_zeros(N, R) if need_dB else None)
-    drop = _dropout_args(dropout_p, seed)
-    dx = dA = dB = None
+def _dense(lora_B: Tensor, slices: tuple[bool, ...] | None, N: int) -> tuple[Tensor, tuple[bool, ...] | None]:
+    """B and slices as the kernels take them: slices whose groups they cannot take as they are become a dense B."""
+    return (lora_B, slices) if _native_slices(N, slices) else (expand_slices(lora_B, slices, N), None)
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
+            dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None) -> Tensor:
+    """``(M, out)`` output of the fused LoRA linear; see :func:`fastlora.ops.reference.forward`. Two launches."""
+    return forward_for_backward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices,
+                                (False, False, False))[0]
+
+
+def forward_for_backward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                         scale: float, dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None,
+                         needs: tuple[bool, bool, bool]) -> tuple[Tensor, tuple]:
+    """The forward and what :func:`backward` takes as ``saved`` for gradients ``needs`` (dx, dA, dB): h (so the
+    backward need not read x to rebuild it), B laid out for the backward GEMM and the zeroed fp32 gradient
+    buffers, all from the forward's first launch."""
+    (M, K), N = x.shape, weight.shape[0]
+    if M == 0 or N == 0 or K == 0:  # nothing for the kernels to do: the reference's few ops
+        return reference.forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices), ()
+    lora_B, slices = _dense(lora_B, slices, N)
+    layout = _layout(M, N, lora_A.shape[0], slices, x.device.index or 0)
     with _on_device(x):
+        saved = _prepare(x, lora_A, lora_B, layout, _dropout_args(dropout_p, seed), N, needs)
+        return _gemm(x, weight, bias, lora_B, saved[0], scale, layout), saved
+
+
+def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+             dropout_p: float, seed: Tensor, needs: tuple[bool, bool, bool],
+             slices: tuple[bool, ...] | None = None, saved: tuple = ()
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dA, dB)`` as asked by ``needs``, dA and dB in the LoRA parameters' own dtype and layout; see
+    :func:`fastlora.ops.reference.backward`. ``saved``: what :func:`forward_for_backward` prepared (else
+    prepared here, one more launch). Then one launch for dx and dA, one for dB, and one more only for
+    16-bit LoRA parameters (their fp32 accumulation buffers converted)."""
+    need_dx, need_dA, need_dB = needs
+    (M, K), N = x.shape, weight.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        return reference.backward(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, seed, needs, slices)
+    lora_B, slices_in = _dense(lora_B, slices, N)
+    layout = _layout(M, N, lora_A.shape[0], slices_in, x.device.index or 0)
+    drop = _dropout_args(dropout_p, seed)
+    dx = dB = None
+    with _on_device(x):
+        h, bpad, dA_acc, dB_acc = saved or _prepare(x, lora_A, lora_B, layout, drop, N, needs)
         if need_dx or need_dA:
-            dx, dA = _lora_dx_da(grad_out, x, weight, lora_A, lora_B, scale, drop, need_dx, need_dA)
+            dx = x.new_empty(M, K) if need_dx else None
+            b = lora_B if bpad is None else bpad
+            args = (grad_out, weight, lora_A, b, x, dx if need_dx else dA_acc, dA_acc if need_dA else dx,
+                    drop["seed_ptr"], M, N, K, layout.rank, *grad_out.stride(), *weight.stride(), *lora_A.stride(),
+                    *x.stride(), *(dx.stride() if need_dx else (0, 0)),
+                    scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
+            meta = {"NEED_DX": need_dx, "NEED_DA": need_dA, "DROPOUT": drop["DROPOUT"],
+                    "SEED_FROM_PTR": drop["SEED_FROM_PTR"], "RS_PAD": layout.rs_pad, "H_PAD": layout.h_pad,
+                    "ENABLED": layout.enabled, "PRECISION": _precision(x.dtype)}
+            key = (True, M < SMALL_M, N, K, need_dx, need_dA, drop["DROPOUT"], layout.h_pad, layout.rs_pad,
+                   layout.enabled, x.dtype, weight.dtype, lora_A.dtype, x.device.index)
+            _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta, key)
         if need_dB:
-            dB = _lora_db(grad_out, _lora_down(x, lora_A, drop), R, scale)
+            dB = dB_acc if dB_acc is not None else torch.empty(lora_B.shape, device=x.device, dtype=lora_B.dtype)
+            _lora_db_kernel[(layout.db_blocks, layout.db_splits)](
+                grad_out, h, dB, M, layout.db_rows, layout.rank, layout.group_rows, layout.db_rows_per_split,
+                *grad_out.stride(), scale, ATOMIC=dB_acc is not None, RS_PAD=layout.rs_pad, H_PAD=layout.h_pad,
+                GROUPS=layout.groups, SLICE_MASK=layout.mask, PRECISION=_precision(grad_out.dtype),
+                BLOCK_N=layout.db_side, BLOCK_M=layout.db_side, num_warps=4, num_stages=layout.db_stages,
+            )
+        dA, dB = _in_param_dtypes(dA_acc if need_dA else None, lora_A.dtype, dB, dB_acc is not None, lora_B.dtype)
+    if dB is not None and slices is not None and slices_in is None:
+        dB = stack_slices(dB, slices)
     return dx, dA, dB
+
+
+def _in_param_dtypes(dA: Tensor | None, a_dtype: torch.dtype, dB: Tensor | None, db_accumulated: bool,
+                     b_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """dA (from its fp32 buffer) and dB (from its fp32 buffer when accumulated) in the parameters' dtypes: as
+    they are for fp32 parameters, else converted, both in one launch."""
+    cast_a = dA is not None and a_dtype != torch.float32
+    cast_b = dB is not None and db_accumulated and b_dtype != torch.float32
+    pairs = [(src, torch.empty_like(src, dtype=dtype)) for src, dtype, cast in ((dA, a_dtype, cast_a),
+                                                                              (dB, b_dtype, cast_b)) if cast]
+    if not pairs:
+        return dA, dB
+    (src1, dst1), (src2, dst2) = pairs[0], pairs[1] if len(pairs) == 2 else (pairs[0][0][:0], pairs[0][1][:0])
+    block = 1024
+    _cast_pair_kernel[(triton.cdiv(src1.numel(), block) + triton.cdiv(src2.numel(), block),)](
+        src1, dst1, src1.numel(), src2, dst2, src2.numel(), BLOCK=block)
+    converted = iter(dst for _, dst in pairs)
+    return (next(converted) if cast_a else dA), (next(converted) if cast_b else dB)
 
 
 # Mixed-adapter batches (see the mixed kernels in _kernels.py): the ids sorted once per call on the device,
@@ -382,22 +497,16 @@ def _mixed_gemm_tuned(family: str, r_pad: int, smem_limit: int):
 class _MixedBatch:
     """What every mixed kernel reads: the sorted ids and each sorted position's original row (int32), the
     adapters' A's stacked ``(n, R_PAD, in)`` and B's ``(n, out, R_PAD)`` zero-padded in x's dtype, each
-    adapter's ``scale / (1 - p)`` (fp32) and dropout threshold (int32), and the seed words."""
+    adapter's ``scale / (1 - p)`` (fp32) and dropout threshold (int32), and the seed words. The stacks and
+    tables are built once per set of adapters and kept until one of them changes (:func:`_adapter_stacks`)."""
 
     def __init__(self, x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor],
                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> None:
-        n, device = max(len(lora_As), 1), x.device  # no adapters: one zero adapter that no row names
         self.r_pad = _rank_pad(max((A.shape[0] for A in lora_As), default=1))
         sorted_ids, order = torch.sort(adapter_ids, stable=True)
         self.sorted_ids, self.ids, self.order = sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)
-        self.a_stack = x.new_zeros(n, self.r_pad, x.shape[1])
-        self.b_stack = x.new_zeros(n, out_features, self.r_pad)
-        for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
-            self.a_stack[a, :A.shape[0]] = A
-            self.b_stack[a, :, :B.shape[1]] = B
-        self.factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
-                                   dtype=torch.float32, device=device)
-        self.thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=device)
+        self.a_stack, self.b_stack, self.factor, self.thr = _adapter_stacks(
+            x, out_features, lora_As, lora_Bs, scales, dropout_ps, self.r_pad)
         self.dropout = any(p > 0 for p in dropout_ps)
         self.seed_words = _seed_words(seed) if self.dropout else (0, 0)
 
@@ -409,6 +518,37 @@ class _MixedBatch:
         """B's stack as the forward GEMM's ``(R_PAD, out)`` U, and as g's ``(n, R_PAD, out)`` down operand."""
         stride_a, stride_n, stride_r = self.b_stack.stride()
         return stride_a, stride_r, stride_n
+
+
+_STACKS: dict[tuple, tuple] = {}  # adapters' stacks and tables, by their tensors' identities and versions
+STACKS_KEPT = 1024  # sets of adapters kept (one per layer of a model serving a mixed batch), oldest dropped first
+
+
+def _adapter_stacks(x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor], scales: list[float],
+                    dropout_ps: list[float], r_pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(A stack, B stack, factor, thr)`` for these adapters, reused while every A and B is the same tensor at the
+    same version (an optimizer step or any in-place change bumps it): decoding with the same adapters builds them
+    once, and a CUDA graph of a decode step captured after one eager call needs no host-to-device copy."""
+    tensors = (*lora_As, *lora_Bs)
+    key = (x.dtype, x.device, out_features, r_pad, tuple(scales), tuple(dropout_ps),
+           *((id(t), t._version) for t in tensors))
+    kept = _STACKS.get(key)
+    if kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors, strict=True)):
+        return kept[1]
+    n = max(len(lora_As), 1)  # no adapters: one zero adapter that no row names
+    a_stack = x.new_zeros(n, r_pad, x.shape[1])
+    b_stack = x.new_zeros(n, out_features, r_pad)
+    with torch.no_grad():
+        for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+            a_stack[a, :A.shape[0]] = A
+            b_stack[a, :, :B.shape[1]] = B
+    factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
+                          dtype=torch.float32, device=x.device)
+    thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=x.device)
+    while len(_STACKS) >= STACKS_KEPT:
+        _STACKS.pop(next(iter(_STACKS)))
+    _STACKS[key] = ([weakref.ref(t) for t in tensors], (a_stack, b_stack, factor, thr))
+    return a_stack, b_stack, factor, thr
 
 
 def _mixed_down(src: Tensor, stack: Tensor, strides: tuple, batch: _MixedBatch, dropout: bool) -> Tensor:
@@ -492,16 +632,16 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
                    scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor,
                    need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
                                                                    list[Tensor | None]]:
-    """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. Reads the per-adapter row
-    counts back to the host once: an adapter no row names gets None, as the reference's."""
+    """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. Nothing is read back to the host:
+    an adapter that ``need_lora`` asks for gets its gradients (zero when no row names it; the op asks only for
+    adapters some row names, so that they get None, as the reference's)."""
     (M, K), N, n = x.shape, weight.shape[0], len(lora_As)
     dAs: list[Tensor | None] = [None] * n
     dBs: list[Tensor | None] = [None] * n
     dx = x.new_empty(M, K) if need_dx else None
     if M == 0:
         return dx, dAs, dBs
-    counts = torch.bincount(adapter_ids + 1, minlength=n + 1)[1:].tolist()
-    wanted = [a for a in range(n) if need_lora[a] and counts[a]]
+    wanted = [a for a in range(n) if need_lora[a]]
     if not (need_dx or wanted):
         return dx, dAs, dBs
     with _on_device(x):
@@ -514,9 +654,8 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
         if wanted:
             h = _mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
             segments = torch.searchsorted(batch.sorted_ids, torch.arange(n + 1, device=x.device)).to(torch.int32)
-            most_rows = max(counts[a] for a in wanted)
-            dA = _mixed_grad(g, x, True, batch, segments, wanted, most_rows)
-            dB = _mixed_grad(grad_out, h, False, batch, segments, wanted, most_rows)
+            dA = _mixed_grad(g, x, True, batch, segments, wanted, M)  # row splits sized for M: no count read back
+            dB = _mixed_grad(grad_out, h, False, batch, segments, wanted, M)
             for i, a in enumerate(wanted):
                 rank = lora_As[a].shape[0]
                 dAs[a], dBs[a] = dA[i, :rank].to(lora_As[a].dtype), dB[i, :, :rank].to(lora_Bs[a].dtype)

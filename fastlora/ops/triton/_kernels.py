@@ -86,33 +86,99 @@ def _kept(row_key, col_key, threshold):
     return hashed.to(tl.int32, bitcast=True) >= threshold
 
 
-@triton.jit(do_not_specialize=_SHAPE + _SEED)
+@triton.jit
+def _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR: tl.constexpr):
+    """The seed's low and high 32 bits as int32 bit patterns: the scalars, or read from the 0-d int64 at
+    ``seed_ptr`` (a seed drawn on the device, e.g. inside a CUDA graph, where every replay draws anew)."""
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
+        return seed.to(tl.int32), (seed >> 32).to(tl.int32)
+    return seed_lo, seed_hi
+
+
+@triton.jit
+def _slice_of(cols, GROUP_ROWS, GROUPS: tl.constexpr, SLICE_MASK: tl.constexpr):
+    """For output features ``cols``: whether their group is enabled, the group's index among the enabled ones,
+    and each feature's row in the stacked ``(GROUP_ROWS * enabled, r)`` B."""
+    group = cols // GROUP_ROWS
+    enabled = tl.zeros_like(cols) != 0
+    index = tl.zeros_like(cols)
+    for g in tl.static_range(GROUPS):
+        if (SLICE_MASK >> g) & 1:
+            enabled |= group == g
+            index += (group > g).to(index.dtype)
+    return enabled, index, index * GROUP_ROWS + cols - group * GROUP_ROWS
+
+
+@triton.jit
+def _rank_row(cols, RANK, RS_PAD: tl.constexpr, ENABLED: tl.constexpr):
+    """For columns of the padded rank axis (``RS_PAD`` per enabled slice): whether each is a real rank column,
+    and its row in the stacked ``(RANK * enabled, in)`` A."""
+    if ENABLED == 1:
+        return cols < RANK, cols
+    piece = cols // RS_PAD
+    within = cols - piece * RS_PAD
+    return (within < RANK) & (piece < ENABLED), piece * RANK + within
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, *_SEED, "N", "GROUP_ROWS", "m_blocks", "n_da", "n_db"])
 def _lora_down_kernel(
     x_ptr, a_ptr, h_ptr, M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak,
-    inv_keep, seed_lo, seed_hi, threshold,
-    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    inv_keep, seed_ptr, seed_lo, seed_hi, threshold,
+    m_blocks, b_ptr, bpad_ptr, N, GROUP_ROWS, stride_bn, stride_br, da_ptr, n_da, db_ptr, n_db,
+    DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, RS_PAD: tl.constexpr, H_PAD: tl.constexpr,
+    GROUPS: tl.constexpr, SLICE_MASK: tl.constexpr, ENABLED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, AUX_PROGRAMS: tl.constexpr,
 ):
-    """One row block of ``h = dropout(x) @ A.T * inv_keep`` (fp32, padding columns zero)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
-    row_ok = offs_m < M
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    if DROPOUT:
-        row_key = _row_keys(offs_m, seed_lo, seed_hi)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs_k
-        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
+    """Programs below ``m_blocks``: one row block of ``h = dropout(x) @ A.T * inv_keep`` (fp32 ``(M, H_PAD)``,
+    ``RS_PAD`` columns per enabled slice, the padding zero). A is read in its own dtype (fp32 LoRA parameters
+    over a 16-bit x are cast tile by tile). The ``AUX_PROGRAMS`` after them do what the backward needs
+    ready, so that it needs no launch of its own for it: B laid out as the backward GEMM reads it (``bpad``:
+    dense ``(N, H_PAD)`` in x's dtype, slices expanded, when ``bpad_ptr`` is given), and the fp32 buffers that
+    dA and dB are atomically accumulated into set to zero (``n_da`` / ``n_db`` elements)."""
+    pid = tl.program_id(0)
+    if pid < m_blocks:
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        real, a_row = _rank_row(tl.arange(0, H_PAD), R, RS_PAD, ENABLED)
+        row_ok = offs_m < M
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         if DROPOUT:
-            x = tl.where(_kept(row_key[:, None], _col_keys(cols)[None, :], threshold), x, 0.0)
-        a = tl.load(a_ptr + cols[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                    mask=(cols[:, None] < K) & (offs_r[None, :] < R), other=0.0)
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)
-    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * R_PAD + offs_r[None, :]
-    tl.store(h_ptrs, acc * inv_keep, mask=row_ok[:, None])
+            lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+            row_key = _row_keys(offs_m, lo, hi)
+        acc = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_k
+            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & (cols[None, :] < K), other=0.0)
+            if DROPOUT:
+                x = tl.where(_kept(row_key[:, None], _col_keys(cols)[None, :], threshold), x, 0.0)
+            a = tl.load(a_ptr + cols[:, None] * stride_ak + a_row[None, :] * stride_ar,
+                        mask=(cols[:, None] < K) & real[None, :], other=0.0)
+            acc = tl.dot(x, a.to(x.dtype), acc, input_precision=PRECISION)
+        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * H_PAD + tl.arange(0, H_PAD)[None, :]
+        tl.store(h_ptrs, acc * inv_keep, mask=row_ok[:, None])
+    else:
+        aux = pid - m_blocks
+        if bpad_ptr is not None:
+            offs_c = tl.arange(0, H_PAD)
+            piece = offs_c // RS_PAD
+            within = offs_c - piece * RS_PAD
+            for first in range(aux * 32, N, AUX_PROGRAMS * 32):
+                rows = first + tl.arange(0, 32)
+                enabled, index, b_row = _slice_of(rows, GROUP_ROWS, GROUPS, SLICE_MASK)
+                take = (rows[:, None] < N) & enabled[:, None] & (piece[None, :] == index[:, None]) \
+                    & (within[None, :] < R)
+                b = tl.load(b_ptr + b_row.to(tl.int64)[:, None] * stride_bn + within[None, :] * stride_br,
+                            mask=take, other=0.0)
+                tl.store(bpad_ptr + rows.to(tl.int64)[:, None] * H_PAD + offs_c[None, :],
+                         b.to(bpad_ptr.dtype.element_ty), mask=rows[:, None] < N)
+        for first in range(aux * 1024, n_da, AUX_PROGRAMS * 1024):
+            offs = first + tl.arange(0, 1024)
+            tl.store(da_ptr + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < n_da)
+        for first in range(aux * 1024, n_db, AUX_PROGRAMS * 1024):
+            offs = first + tl.arange(0, 1024)
+            tl.store(db_ptr + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < n_db)
 
 
 @triton.jit
@@ -143,18 +209,22 @@ def _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION: tl.constex
     return acc
 
 
-@triton.jit(do_not_specialize=[*_SHAPE, "stride_bn"])
+@triton.jit(do_not_specialize=[*_SHAPE, "stride_bn", "GROUP_ROWS"])
 def _lora_forward_kernel(
-    x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R,
+    x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R, GROUP_ROWS,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_om, stride_on,
     scale,
-    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RS_PAD: tl.constexpr, H_PAD: tl.constexpr, GROUPS: tl.constexpr,
+    SLICE_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x @ W.T + bias + scale * h @ B.T``, written once.
 
-    ``x: (M, K)``, ``W: (N, K)`` and ``B: (N, R)`` take any strides; ``h`` is the contiguous
-    fp32 ``(M, R_PAD)`` output of ``_lora_down_kernel`` (dropout already applied).
+    ``x: (M, K)`` and ``W: (N, K)`` take any strides; ``h`` is ``_lora_down_kernel``'s fp32 ``(M, H_PAD)``
+    (dropout applied). ``B`` is the LoRA parameter as stored, in its own dtype and any strides: ``(N, R)``, or
+    with slices the enabled groups' ``(GROUP_ROWS, R)`` blocks stacked; the epilogue reads, for each output
+    feature, its group's rows of B into that group's ``RS_PAD`` columns of the rank axis (zero for a disabled
+    group), so no dense B is ever built.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,11 +236,19 @@ def _lora_forward_kernel(
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
     acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
-    offs_r = tl.arange(0, R_PAD)
-    h = tl.load(h_ptr + safe_m[:, None] * R_PAD + offs_r[None, :])
-    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + safe_n[None, :] * stride_bn,
-                  mask=offs_r[:, None] < R, other=0.0)
-    acc = tl.dot((h * scale).to(b_t.dtype), b_t, acc, input_precision=PRECISION)
+    offs_c = tl.arange(0, H_PAD)
+    if GROUPS == 1:  # no slices: B's (R, BLOCK_N) tile as it is (fewer live address registers at large ranks)
+        b_t = tl.load(b_ptr + offs_c[:, None] * stride_br + safe_n[None, :] * stride_bn, mask=offs_c[:, None] < R,
+                      other=0.0)
+    else:
+        piece = offs_c // RS_PAD
+        within = offs_c - piece * RS_PAD
+        enabled, index, b_row = _slice_of(safe_n, GROUP_ROWS, GROUPS, SLICE_MASK)
+        take = enabled[None, :] & (piece[:, None] == index[None, :]) & (within[:, None] < R)
+        b_t = tl.load(b_ptr + within[:, None] * stride_br + b_row[None, :] * stride_bn, mask=take, other=0.0)
+    h = tl.load(h_ptr + safe_m[:, None] * H_PAD + offs_c[None, :])
+    acc = tl.dot((h * scale).to(x_ptr.dtype.element_ty), b_t.to(x_ptr.dtype.element_ty), acc,
+                 input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -179,36 +257,37 @@ def _lora_forward_kernel(
 
 @triton.jit(do_not_specialize=[*_SHAPE, *_SEED])
 def _lora_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, dx_ptr, da_ptr, M, N, K, R,
+    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, dx_ptr, da_ptr, seed_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxm, stride_dxk,
     scale, inv_keep, seed_lo, seed_hi, threshold,
-    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, DROPOUT: tl.constexpr,
-    R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
+    RS_PAD: tl.constexpr, H_PAD: tl.constexpr, ENABLED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_K)`` tile of dx and its share of dA, reading its rows of dy once.
 
-    ``b_ptr`` is B zero-padded to a contiguous ``(N, R_PAD)`` (the launcher's ``_padded_b``). The
-    loop over the N output features accumulates ``dy @ W`` and ``g = dy @ B`` and holds
-    nothing but loads and dots. The epilogue adds ``scale * keep * (g @ A) / (1-p)`` to the dx
-    tile and writes it once, then adds ``scale * (dropout(x).T @ g).T / (1-p)`` for these
-    columns into dA, a zeroed contiguous fp32 ``(R, K)`` buffer, with one atomic add.
+    ``b_ptr`` is B as a dense contiguous ``(N, H_PAD)`` in dy's dtype, zero outside each enabled slice's rank
+    columns (``_lora_down_kernel``'s ``bpad``, or B itself when it is so already). The loop over the N output
+    features accumulates ``dy @ W`` and ``g = dy @ B`` and holds nothing but loads and dots. The epilogue adds
+    ``scale * keep * (g @ A) / (1-p)`` to the dx tile and writes it once, then adds ``scale * (dropout(x).T @
+    g).T / (1-p)`` for these columns into dA, a zeroed contiguous fp32 ``(R * enabled, K)`` buffer, with one
+    atomic add. A is read in its own dtype.
     """
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
+    offs_c = tl.arange(0, H_PAD)
     row_ok = offs_m < M
     col_ok = offs_k < K
     safe_m = (offs_m % M).to(tl.int64)  # rows/cols past the end re-read valid ones; x is zeroed there
     safe_k = (offs_k % K).to(tl.int64)
     dy_ptrs = dy_ptr + safe_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
-    b_ptrs = b_ptr + offs_n[:, None] * R_PAD + offs_r[None, :]
+    b_ptrs = b_ptr + offs_n[:, None] * H_PAD + offs_c[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    g = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    g = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_left = N - n * BLOCK_N
         dy = tl.load(dy_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
@@ -219,15 +298,17 @@ def _lora_backward_kernel(
         g = tl.dot(dy, b, g, input_precision=PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
-        b_ptrs += BLOCK_N * R_PAD
+        b_ptrs += BLOCK_N * H_PAD
 
     g_scaled = (g * (scale * inv_keep)).to(dy_ptr.dtype.element_ty)
+    real, a_row = _rank_row(offs_c, R, RS_PAD, ENABLED)
     if DROPOUT:
-        row_key = _row_keys(offs_m, seed_lo, seed_hi)
+        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        row_key = _row_keys(offs_m, lo, hi)
         col_key = _col_keys(offs_k)
     if NEED_DX:
-        a_t = tl.load(a_ptr + offs_r[:, None] * stride_ar + safe_k[None, :] * stride_ak,
-                      mask=offs_r[:, None] < R, other=0.0)
+        a_t = tl.load(a_ptr + a_row[:, None] * stride_ar + safe_k[None, :] * stride_ak, mask=real[:, None], other=0.0)
+        a_t = a_t.to(dy_ptr.dtype.element_ty)
         if DROPOUT:
             keep = _kept(row_key[:, None], col_key[None, :], threshold)
             acc += tl.where(keep, tl.dot(g_scaled, a_t, input_precision=PRECISION), 0.0)
@@ -235,53 +316,79 @@ def _lora_backward_kernel(
             acc = tl.dot(g_scaled, a_t, acc, input_precision=PRECISION)
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    if NEED_DA:  # x is loaded transposed, so dA's (BLOCK_K, R_PAD) tile needs no tl.trans
+    if NEED_DA:  # x is loaded transposed, so dA's (BLOCK_K, H_PAD) tile needs no tl.trans
         x_t = tl.load(x_ptr + safe_k[:, None] * stride_xk + safe_m[None, :] * stride_xm,
                       mask=col_ok[:, None] & row_ok[None, :], other=0.0)
         if DROPOUT:
             x_t = tl.where(_kept(row_key[None, :], col_key[:, None], threshold), x_t, 0.0)
         da_t = tl.dot(x_t, g_scaled, input_precision=PRECISION)
-        tl.atomic_add(da_ptr + offs_r[None, :] * K + offs_k[:, None], da_t,
-                      mask=col_ok[:, None] & (offs_r[None, :] < R), sem="relaxed")
+        tl.atomic_add(da_ptr + a_row[None, :] * K + offs_k[:, None], da_t,
+                      mask=col_ok[:, None] & real[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["M", "R", "rows_per_split"])
+@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "GROUP_ROWS", "N_B"])
 def _lora_db_kernel(
-    dy_ptr, h_ptr, db_ptr, M, N, R, rows_per_split, stride_dym, stride_dyn, scale,
-    ATOMIC: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    dy_ptr, h_ptr, db_ptr, M, N_B, R, GROUP_ROWS, rows_per_split, stride_dym, stride_dyn, scale,
+    ATOMIC: tl.constexpr, RS_PAD: tl.constexpr, H_PAD: tl.constexpr, GROUPS: tl.constexpr,
+    SLICE_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """One ``(BLOCK_N, R_PAD)`` tile of ``dB = scale * dy.T @ h`` over one split of the rows.
+    """One ``(BLOCK_N, RS_PAD)`` tile of ``dB = scale * dy.T @ h`` over one split of the rows.
 
-    Program ``(n, s)`` covers dB rows ``n * BLOCK_N ...`` and dy rows ``s * rows_per_split``
-    (a multiple of BLOCK_M) up to the next split. dy is read transposed as ``(BLOCK_N,
-    BLOCK_M)`` tiles, so no ``tl.trans``; ``h`` is ``_lora_down_kernel``'s output. The loop
-    holds only masked loads and a dot; the one write follows it: a plain store into the
-    contiguous ``(N, R)`` dB when there is one split, else (ATOMIC) an atomic add into a
-    zeroed fp32 buffer.
+    dB is stacked like B: ``(N_B, R)`` with ``N_B = GROUP_ROWS * enabled`` (one group without slices).
+    Program ``(n, s)`` covers dB rows ``n * BLOCK_N ...``, all of one enabled slice (the launcher picks
+    BLOCK_N dividing GROUP_ROWS), so that they read that slice's group of dy's columns and its ``RS_PAD``
+    columns of ``h`` (``_lora_down_kernel``'s output); dy rows ``s * rows_per_split`` (a multiple of BLOCK_M)
+    up to the next split. dy is read transposed as ``(BLOCK_N, BLOCK_M)`` tiles, so no ``tl.trans``. The loop
+    holds only masked loads and a dot; the one write follows it: a plain store into dB (its own dtype) when
+    there is one split, else (ATOMIC) an atomic add into a zeroed fp32 buffer.
     """
     first = tl.program_id(1) * rows_per_split
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_row = tl.program_id(0) * BLOCK_N
+    index = first_row // GROUP_ROWS  # the slice among the enabled ones, and its group
+    group = index * 0
+    seen = index * 0
+    for g in tl.static_range(GROUPS):
+        if (SLICE_MASK >> g) & 1:
+            group = tl.where(seen == index, g, group)
+            seen += 1
+    offs_n = first_row + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD)
-    safe_n = (offs_n % N).to(tl.int64)  # rows past the end of dB re-read valid ones and are never written
+    offs_r = tl.arange(0, RS_PAD)
+    safe_n = (offs_n % N_B).to(tl.int64)  # rows past the end of dB re-read valid ones and are never written
+    dy_cols = safe_n + (group - index) * GROUP_ROWS
     rows = (first + offs_m).to(tl.int64)
-    dy_ptrs = dy_ptr + safe_n[:, None] * stride_dyn + rows[None, :] * stride_dym
-    h_ptrs = h_ptr + rows[:, None] * R_PAD + offs_r[None, :]
-    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    dy_ptrs = dy_ptr + dy_cols[:, None] * stride_dyn + rows[None, :] * stride_dym
+    h_ptrs = h_ptr + rows[:, None] * H_PAD + index * RS_PAD + offs_r[None, :]
+    acc = tl.zeros((BLOCK_N, RS_PAD), dtype=tl.float32)
     for m in range(0, tl.cdiv(min(rows_per_split, M - first), BLOCK_M)):
         m_left = M - first - m * BLOCK_M
         dy_t = tl.load(dy_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
         h = tl.load(h_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
         acc = tl.dot(dy_t, h.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
         dy_ptrs += BLOCK_M * stride_dym
-        h_ptrs += BLOCK_M * R_PAD
+        h_ptrs += BLOCK_M * H_PAD
     db_ptrs = db_ptr + offs_n[:, None] * R + offs_r[None, :]
-    in_db = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    in_db = (offs_n[:, None] < N_B) & (offs_r[None, :] < R)
     if ATOMIC:
         tl.atomic_add(db_ptrs, acc * scale, mask=in_db, sem="relaxed")
     else:
         tl.store(db_ptrs, (acc * scale).to(db_ptr.dtype.element_ty), mask=in_db)
+
+
+@triton.jit
+def _cast_pair_kernel(src1_ptr, dst1_ptr, n1, src2_ptr, dst2_ptr, n2, BLOCK: tl.constexpr):
+    """``dst = src`` converted to dst's dtype, for two flat buffers at once (16-bit LoRA gradients from
+    their fp32 accumulation buffers): the first ``cdiv(n1, BLOCK)`` programs take the first pair."""
+    pid = tl.program_id(0)
+    first_blocks = tl.cdiv(n1, BLOCK)
+    if pid < first_blocks:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst1_ptr + offs, tl.load(src1_ptr + offs, mask=offs < n1).to(dst1_ptr.dtype.element_ty),
+                 mask=offs < n1)
+    else:
+        offs = (pid - first_blocks) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst2_ptr + offs, tl.load(src2_ptr + offs, mask=offs < n2).to(dst2_ptr.dtype.element_ty),
+                 mask=offs < n2)
 
 
 # Mixed-adapter batches: each row names its own adapter (or none, -1). The launcher sorts the ids once
