@@ -71,8 +71,9 @@ step backends 30 "$PY" -m fastlora
 # costs on the host and how many kernels it runs (host_profile.py), a GPT-2 step captured in a CUDA graph
 # (graph_step.py), the layer and training-step timings, mixed-adapter batches against peft, FSDP2 and DDP over nccl
 # (one GPU: one rank) against the one-process run, the rest of the suite.
+PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # kernel compiles are CPU-bound: spread them
 TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops_triton.py tests/test_ops.py tests/test_autocast.py \
-    tests/test_ops_mixed.py -k "triton or cuda or mixed" -q --maxfail=15 -p no:cacheprovider
+    tests/test_ops_mixed.py -k "triton or cuda or mixed" -q --maxfail=15 -p no:cacheprovider $PARALLEL
 TAIL=30 step host_profile 70 "$PY" benchmarks/host_profile.py --out "$OUT"
 TAIL=10 step graph_step 70 "$PY" benchmarks/graph_step.py --out "$OUT"
 TAIL=70 step gpu_bench 200 "$PY" benchmarks/gpu_bench.py --out "$OUT"
