@@ -6,8 +6,9 @@ GPT-2 (random weights, 4 layers of GPT-2 Medium's width), LoRA r=4 on q and v wi
 autocast, AdamW (capturable). Checks, each printed with its numbers:
 
 1. fwd+bwd captured with ``torch.cuda.graph`` and replayed twice on the same batch and weights: the LoRA
-   gradients differ between replays (each replay draws its dropout seed on the device), and with dropout
-   off they are equal bit for bit.
+   gradients differ between replays (each replay draws its dropout seed on the device: relative difference
+   ~0.4 on the H200), and with dropout off they agree to rounding (dA and dB are accumulated with atomic
+   adds, whose order varies: ~1e-7).
 2. the whole step (fwd, bwd, AdamW) captured and replayed 30 times on one batch: the loss falls.
 3. the same model under ``torch.compile(mode="reduce-overhead")``: a few steps run and the loss falls.
 4. time per step: eager vs graph replay (CUDA events, medians).
@@ -85,8 +86,8 @@ def check_masks(dropout: float, batch) -> dict:
     graph.replay()
     second = _lora_grads(model).clone()
     torch.cuda.synchronize()
-    return {"dropout": dropout, "grads_differ": not torch.equal(first, second),
-            "relative_difference": ((first - second).norm() / first.norm()).item()}
+    difference = ((first - second).norm() / first.norm()).item()
+    return {"dropout": dropout, "grads_differ": difference > 1e-3, "relative_difference": difference}
 
 
 def check_training(batch, steps: int = 30) -> dict:

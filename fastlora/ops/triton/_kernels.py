@@ -173,12 +173,14 @@ def _lora_down_kernel(
                             mask=take, other=0.0)
                 tl.store(bpad_ptr + rows.to(tl.int64)[:, None] * H_PAD + offs_c[None, :],
                          b.to(bpad_ptr.dtype.element_ty), mask=rows[:, None] < N)
-        for first in range(aux * 1024, n_da, AUX_PROGRAMS * 1024):
-            offs = first + tl.arange(0, 1024)
-            tl.store(da_ptr + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < n_da)
-        for first in range(aux * 1024, n_db, AUX_PROGRAMS * 1024):
-            offs = first + tl.arange(0, 1024)
-            tl.store(db_ptr + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < n_db)
+        if da_ptr is not None:
+            for first in range(aux * 1024, n_da, AUX_PROGRAMS * 1024):
+                offs = first + tl.arange(0, 1024)
+                tl.store(da_ptr + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < n_da)
+        if db_ptr is not None:
+            for first in range(aux * 1024, n_db, AUX_PROGRAMS * 1024):
+                offs = first + tl.arange(0, 1024)
+                tl.store(db_ptr + offs, tl.zeros((1024,), dtype=tl.float32), mask=offs < n_db)
 
 
 @triton.jit
