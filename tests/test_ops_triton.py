@@ -303,6 +303,9 @@ def _thin_jobs() -> list[dict]:
                                 "BLOCK_K": block_k, "AUX_PROGRAMS": triton_backend.AUX_PROGRAMS},
                  "unit_strides": ["stride_xk", "stride_ak", "stride_br"], "num_warps": 4, "num_stages": 2,
                  "arch": 90, "smem_limit": SMALL_CARD_SMEM})
+    # an inference forward: no buffers to prepare, every pointer for them None (their loops must still compile)
+    jobs.append({**jobs[-1], "constexprs": {**jobs[-1]["constexprs"], "SEED_FROM_PTR": False, "seed_ptr": None,
+                                            "bpad_ptr": None, "da_ptr": None, "db_ptr": None}})
     side, stages = triton_backend._db_tile(16)
     jobs.append({"kernel": "_lora_db_kernel", "dtype": "bf16", "fp32_ptrs": ["h_ptr", "db_ptr"],
                  "constexprs": {"ATOMIC": True, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3, "SLICE_MASK": 5,
