@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _NEW, _OLD = "new", "old"
+_NO_LINKS = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 
 
@@ -85,8 +86,8 @@ def atomic_dir(path: str | Path, keep_existing: bool = True) -> Iterator[Path]:
     recover_dir(target)
     token = _token()
     new = _aside(target, _NEW, token)
-    os.mkdir(new)
     try:
+        os.mkdir(new)
         yield new
         if target.is_dir():
             os.chmod(new, stat.S_IMODE(target.stat().st_mode))
@@ -149,11 +150,16 @@ def _swap(new: Path, target: Path, token: str) -> None:
         os.rename(target, old)
         try:
             os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)  # should this fail too, recover_dir puts the old folder back
+        except BaseException:  # e.g. KeyboardInterrupt just after the rename: only a missing target goes back
+            if os.path.lexists(target):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, target)  # should this fail too, recover_dir puts the old folder back
             raise
-    fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -191,7 +197,9 @@ def _carry_over(old: Path, new: Path) -> None:
             elif entry.is_file(follow_symlinks=False):
                 try:
                     os.link(source, destination, follow_symlinks=False)
-                except OSError:  # another file system, or links not allowed: copy
+                except OSError as error:
+                    if error.errno not in _NO_LINKS:
+                        raise
                     shutil.copy2(source, destination)
 
 
