@@ -14,7 +14,7 @@ from fastlora.ops import expand_slices, lora_linear
 from fastlora.ops.mixed import lora_linear_mixed
 
 DEFAULT_ADAPTER = "default"
-MAX_NAME_BYTES = 200  # a folder name, with room for the suffixes of temporary names, under every file system's 255
+MAX_NAME_BYTES = 200  # adapter names become folder names: common file systems allow 255 bytes
 _FORBIDDEN = set('./\\<>:"|?*')  # '.': a module key separator; the others cannot be in portable folder names
 _RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10))}
 _MODULE_DICT = nn.ModuleDict()
@@ -256,7 +256,7 @@ class LoRALinear(nn.Module):
 
         ``exact``: keep a copy of the base weight (one more weight of the layer's dtype, on its device, until
         :meth:`unmerge`), so that unmerging restores it bit for bit. ``exact=False`` keeps nothing, and
-        unmerging subtracts the update again: in fp16/bf16 that leaves rounding changes in the base weight.
+        unmerging subtracts the update again, leaving rounding changes in the base weight (most in fp16/bf16).
         """
         if self.merged_adapter is None and self.active_adapter is not None:
             backup = self.base_layer.weight.detach().clone() if exact else None
