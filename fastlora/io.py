@@ -19,9 +19,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fastlora.config import LoraConfig
-from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, is_adaptable, is_conv1d
-from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, replace_module
+from fastlora.atomic import atomic_dir, recover_dir
+from fastlora.config import ALL_LINEAR, LoraConfig
+from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, check_adapter_name, is_adaptable, is_conv1d
+from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, name_matches, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -52,6 +53,8 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | N
 
     With ``name``, that adapter alone, in ``directory``. Without, every adapter in peft's multi-adapter
     layout: ``default`` in ``directory`` itself and each other adapter in ``directory/<name>``.
+    The folder is replaced as a unit (:func:`fastlora.atomic.atomic_dir`): whatever happens during the save,
+    it holds the complete previous adapters or the complete new ones; other files in it are kept.
     """
     model = unwrap(model)
     held = adapter_names(model)
@@ -60,13 +63,20 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | N
     if name is not None and name not in held:
         raise ValueError(f"{type(model).__name__} has no adapter named {name!r} (it has {held})")
     names = [name] if name is not None else held
-    directory = Path(directory)
     for adapter_name in names:
-        folder = directory if name is not None or adapter_name == DEFAULT_ADAPTER else directory / adapter_name
-        _save_one(model, folder, adapter_name, config)
+        check_adapter_name(adapter_name)
+    files = {adapter_name: _serialize(model, adapter_name, config) for adapter_name in names}
+    with atomic_dir(directory) as new:
+        for adapter_name, (tensors, metadata, peft_config) in files.items():
+            folder = new if name is not None or adapter_name == DEFAULT_ADAPTER else new / adapter_name
+            folder.mkdir(exist_ok=True)
+            save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
+            (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 
-def _save_one(model: nn.Module, directory: Path, adapter_name: str, config: LoraConfig | None) -> None:
+def _serialize(model: nn.Module, adapter_name: str,
+               config: LoraConfig | None) -> tuple[dict[str, Tensor], dict[str, str], dict]:
+    """An adapter's tensors, safetensors metadata and peft config."""
     adapters = {n: (layer, layer.adapter(adapter_name)) for n, layer in lora_layers(model)
                 if adapter_name in layer.adapters}
     first = next(iter(adapters.values()))[1]
@@ -83,10 +93,7 @@ def _save_one(model: nn.Module, directory: Path, adapter_name: str, config: Lora
     fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer, _ in adapters.values())
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = config.to_peft(ranks, alphas, fan_in_fan_out, base_name)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / WEIGHTS_NAME),
-              metadata={"format": "pt", SLICES_METADATA: json.dumps(slices)})
-    (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return tensors, {"format": "pt", SLICES_METADATA: json.dumps(slices)}, peft_config
 
 
 @dataclass
@@ -157,14 +164,25 @@ def _compact_B(name: str, B: Tensor, slices: list[bool], rank: int) -> Tensor:
 
 def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
           saved_slices: dict[str, list[bool]], adapter_name: str) -> list[_Planned]:
-    """Check every adapter tensor against the model; the load plan, or an error naming key and shapes."""
+    """Check the config, the tensors and the slices metadata against each other and the model; the load plan,
+    or an error naming the file, the key and the disagreement."""
     config = LoraConfig.from_peft(peft_config)
-    alpha_pattern = peft_config.get("alpha_pattern") or {}
+    rank_pattern = _pattern(peft_config, "rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                            and v >= 1, "an integer >= 1")
+    alpha_pattern = _pattern(peft_config, "alpha_pattern", lambda v: isinstance(v, (int, float))
+                             and not isinstance(v, bool) and math.isfinite(v) and v > 0, "a finite number > 0")
     existing = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.adapters}
-    plan = []
     modules = _group_by_module(tensors)
+    _check_slices_metadata(saved_slices, modules)
+    plan = []
     for name, parts in sorted(modules.items()):
         A, B = parts["A"], parts["B"]
+        for part, tensor in parts.items():
+            key = f"{PREFIX}{name}.lora_{part}.weight"
+            if not tensor.is_floating_point():
+                raise ValueError(f"{WEIGHTS_NAME}: {key} is {tensor.dtype}; LoRA weights are floating point")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{WEIGHTS_NAME}: {key} holds NaN or infinite values")
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -175,13 +193,24 @@ def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
         base = module.base_weight() if isinstance(module, LoRALinear) else (
             module.weight.t() if is_conv1d(module) else module.weight)
         out_features, in_features = base.shape
-        rank = A.shape[0]
-        if A.dim() != 2 or A.shape[1] != in_features or B.dim() != 2 or tuple(B.shape) != (out_features, rank):
+        if A.dim() != 2 or A.shape[1] != in_features or B.dim() != 2 or tuple(B.shape) != (out_features, A.shape[0]):
             raise ValueError(f"adapter shapes for {name!r} do not fit the model: lora_A {tuple(A.shape)}, "
                              f"lora_B {tuple(B.shape)}; the module is ({out_features}, {in_features}) so expected "
                              f"lora_A (r, {in_features}) and lora_B ({out_features}, r)")
+        rank = A.shape[0]
+        configured = _pattern_value(rank_pattern, name, config.r)
+        if rank != configured:
+            source = "its rank_pattern" if name in rank_pattern or configured != config.r else f"r={config.r}"
+            raise ValueError(f"{CONFIG_NAME} gives {name!r} rank {configured} ({source}) but {WEIGHTS_NAME} holds "
+                             f"rank {rank} tensors for it: the two files are not from the same adapter")
         own = module.adapters[adapter_name] if isinstance(module, LoRALinear) and adapter_name in module.adapters \
             else None
+        if own is not None and module.merged_adapter == adapter_name:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight of {name!r}: unmerge it "
+                             "before loading over it")
+        if own is not None and name in saved_slices and saved_slices[name] != own.slices:
+            raise ValueError(f"{WEIGHTS_NAME} records slices {saved_slices[name]} for {name!r} but the model's "
+                             f"adapter {adapter_name!r} there has slices {own.slices}")
         slices = own.slices if own is not None else saved_slices.get(name)
         alpha = float(_pattern_value(alpha_pattern, name, config.alpha))
         if slices is not None:
@@ -193,11 +222,56 @@ def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
             raise ValueError(f"adapter lora_A for {name!r} has shape {tuple(A.shape)} but the model's "
                              f"LoRA layer has {tuple(own.lora_A.shape)} for adapter {adapter_name!r}")
         plan.append(_Planned(name, A, B, alpha, slices))
+    _check_targets(model, peft_config, config, modules)
     missing = sorted(existing.keys() - modules.keys())
     if missing:
         raise ValueError(f"the adapter has no weights for the model's LoRA layers {missing} "
                          f"(which have adapter {adapter_name!r})")
     return plan
+
+
+def _pattern(peft_config: dict, key: str, valid, what: str) -> dict:
+    pattern = peft_config.get(key) or {}
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{CONFIG_NAME}: {key} must be an object, got {pattern!r}")
+    for name, value in pattern.items():
+        if not valid(value):
+            raise ValueError(f"{CONFIG_NAME}: {key}[{name!r}] must be {what}, got {value!r}")
+    return pattern
+
+
+def _check_slices_metadata(saved_slices: object, modules: dict[str, dict[str, Tensor]]) -> None:
+    where = f"{WEIGHTS_NAME} metadata {SLICES_METADATA!r}"
+    if not isinstance(saved_slices, dict):
+        raise ValueError(f"{where} must be an object, got {saved_slices!r}")
+    for name, groups in saved_slices.items():
+        if name not in modules:
+            raise ValueError(f"{where} names {name!r}, which has no weights in the file")
+        if not (isinstance(groups, list) and groups and all(isinstance(g, bool) for g in groups) and any(groups)):
+            raise ValueError(f"{where}[{name!r}] must be a list of booleans with at least one true, got {groups!r}")
+
+
+def _check_targets(model: nn.Module, peft_config: dict, config: LoraConfig,
+                   modules: dict[str, dict[str, Tensor]]) -> None:
+    """The config's target_modules include every module with weights, and (unless the config narrows them
+    with layers or exclusions fastlora does not read) every module they select has weights."""
+    targets = config.target_modules
+    if targets == ALL_LINEAR:
+        return
+    untargeted = sorted(name for name in modules if not name_matches(name, targets))
+    if untargeted:
+        raise ValueError(f"{CONFIG_NAME}'s target_modules {targets!r} do not select {untargeted[:3]}, which "
+                         f"{WEIGHTS_NAME} has weights for: the two files are not from the same adapter")
+    if any(peft_config.get(key) for key in ("layers_to_transform", "layers_pattern", "exclude_modules")):
+        return
+    inside_lora = {f"{name}.{sub}" for name, layer in lora_layers(model) for sub, _ in layer.named_modules() if sub}
+    selected = {name for name, module in model.named_modules() if name and name not in inside_lora
+                and (isinstance(module, LoRALinear) or is_adaptable(module)) and name_matches(name, targets)}
+    without = sorted(selected - modules.keys())
+    if without:
+        raise ValueError(f"{CONFIG_NAME}'s target_modules {targets!r} select {without[:3]} of "
+                         f"{type(model).__name__}, which {WEIGHTS_NAME} has no weights for (an adapter for "
+                         "another model, or a truncated file?)")
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -214,13 +288,16 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
 
     Modules without LoRA get a LoRA layer (with this adapter active); LoRA layers that lack the
     adapter get it added beside their others (their active adapter does not change: see
-    :func:`fastlora.set_adapter`); an adapter of the same name is overwritten. All keys, shapes and
-    the config are validated before anything changes: on error the model is left as it was.
+    :func:`fastlora.set_adapter`); an adapter of the same name is overwritten. Before anything changes,
+    the config (r, ``rank_pattern``, ``alpha_pattern``, target modules), fastlora's slices metadata and the
+    tensors' keys, shapes, dtypes and values are checked against each other and the model: on error the model
+    is left as it was. A folder that a save interrupted between its two renames is recovered first
+    (:func:`fastlora.atomic.recover_dir`).
     """
     model = unwrap(model)
-    if not (isinstance(name, str) and name and "." not in name):
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    check_adapter_name(name)
     directory = Path(directory)
+    recover_dir(directory)
     peft_config, tensors, saved_slices = _read(directory)
     try:
         plan = _plan(model, peft_config, tensors, saved_slices, name)

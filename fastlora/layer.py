@@ -14,6 +14,33 @@ from fastlora.ops import expand_slices, lora_linear
 from fastlora.ops.mixed import lora_linear_mixed
 
 DEFAULT_ADAPTER = "default"
+MAX_NAME_BYTES = 200  # adapter names become folder names: common file systems allow 255 bytes
+_FORBIDDEN = set('./\\<>:"|?*')  # '.': a module key separator; the others cannot be in portable folder names
+_RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10))}
+_MODULE_DICT = nn.ModuleDict()
+
+
+def check_adapter_name(name: object) -> None:
+    """Raise ValueError unless ``name`` can name an adapter: a key of torch's ModuleDict (as in peft) and a
+    portable folder name (peft's layout saves adapter ``name`` in ``<dir>/<name>``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    bad = sorted({c for c in name if c in _FORBIDDEN or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ValueError(f"adapter name must be a non-empty string without '.' (it separates module names), path "
+                         f"separators, control characters or any of <>:\"|?*; got {name!r}, which contains {bad}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"adapter name {name!r} is not valid Unicode text") from None
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"adapter name {name[:20]!r}... is {size} bytes long; names become folder names, "
+                         f"at most {MAX_NAME_BYTES} bytes")
+    if name.lower() in _RESERVED or name != name.strip():
+        raise ValueError(f"adapter name {name!r} cannot be a folder name on every system (a reserved device name, "
+                         "or leading/trailing spaces)")
+    if hasattr(_MODULE_DICT, name):
+        raise ValueError(f"adapter name {name!r} is an attribute of torch's ModuleDict, which holds the adapters")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -104,6 +131,7 @@ class LoRALinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
+        self.register_buffer("_premerge_weight", None, persistent=False)  # the exact base weight while merged
         self.mixed: tuple[Tensor, list[str]] | None = None  # (row ids, adapter names) of a mixed batch
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, slices)
         self.active_adapter = adapter_name
@@ -115,8 +143,7 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "default", slices: Sequence[bool] | None = None) -> LoRAAdapter:
         """Add a new adapter (its B is zero, so the layer's output does not change); it does not become active."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, slices,
@@ -226,17 +253,29 @@ class LoRALinear(nn.Module):
         return self.merged_adapter is not None
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the active adapter into the base weight; forward is then exactly the base layer's."""
+    def merge(self, exact: bool = True) -> None:
+        """Fold the active adapter into the base weight; forward is then exactly the base layer's.
+
+        ``exact``: keep a copy of the base weight (one more weight of the layer's dtype, on its device, until
+        :meth:`unmerge`), so that unmerging restores it bit for bit. ``exact=False`` keeps nothing, and
+        unmerging subtracts the update again, leaving rounding changes in the base weight (most in fp16/bf16).
+        """
         if self.merged_adapter is None and self.active_adapter is not None:
+            backup = self.base_layer.weight.detach().clone() if exact else None
             self._add_to_base(self.delta_weight())
+            self._premerge_weight = backup
             self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the merged adapter back out of the base weight (to within rounding)."""
+        """Take the merged adapter back out of the base weight: bit for bit after ``merge(exact=True)``, to within
+        rounding after ``merge(exact=False)``."""
         if self.merged_adapter is not None:
-            self._add_to_base(-self.delta_weight(self.merged_adapter))
+            if self._premerge_weight is not None:
+                self.base_layer.weight.copy_(self._premerge_weight)
+            else:
+                self._add_to_base(-self.delta_weight(self.merged_adapter))
+            self._premerge_weight = None
             self.merged_adapter = None
 
     def _add_to_base(self, delta: Tensor) -> None:

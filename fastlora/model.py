@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fastlora.config import ALL_LINEAR, LoraConfig
-from fastlora.layer import DEFAULT_ADAPTER, LoRALinear, is_adaptable
+from fastlora.layer import DEFAULT_ADAPTER, LoRALinear, check_adapter_name, is_adaptable
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -94,6 +94,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
     adapter does not change: see :func:`set_adapter`). Everything is checked before the model is
     touched: on error the model is unchanged.
     """
+    check_adapter_name(adapter_name)
     chosen = find_targets(model, config, adapter_name)
     for name, module in chosen:
         groups, out_features = slices_for(name, config), _out_features(module)
@@ -102,8 +103,6 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
                              f"out_features={out_features}")
     settings = {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
                 "init": config.init}
-    if not (isinstance(adapter_name, str) and adapter_name and "." not in adapter_name):
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
     for name, module in chosen:
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, slices=slices_for(name, config), **settings)
@@ -206,15 +205,20 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     return TrainableSummary(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every layer's active adapter into its base weight (zero-overhead inference)."""
+def merge(model: nn.Module, exact: bool = True) -> nn.Module:
+    """Fold every layer's active adapter into its base weight (zero-overhead inference).
+
+    ``exact``: keep a copy of each merged base weight until :func:`unmerge`, which then restores the base model
+    bit for bit; it costs memory equal to the adapted layers' base weights. ``exact=False`` keeps no copy, and
+    unmerging is exact only to within rounding (in fp16/bf16 some base weights change).
+    """
     for _, layer in lora_layers(model):
-        layer.merge()
+        layer.merge(exact)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`."""
+    """Undo :func:`merge` (bit for bit unless it ran with ``exact=False``)."""
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -222,10 +226,11 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the base layers back (with each layer's active adapter merged in, or every adapter dropped),
-    giving a plain model."""
+    giving a plain model. Merging here keeps no copy of the base weights (nothing is left to unmerge);
+    dropping unmerges what was merged (exactly, if it was merged exactly)."""
     for name, layer in list(lora_layers(model)):
         if merge:
-            layer.merge()
+            layer.merge(exact=False)
         else:
             layer.unmerge()
         replace_module(model, name, layer.base_layer)
