@@ -137,15 +137,16 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
     Messages are formatted only on failure: this runs on every call, so the usual case (no slices) is
     accepted by one expression first.
     """
-    w_shape, a_shape, b_shape, device, dtype = weight.shape, lora_A.shape, lora_B.shape, x.device, x.dtype
+    w_shape, a_shape, b_shape, dtype = weight.shape, lora_A.shape, lora_B.shape, x.dtype
+    device = x.get_device()  # an int (-1: CPU), cheaper to compare than torch.device objects
     if (slices is None and len(w_shape) == len(a_shape) == len(b_shape) == 2 and x.ndim >= 1
             and x.shape[-1] == w_shape[1] == a_shape[1] and b_shape[0] == w_shape[0] and b_shape[1] == a_shape[0]
-            and weight.dtype == dtype and device == weight.device == lora_A.device == lora_B.device
-            and (bias is None or (bias.shape == w_shape[:1] and bias.dtype == dtype and bias.device == device))
-            and (lora_A.dtype == dtype == lora_B.dtype
+            and weight.dtype is dtype and device == weight.get_device() == lora_A.get_device() == lora_B.get_device()
+            and (bias is None or (bias.shape == w_shape[:1] and bias.dtype is dtype and bias.get_device() == device))
+            and ((lora_A.dtype is dtype and lora_B.dtype is dtype)
                  or (dtype in _HALF_DTYPES and lora_A.dtype in (dtype, torch.float32)
                      and lora_B.dtype in (dtype, torch.float32)))
-            and dtype.is_floating_point and 0.0 <= dropout_p < 1.0 and isinstance(scale, (int, float))
+            and dtype in _FLOAT_DTYPES and 0.0 <= dropout_p < 1.0 and isinstance(scale, (int, float))
             and math.isfinite(scale)):
         return
     if weight.dim() != 2:
@@ -188,6 +189,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
@@ -195,9 +197,10 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
     is cast): under autocast a layer's input often arrives already in the autocast dtype while its
     frozen weight is fp32. LoRA parameters are never cast: the backends read fp32 ones over a 16-bit
     x as they are, compute in x's dtype and return fp32 gradients (as peft keeps them)."""
-    if not torch.is_autocast_enabled(x.device.type) or x.dtype not in _AUTOCAST_DTYPES:
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
+    if not torch.is_autocast_enabled(device_type) or x.dtype not in _AUTOCAST_DTYPES:
         return x, weight, bias
-    dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t: Tensor | None) -> Tensor | None:
         return t.to(dtype) if t is not None and t.dtype in _AUTOCAST_DTYPES else t
