@@ -35,6 +35,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -196,6 +197,12 @@ def _alone(name: str, t: Tensors, train: bool) -> Callable[[], Tensor]:
     return forward_backward
 
 
+def clock(device: str) -> Callable[[], float]:
+    """Thread CPU time on one CPU thread (the calls run on the calling thread, and other processes' load does
+    not count), else wall time."""
+    return time.thread_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def measure(fns: dict[str, tuple[str | None, Callable[[], object]]], device: str, rounds: int,
             min_sample_s: float) -> dict[str, dict]:
     """Median, spread, aten ops and device kernels of each contender, timed interleaved."""
@@ -212,7 +219,7 @@ def measure(fns: dict[str, tuple[str | None, Callable[[], object]]], device: str
 
         def sample() -> float:
             with backend(forced):
-                return time_calls(fn, calls[name], device)
+                return time_calls(fn, calls[name], device, clock=clock(device))
         return sample
 
     samples = interleaved({name: sampler(name) for name in fns}, rounds)
@@ -333,8 +340,9 @@ def main(argv: list[str] | None = None) -> Path:
               f"`{command.strip()}`", "",
               f"{cpu}{' + ' + torch.cuda.get_device_name() if device == 'cuda' else ''}; torch {torch.__version__}"
               f"{isa}; load average before: {_load()}", "",
-              f"Medians of {args.rounds} interleaved rounds; spread = half the interquartile range over the median.",
-              ""]
+              f"Medians of {args.rounds} interleaved rounds; spread = half the interquartile range over the median. "
+              "On one CPU thread the clock is the thread's CPU time (other processes' load does not count), "
+              "else wall time.", ""]
     out = args.out / f"{now:%Y-%m-%d}_{_slug(cpu)}_overhead.md"
     lines = list(header)
 
