@@ -110,8 +110,8 @@ const float* lora_input(const LoraProblem& p, const uint32_t* col_keys, int64_t 
     return buf;
 }
 
-// h (rows x rank) = scale * dropout(x[rows]) A^T, in blocks of kBlockRows; buf holds kBlockRows x in.
-// A few rows take the streaming kernel (as gemm_x_wt picks): no OpenBLAS call and packing per call.
+// h (rows x rank) = scale * dropout(x[rows]) A^T, in blocks of up to kBlockRows rows; buf holds a block
+// of x's rows. A few rows take the streaming kernel (gemm_x_wt picks it): no OpenBLAS call, no packing.
 void project(const LoraProblem& p, const uint32_t* col_keys, Range rows, float* h, float* buf) {
     const Matrix a{p.lora_A, p.rank, p.x.cols, p.x.cols, 1};
     const float scale = lora_scale(p);

@@ -6,6 +6,11 @@
 // the numpy views it once took (Tensor.numpy(), ~0.55 us a tensor) and leaves the tensors as they
 // are, where .numpy() marks a storage non-resizable for good, and FSDP frees the parameters it
 // gathered by resizing their storage to zero. The caller's references keep the tensors alive.
+//
+// One op call is one call here, which does all of its per-call work: the checks (formatting a
+// message only on failure), a contiguous copy (through Tensor.contiguous()) of an argument whose
+// layout the kernels do not take, the outputs (torch.empty), the dropout threshold, and whether the
+// extension computes the base product; the Python side adds PyTorch's GEMM only when it does not.
 #include <cblas.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
