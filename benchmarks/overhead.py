@@ -21,7 +21,7 @@ ops one call runs (``TorchDispatchMode``; an op of the C++ extension is not one)
 device kernels it launches (``torch.profiler``).
 
 **Decode** (fp32 CPU, the eval layer's no-grad forward, 1, 2, 4 and 8 rows, 768->2304 and 1024->4096,
-r=16, on 1 and 2 threads): ``F.linear``, the cpu backend's op, layer and backend alone.
+r=16, on 1 and 2 threads, ``--decode-threads``): ``F.linear``, the cpu backend's op, layer and backend alone.
 
 Ratios are to ``F.linear`` and to ``unfused`` of the same case. The tables are printed and written
 to ``benchmarks/results/<date>_<machine>_overhead.md`` with the command, machine, load and date.
@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--min-sample-ms", type=float, default=5.0, help="each sample's length (calls repeat)")
     parser.add_argument("--quick", action="store_true", help="7 rounds, 1 and 8 decode rows, 2 ms samples")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--decode-threads", default="1,2",
+                        help="comma-separated thread counts for decode (on a loaded machine, 2 threads time waits)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if args.quick:
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         torch.set_num_threads(before)
     if not args.skip_decode:
-        decode_cases([1, 2], rows_list, args.rounds, args.min_sample_ms / 1e3, emit)
+        threads = [int(n) for n in args.decode_threads.split(",")]
+        decode_cases(threads, rows_list, args.rounds, args.min_sample_ms / 1e3, emit)
     emit([f"Load average after: {_load()}"])
     return out
 
