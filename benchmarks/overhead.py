@@ -33,12 +33,12 @@ import argparse
 import contextlib
 import datetime
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import run
 import torch
 import torch.nn.functional as F
 from harness import unfused_lora
@@ -245,21 +245,9 @@ def table(title: str, rows: dict[str, dict], bases: tuple[str, ...]) -> list[str
     return lines + [""]
 
 
-def machine() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else platform's processor string."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _slug(text: str) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:40]
-
-
 def _load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load = run._load_average()
+    return "n/a" if load is None else " ".join(f"{v:.2f}" for v in load)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -332,20 +320,20 @@ def main(argv: list[str] | None = None) -> Path:
     rows_list = (1, 8) if args.quick else DECODE_ROWS
     device = "cuda" if torch.cuda.is_available() else "cpu"
     now = datetime.datetime.now(datetime.timezone.utc)
-    cpu = machine()
+    cpu = run.device_name("cpu")
     command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
     isa = ""
     if fastlora.backends()["cpu"].available:
         from fastlora.ops import cpu as cpu_backend
         isa = f", cpu kernels {cpu_backend.isa()}, base GEMM {cpu_backend.gemm()}"
-    header = [f"# Per-call overhead, {now:%Y-%m-%d %H:%M} UTC", "",
+    header = [f"# Per-call overhead, {now:%Y-%m-%d %H:%M} UTC, commit {run._checkout()}", "",
               f"`{command.strip()}`", "",
               f"{cpu}{' + ' + torch.cuda.get_device_name() if device == 'cuda' else ''}; torch {torch.__version__}"
               f"{isa}; load average before: {_load()}", "",
               f"Medians of {args.rounds} interleaved rounds; spread = half the interquartile range over the median. "
               "On one CPU thread the clock is the thread's CPU time (other processes' load does not count), "
               "else wall time.", ""]
-    out = args.out / f"{now:%Y-%m-%d}_{_slug(cpu)}_overhead.md"
+    out = args.out / f"{now:%Y-%m-%d}_{run._slug(cpu)}_overhead.md"
     lines = list(header)
 
     def emit(block: list[str]) -> None:
