@@ -45,7 +45,9 @@ namespace {
 struct TorchApi {
     PyTypeObject* tensor_type;
     PyObject *float32, *int64;
-    PyObject *empty, *float32_kwargs;  // torch.empty and {"dtype": torch.float32}, for outputs made here
+    // torch.empty and {"dtype": torch.float32, "device": cpu}, for outputs made here: the device is explicit,
+    // so that neither a default device nor a `with torch.device(...)` block moves them off the CPU
+    PyObject *empty, *float32_kwargs;
     PyObject *dtype, *device, *is_cpu, *is_neg, *shape, *stride, *data_ptr, *contiguous;  // interned names
 };
 const TorchApi* torch_api = nullptr;
@@ -62,6 +64,7 @@ void load_torch_api() {
     CHECK_ARG(PyType_Check(tensor.ptr()), "torch.Tensor is not a type");
     py::dict float32_kwargs;
     float32_kwargs["dtype"] = torch.attr("float32");
+    float32_kwargs["device"] = torch.attr("device")("cpu");
     torch_api = new TorchApi{reinterpret_cast<PyTypeObject*>(tensor.release().ptr()),
                              py::object(torch.attr("float32")).release().ptr(),
                              py::object(torch.attr("int64")).release().ptr(),

@@ -216,6 +216,19 @@ BAD_FORWARD_ARGS = {  # (the bad arguments, what the error must say)
 
 
 
+def test_outputs_are_made_on_the_cpu_whatever_the_default_device():
+    x, weight, bias, lora_A, lora_B = make(5, 6, 7, 2)
+    seed = torch.tensor(1)
+    want = cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)
+    want_grads = cpu.backward(want, x, weight, lora_A, lora_B, 1.0, 0.1, seed, (True, True, True))
+    with torch.device("meta"):
+        y = cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)
+        grads = cpu.backward(want, x, weight, lora_A, lora_B, 1.0, 0.1, seed, (True, True, True))
+    assert torch.equal(y, want)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert torch.equal(got, expected)
+
+
 def test_malformed_backward_calls_raise():
     a = _good_args()
     del a["bias"]
