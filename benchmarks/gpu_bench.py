@@ -29,14 +29,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import median_times
 
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN and not torch.cuda.is_available():
@@ -59,31 +58,9 @@ ALPHA = 32.0
 
 
 def timed_median(fns: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, timed in interleaved rounds."""
-    cuda = torch.cuda.is_available()
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    if cuda:
-        torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(iters):
-                    fns[name]()
-                end.record()
-                end.synchronize()
-                samples[name].append(start.elapsed_time(end) / iters)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fns[name]()
-                samples[name].append((time.perf_counter() - t0) * 1e3 / iters)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    """Median milliseconds per call of each function, timed in interleaved rounds of ``iters`` calls."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: s * 1e3 for name, s in median_times(fns, rounds, iters, device, warmup=2).items()}
 
 
 def _captured(fn: Callable[[], object], iters: int) -> torch.cuda.CUDAGraph:

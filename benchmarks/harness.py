@@ -3,9 +3,10 @@
 Every contender computes the same LoRA layer ``y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ`` (or, for
 ``plain`` and ``merged``, the floors it is measured against) on the same tensors in the same
 process. :func:`measure` warms each contender up, then times them in interleaved rounds (the
-order rotates every round) so that load from other processes hits all of them alike, and keeps
-every sample so that medians and spreads can be reported. On CUDA it times with CUDA events and
-rotates through copies of the inputs larger than L2; on CPU it uses ``time.perf_counter``.
+order rotates every round, see :mod:`timing`) so that load from other processes hits all of them
+alike, and keeps every sample so that medians and spreads can be reported. On CUDA it times with
+CUDA events and rotates through copies of the inputs larger than L2; on CPU it uses
+``time.perf_counter``.
 
 Modes: ``forward`` runs under ``torch.no_grad()`` (dropout active when the case has it);
 ``backward`` runs forward and backward with W and b frozen and grads for x, A and B.
@@ -14,16 +15,16 @@ Modes: ``forward`` runs under ``torch.no_grad()`` (dropout active when the case 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timing import calls_per_sample, interleaved, median, spread, time_calls
 from torch import Tensor, nn
 
 import fastlora
@@ -32,14 +33,6 @@ MODES = ("forward", "backward")
 BASELINES = ("plain", "unfused", "unfused-compiled", "merged")
 PEERS = ("peft", "loralib")
 _ENV = "FASTLORA_BACKEND"
-
-
-def spread(samples: list[float]) -> float:
-    """Half the interquartile range relative to the median (0.05 reads as ±5%)."""
-    if len(samples) < 2:
-        return math.nan
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return (q3 - q1) / 2 / statistics.median(samples)
 
 
 @dataclass(frozen=True)
@@ -122,7 +115,7 @@ class Timed:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples) if self.samples else math.nan
+        return median(self.samples)
 
     @property
     def spread(self) -> float:
@@ -331,21 +324,10 @@ def call(built: Built, inputs: Inputs, mode: str, i: int) -> None:
     built.fn(x).backward(inputs.grads[i % len(inputs.grads)])
 
 
-def _time_calls(built: Built, inputs: Inputs, mode: str, calls: int) -> float:
-    """Seconds per call, averaged over ``calls`` back-to-back calls."""
-    if inputs.xs[0].is_cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for i in range(calls):
-            call(built, inputs, mode, i)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
-    begin = time.perf_counter()
-    for i in range(calls):
-        call(built, inputs, mode, i)
-    return (time.perf_counter() - begin) / calls
+def runner(built: Built, inputs: Inputs, mode: str) -> Callable[[], None]:
+    """One :func:`call` per call, each on the next rotated input copy."""
+    counter = itertools.count()
+    return lambda: call(built, inputs, mode, next(counter))
 
 
 def _float64_expected(inputs: Inputs) -> Tensor:
@@ -420,7 +402,7 @@ def measure(case: Case, pool: list[Contender], repeats: int = 7, min_sample_s: f
     """
     inputs = make_inputs(case)
     expected = _float64_expected(inputs) if case.dropout == 0 else None
-    ready: list[tuple[Contender, Built, Result]] = []
+    ready: list[tuple[Contender, Callable[[], None], Result]] = []
     failed: list[Result] = []
     for contender in (c for c in pool if case.mode in c.modes):
         try:
@@ -428,15 +410,20 @@ def measure(case: Case, pool: list[Contender], repeats: int = 7, min_sample_s: f
         except Exception as error:  # a broken contender must not stop the others
             failed.append(Result(case, contender.name, status="error", reason=f"{type(error).__name__}: {error}"))
             continue
-        with contender.active():
-            once = _time_calls(built, inputs, case.mode, 1)  # the second warm-up call, timed to calibrate
-        result.calls_per_sample = max(1, min(1000, round(min_sample_s / max(once, 1e-9))))
-        ready.append((contender, built, result))
-    for round_ in range(repeats):
-        shift = round_ % max(len(ready), 1)
-        for contender, built, result in ready[shift:] + ready[:shift]:
+        run = runner(built, inputs, case.mode)
+        with contender.active():  # the second warm-up call, timed to calibrate
+            result.calls_per_sample = calls_per_sample(run, min_sample_s, case.device)
+        ready.append((contender, run, result))
+
+    def sampler(contender: Contender, run: Callable[[], None], result: Result) -> Callable[[], float]:
+        def sample() -> float:
             with contender.active():
-                result.samples.append(_time_calls(built, inputs, case.mode, result.calls_per_sample))
+                return time_calls(run, result.calls_per_sample, case.device)
+        return sample
+
+    samples = interleaved({r.contender: sampler(c, run, r) for c, run, r in ready}, repeats)
+    for _, _, result in ready:
+        result.samples = samples[result.contender]
     return [result for _, _, result in ready] + failed
 
 
@@ -444,9 +431,9 @@ def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
     """Per contender of one case: speedup vs ``unfused`` and overhead vs ``plain`` (0.1 reads +10%)."""
     medians = {r.contender: r.median for r in results if r.status == "ok"}
     out = {}
-    for name, median in medians.items():
+    for name, seconds in medians.items():
         out[name] = {
-            "speedup_vs_unfused": medians.get("unfused", math.nan) / median,
-            "overhead_vs_plain": median / medians.get("plain", math.nan) - 1,
+            "speedup_vs_unfused": medians.get("unfused", math.nan) / seconds,
+            "overhead_vs_plain": seconds / medians.get("plain", math.nan) - 1,
         }
     return out

@@ -23,13 +23,12 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
-import time
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from timing import median_times
 from torch import nn
 
 import fastlora
@@ -115,33 +114,6 @@ def contenders(n_in: int, n_out: int, k: int, seqs: int, tokens: int, device: st
     return fns
 
 
-def timed(fn, device: str) -> float:
-    """Seconds per call: one call on the CPU; on a GPU, CUDA-event time of GPU_CALLS calls in a row."""
-    if device == "cpu":
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(GPU_CALLS):
-        fn()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) / 1e3 / GPU_CALLS
-
-
-def median_times(fns: dict, rounds: int, device: str) -> dict[str, float]:
-    """Median seconds of each function, interleaved: one sample of each per round, the order rotating."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:  # warm-up (and autotuning on a GPU)
-        fns[name]()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(fns[name], device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -162,7 +134,8 @@ def main() -> None:
         for n_in, n_out in SHAPES:
             for kind, k, seqs, tokens in cases(args.device):
                 fns = contenders(n_in, n_out, k, seqs, tokens, args.device)
-                t = median_times(fns, args.repeats * (4 if kind == "decode" else 1), args.device)
+                t = median_times(fns, args.repeats * (4 if kind == "decode" else 1),
+                                 calls=1 if args.device == "cpu" else GPU_CALLS, device=args.device)
                 key = (n_in, kind, seqs * tokens)
                 if k == 1:
                     one_adapter[key] = t["fastlora"]

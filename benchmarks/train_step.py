@@ -20,12 +20,12 @@ process and are timed in interleaved rounds.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from harness import Timed
+from timing import interleaved, time_calls
 from torch import Tensor, nn
 
 import fastlora
@@ -148,14 +148,8 @@ class _Trainer:
             self.optimizer.step()
 
     def timed_step(self) -> float:
-        cuda = self.tokens.is_cuda
-        if cuda:
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        self.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - begin
+        """Wall seconds of one step, the device synchronised before and after."""
+        return time_calls(self.step, 1, self.tokens.device.type, events=False)
 
     def saved_bytes(self) -> int:
         """Bytes saved for backward in one step: non-parameter storages, each counted once."""
@@ -207,10 +201,9 @@ def measure_step(case: StepCase, variants: tuple[str, ...] = VARIANTS, repeats: 
             continue
         trainers.append((trainer, result))
     del base
-    for round_ in range(repeats):
-        shift = round_ % max(len(trainers), 1)
-        for trainer, result in trainers[shift:] + trainers[:shift]:
-            result.samples.append(trainer.timed_step())
+    samples = interleaved({result.variant: trainer.timed_step for trainer, result in trainers}, repeats)
+    for _, result in trainers:
+        result.samples = samples[result.variant]
     return [result for _, result in trainers] + failed
 
 

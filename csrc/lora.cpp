@@ -21,7 +21,11 @@ constexpr int64_t kBlockRows = 64;        // rows whose dropped-out x and rank-R
 constexpr int64_t kRowsPerThread = 64;    // threads split rows only with at least this many each
 constexpr int64_t kColsPerThread = 256;   // the least output columns worth a thread
 constexpr int64_t kColAlign = 64;         // column splits fall on whole kernel tiles
-constexpr int64_t kSmallRows = 8;         // up to this many rows, W is streamed by our kernels
+constexpr int64_t kSmallRows = kStreamedRows;  // up to this many rows, W is streamed by our kernels
+
+// n floats, uninitialised (a std::vector would zero them: a cost per call in decode).
+using Buffer = std::unique_ptr<float[]>;
+Buffer buffer(int64_t n) { return Buffer(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]); }
 
 int to_int(int64_t v) { return static_cast<int>(v); }  // sizes were checked to fit a blasint
 int ld(int64_t v) { return to_int(std::max<int64_t>(v, 1)); }
@@ -106,15 +110,19 @@ const float* lora_input(const LoraProblem& p, const uint32_t* col_keys, int64_t 
     return buf;
 }
 
-// h (rows x rank) = scale * dropout(x[rows]) A^T, in blocks of kBlockRows; buf holds kBlockRows x in.
+// h (rows x rank) = scale * dropout(x[rows]) A^T, in blocks of up to kBlockRows rows; buf holds a block
+// of x's rows. A few rows take the streaming kernel (gemm_x_wt picks it): no OpenBLAS call, no packing.
 void project(const LoraProblem& p, const uint32_t* col_keys, Range rows, float* h, float* buf) {
+    const Matrix a{p.lora_A, p.rank, p.x.cols, p.x.cols, 1};
+    const float scale = lora_scale(p);
     for (int64_t r0 = rows.begin; r0 < rows.end; r0 += kBlockRows) {
         const int64_t n = std::min(kBlockRows, rows.end - r0);
         int64_t lds;
         const float* xs = lora_input(p, col_keys, r0, n, buf, &lds);
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, to_int(n), to_int(p.rank), to_int(p.x.cols),
-                          lora_scale(p), xs, ld(lds), p.lora_A, ld(p.x.cols), 0.0f, h + (r0 - rows.begin) * p.rank,
-                          ld(p.rank));
+        float* hb = h + (r0 - rows.begin) * p.rank;
+        std::fill(hb, hb + n * p.rank, 0.0f);
+        gemm_x_wt(xs, lds, n, a, 0, p.rank, hb, p.rank);
+        for (int64_t i = 0; i < n * p.rank; ++i) hb[i] *= scale;
     }
 }
 
@@ -146,7 +154,7 @@ void start_row(float* c, const float* bias, Range cols) {
 
 // One thread's buffers for backward: a block's dropped-out x, h and g, and its partial dA, dB.
 struct BackwardScratch {
-    std::vector<float> x_block, h, g, dA, dB;
+    Buffer x_block, h, g, dA, dB;
 };
 
 // Backward's thin part for rows [rows), block by block: adds scale g^T dropout(x) to dA and
@@ -162,23 +170,23 @@ void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* 
         const float* dy_block = dy + r0 * ld_dy;
         if (dA || dx)  // g = dy B: the gradient reaching dropout(x) A^T, unscaled
             scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, to_int(rank), to_int(out), 1.0f, dy_block,
-                              ld(ld_dy), p.lora_B, ld(rank), 0.0f, s.g.data(), ld(rank));
+                              ld(ld_dy), p.lora_B, ld(rank), 0.0f, s.g.get(), ld(rank));
         if (dA || dB) {
             int64_t lds;
-            const float* xs = lora_input(p, col_keys, r0, n, s.x_block.data(), &lds);
+            const float* xs = lora_input(p, col_keys, r0, n, s.x_block.get(), &lds);
             if (dA)
                 scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, scale,
-                                  s.g.data(), ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
+                                  s.g.get(), ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
             if (dB) {
                 scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, to_int(rank), to_int(in), 1.0f, xs,
-                                  ld(lds), p.lora_A, ld(in), 0.0f, s.h.data(), ld(rank));
+                                  ld(lds), p.lora_A, ld(in), 0.0f, s.h.get(), ld(rank));
                 scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(out), to_int(rank), n, scale,
-                                  dy_block, ld(ld_dy), s.h.data(), ld(rank), 1.0f, dB, ld(rank));
+                                  dy_block, ld(ld_dy), s.h.get(), ld(rank), 1.0f, dB, ld(rank));
             }
         }
         if (dx) {
             float* dx_block = dx + r0 * in;
-            k.lowrank_rows(dx_block, in, nullptr, s.g.data(), rank, p.lora_A, in, rank, n, in, scale, false);
+            k.lowrank_rows(dx_block, in, nullptr, s.g.get(), rank, p.lora_A, in, rank, n, in, scale, false);
             if (p.dropout_p > 0.0f)
                 for (int64_t i = 0; i < n; ++i)
                     k.dropout_row(dx_block + i * in, dx_block + i * in, in, dropout_row_key(p.seed, r0 + i),
@@ -194,13 +202,13 @@ void lora_forward(const LoraProblem& p, float* out) {
     if (m == 0 || n_out == 0) return;
     const std::vector<uint32_t> col_keys = column_keys(p);
     // h = scale * dropout(x) A^T, its rows shared among threads.
-    std::vector<float> h(static_cast<size_t>(m * rank));
+    const Buffer h = buffer(m * rank);
     const int np = share(p.threads, m, kBlockRows);
-    const int64_t buf_size = p.dropout_p > 0.0f ? kBlockRows * in : 0;
-    std::vector<float> buf(static_cast<size_t>(np * buf_size));
+    const int64_t buf_size = p.dropout_p > 0.0f ? std::min(kBlockRows, m) * in : 0;
+    const Buffer buf = buffer(np * buf_size);
     parallel_run(np, [&](int t) {
         const Range rows = part(m, np, t, 1);
-        project(p, col_keys.data(), rows, h.data() + rows.begin * rank, buf.data() + t * buf_size);
+        project(p, col_keys.data(), rows, h.get() + rows.begin * rank, buf.get() + t * buf_size);
     });
     if (m <= kSmallRows && p.base_product && p.weight.col_stride == 1) {
         // A few rows: bias, then x W^T and h B^T in one pass of small_gemm_nt over W and B (untransposed).
@@ -209,7 +217,7 @@ void lora_forward(const LoraProblem& p, float* out) {
             const Range cols = part(n_out, n, t, kColAlign);
             RowLora lora[kSmallRows];
             for (int64_t i = 0; i < m; ++i) {
-                lora[i] = {h.data() + i * rank, p.lora_B + cols.begin * rank, rank, rank};
+                lora[i] = {h.get() + i * rank, p.lora_B + cols.begin * rank, rank, rank};
                 start_row(out + i * n_out + cols.begin, p.bias, cols);
             }
             active_kernels().small_gemm_nt(out + cols.begin, n_out, p.x.data, p.x.row_stride, m,
@@ -220,17 +228,17 @@ void lora_forward(const LoraProblem& p, float* out) {
     }
     // Else each output tile gets bias + h B^T and += x W^T. Each thread packs its part of W and
     // all of x, or all of W and its part of x: whichever part is the larger matrix gets split.
-    std::vector<float> bt(static_cast<size_t>(rank * n_out));
-    active_kernels().transpose(p.lora_B, rank, n_out, rank, bt.data(), n_out);
+    const Buffer bt = buffer(rank * n_out);
+    active_kernels().transpose(p.lora_B, rank, n_out, rank, bt.get(), n_out);
     if (split_rows(p.threads, m, n_out)) {
         const int n = share(p.threads, m, kRowsPerThread);
         parallel_run(n, [&](int t) {
             const Range rows = part(m, n, t, 1);
-            forward_tile(p, rows, {0, n_out}, h.data() + rows.begin * rank, bt.data(), out);
+            forward_tile(p, rows, {0, n_out}, h.get() + rows.begin * rank, bt.get(), out);
         });
     } else {
         const int n = share(p.threads, n_out, kColsPerThread);
-        parallel_run(n, [&](int t) { forward_tile(p, {0, m}, part(n_out, n, t, kColAlign), h.data(), bt.data(), out); });
+        parallel_run(n, [&](int t) { forward_tile(p, {0, m}, part(n_out, n, t, kColAlign), h.get(), bt.get(), out); });
     }
 }
 
@@ -241,24 +249,31 @@ void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* 
     if (m == 0) return;
     const std::vector<uint32_t> col_keys = column_keys(p);
     const int n = share(p.threads, m, kBlockRows);
+    const int64_t block = std::min(kBlockRows, m);
     std::vector<BackwardScratch> scratch(static_cast<size_t>(n));
     for (int t = 0; t < n; ++t) {
         BackwardScratch& s = scratch[static_cast<size_t>(t)];
-        s.x_block.resize(static_cast<size_t>(p.dropout_p > 0.0f ? kBlockRows * in : 0));
-        s.h.resize(static_cast<size_t>(kBlockRows * rank));
-        s.g.resize(static_cast<size_t>(kBlockRows * rank));
-        if (t > 0 && dA) s.dA.assign(static_cast<size_t>(rank * in), 0.0f);
-        if (t > 0 && dB) s.dB.assign(static_cast<size_t>(n_out * rank), 0.0f);
+        s.x_block = buffer(p.dropout_p > 0.0f ? block * in : 0);
+        s.h = buffer(block * rank);
+        s.g = buffer(block * rank);
+        if (t > 0 && dA) {
+            s.dA = buffer(rank * in);
+            std::fill(s.dA.get(), s.dA.get() + rank * in, 0.0f);
+        }
+        if (t > 0 && dB) {
+            s.dB = buffer(n_out * rank);
+            std::fill(s.dB.get(), s.dB.get() + n_out * rank, 0.0f);
+        }
     }
     parallel_run(n, [&](int t) {  // thread 0 accumulates straight into dA, dB; the others into scratch
         BackwardScratch& s = scratch[static_cast<size_t>(t)];
-        backward_thin(p, col_keys.data(), dy, ld_dy, part(m, n, t, 1), dx, t == 0 || !dA ? dA : s.dA.data(),
-                      t == 0 || !dB ? dB : s.dB.data(), s);
+        backward_thin(p, col_keys.data(), dy, ld_dy, part(m, n, t, 1), dx, t == 0 || !dA ? dA : s.dA.get(),
+                      t == 0 || !dB ? dB : s.dB.get(), s);
     });
     for (int t = 1; t < n; ++t) {
         const BackwardScratch& s = scratch[static_cast<size_t>(t)];
-        if (dA) for (int64_t i = 0; i < rank * in; ++i) dA[i] += s.dA[static_cast<size_t>(i)];
-        if (dB) for (int64_t i = 0; i < n_out * rank; ++i) dB[i] += s.dB[static_cast<size_t>(i)];
+        if (dA) for (int64_t i = 0; i < rank * in; ++i) dA[i] += s.dA[i];
+        if (dB) for (int64_t i = 0; i < n_out * rank; ++i) dB[i] += s.dB[i];
     }
     if (!dx || !p.base_product) return;
     if (split_rows(p.threads, m, in)) {  // dx += dy W, split as forward splits its tiles
@@ -287,10 +302,6 @@ namespace {
 constexpr int64_t kTransposeRows = 4;              // an adapter with this many rows in a tile gets B transposed
 constexpr int64_t kChunkFloats = 4096;             // the transposed chunk of a B that a tile keeps in L1
 constexpr int64_t kThreadMacs = int64_t{1} << 18;  // the least multiply-adds of a thin pass worth a thread
-
-// n floats, uninitialised (a std::vector would zero them: a cost per call in decode).
-using Buffer = std::unique_ptr<float[]>;
-Buffer buffer(int64_t n) { return Buffer(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]); }
 
 int64_t adapter_count(const MixedProblem& p) { return static_cast<int64_t>(p.adapters.size()); }
 int64_t rank_of(const Adapter& a) { return a.A.rows; }

@@ -6,6 +6,10 @@
 
 namespace fastlora {
 
+// Forwards of up to this many rows over a row-major weight stream W through the extension's own kernel,
+// which beats any GEMM there.
+constexpr int64_t kStreamedRows = 8;
+
 // A 2-D fp32 matrix with element strides; one of the two strides is 1.
 struct Matrix {
     const float* data;

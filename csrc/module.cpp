@@ -6,10 +6,16 @@
 // the numpy views it once took (Tensor.numpy(), ~0.55 us a tensor) and leaves the tensors as they
 // are, where .numpy() marks a storage non-resizable for good, and FSDP frees the parameters it
 // gathered by resizing their storage to zero. The caller's references keep the tensors alive.
+//
+// One op call is one call here, which does all of its per-call work: the checks (formatting a
+// message only on failure), a contiguous copy (through Tensor.contiguous()) of an argument whose
+// layout the kernels do not take, the outputs (torch.empty), the dropout threshold, and whether the
+// extension computes the base product; the Python side adds PyTorch's GEMM only when it does not.
 #include <cblas.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -39,8 +45,10 @@ namespace {
 struct TorchApi {
     PyTypeObject* tensor_type;
     PyObject *float32, *int64;
-    PyObject *empty, *float32_kwargs;  // torch.empty and {"dtype": torch.float32}, for outputs made here
-    PyObject *dtype, *device, *is_cpu, *is_neg, *shape, *stride, *data_ptr;  // interned attribute names
+    // torch.empty and {"dtype": torch.float32, "device": cpu}, for outputs made here: the device is explicit,
+    // so that neither a default device nor a `with torch.device(...)` block moves them off the CPU
+    PyObject *empty, *float32_kwargs;
+    PyObject *dtype, *device, *is_cpu, *is_neg, *shape, *stride, *data_ptr, *contiguous;  // interned names
 };
 const TorchApi* torch_api = nullptr;
 
@@ -56,13 +64,15 @@ void load_torch_api() {
     CHECK_ARG(PyType_Check(tensor.ptr()), "torch.Tensor is not a type");
     py::dict float32_kwargs;
     float32_kwargs["dtype"] = torch.attr("float32");
+    float32_kwargs["device"] = torch.attr("device")("cpu");
     torch_api = new TorchApi{reinterpret_cast<PyTypeObject*>(tensor.release().ptr()),
                              py::object(torch.attr("float32")).release().ptr(),
                              py::object(torch.attr("int64")).release().ptr(),
                              py::object(torch.attr("empty")).release().ptr(),
                              float32_kwargs.release().ptr(),
                              interned("dtype"), interned("device"), interned("is_cpu"), interned("is_neg"),
-                             interned("shape"), interned("stride"), interned("data_ptr")};
+                             interned("shape"), interned("stride"), interned("data_ptr"),
+                             interned("contiguous")};
 }
 
 // obj.<name>, or obj.<name>() when call is true; a failure (say a tensor without storage, or a
@@ -146,9 +156,16 @@ Tensor tensor(py::handle obj, const char* name, int ndim, bool integer = false) 
     return t;
 }
 
-// A 2-D tensor as a Matrix, requiring it row-major (unit column stride) or, if column_major_ok,
-// column-major; the stride of a size-1 dim (or of an empty tensor) does not matter.
-Matrix matrix(py::handle obj, const char* name, bool column_major_ok) {
+// obj.contiguous(): the copy of an argument whose layout the kernels do not take.
+py::object contiguous_copy(py::handle obj, const char* name) {
+    return attribute(obj, torch_api->contiguous, true, name);
+}
+
+// A 2-D tensor as a Matrix: row-major (unit column stride) or, if column_major_ok, column-major;
+// the stride of a size-1 dim (or of an empty tensor) does not matter. Any other layout is an error
+// without copy, else the tensor's contiguous copy is taken, held in *copy: the caller keeps it
+// alive while it uses the Matrix.
+Matrix matrix(py::handle obj, const char* name, bool column_major_ok, py::object* copy = nullptr) {
     const Tensor a = tensor(obj, name, 2);
     const int64_t rows = a.shape[0], cols = a.shape[1];
     int64_t rs = a.strides[0], cs = a.strides[1];
@@ -157,6 +174,11 @@ Matrix matrix(py::handle obj, const char* name, bool column_major_ok) {
     const bool row_major = cs == 1 && rs >= cols;
     if (!row_major && cols <= 1 && rows > 1) cs = std::max<int64_t>(rows, 1);  // one column: also column-major
     const bool col_major = rs == 1 && cs >= rows;
+    const bool ok = (row_major || (column_major_ok && col_major)) && rs < INT_MAX && cs < INT_MAX;
+    if (!ok && copy != nullptr && copy->ptr() == nullptr) {
+        *copy = contiguous_copy(obj, name);
+        return matrix(*copy, name, column_major_ok, copy);
+    }
     CHECK_ARG(row_major || (column_major_ok && col_major),
           std::string(name) + " must be " + (column_major_ok ? "row- or column-major" : "row-major with unit column stride") +
               ", got shape " + shape_of(a) + " with element strides (" + std::to_string(rs) + ", " +
@@ -177,36 +199,66 @@ bool c_contiguous(const Tensor& t) {
     return true;
 }
 
-// The data of a, which must be C-contiguous and of exactly this shape.
-const float* contiguous(const Tensor& a, const char* name, std::initializer_list<int64_t> shape) {
-    std::string want = "(";
-    bool same = true;
-    int d = 0;
-    for (int64_t s : shape) {
-        want += (d ? ", " : "") + std::to_string(s);
-        same = same && a.shape[d] == s;
-        ++d;
+// "(2, 3)" or "(7,)": a shape for a message.
+std::string shape_string(std::initializer_list<int64_t> shape) {
+    std::string s = "(";
+    for (int64_t d : shape) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
+    return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// The data of the tensor obj (read as a), which must have exactly this shape; C-contiguous, or else
+// its contiguous copy is taken into *copy (the caller keeps it alive), or without copy it is an error.
+const float* contiguous(py::handle obj, const Tensor& a, const char* name, std::initializer_list<int64_t> shape,
+                        py::object* copy) {
+    CHECK_ARG(std::equal(shape.begin(), shape.end(), a.shape),
+              std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_of(a));
+    if (!c_contiguous(a) && copy != nullptr && copy->ptr() == nullptr) {
+        *copy = contiguous_copy(obj, name);
+        return contiguous(*copy, tensor(*copy, name, a.ndim), name, shape, copy);
     }
-    want += shape.size() == 1 ? ",)" : ")";
-    CHECK_ARG(same, std::string(name) + " must have shape " + want + ", got " + shape_of(a));
     CHECK_ARG(c_contiguous(a), std::string(name) + " must be C-contiguous");
     return static_cast<const float*>(a.data);
 }
 
-const float* contiguous(py::handle obj, const char* name, std::initializer_list<int64_t> shape) {
-    return contiguous(tensor(obj, name, static_cast<int>(shape.size())), name, shape);
+const float* contiguous(py::handle obj, const char* name, std::initializer_list<int64_t> shape,
+                        py::object* copy = nullptr) {
+    return contiguous(obj, tensor(obj, name, static_cast<int>(shape.size())), name, shape, copy);
 }
 
-// An output: C-contiguous, so no two of its elements share memory (torch has no read-only flag).
-float* output(py::handle obj, const char* name, std::initializer_list<int64_t> shape) {
-    return const_cast<float*>(contiguous(obj, name, shape));
+// A new float32 (rows, cols) tensor, made here for an output, and its data.
+py::object new_tensor(int64_t rows, int64_t cols, float** data) {
+    const py::tuple shape = py::make_tuple(rows, cols);
+    PyObject* t = PyObject_Call(torch_api->empty, shape.ptr(), torch_api->float32_kwargs);
+    if (t == nullptr) throw py::error_already_set();
+    py::object tensor = py::reinterpret_steal<py::object>(t);
+    const unsigned long long address =
+        PyLong_AsUnsignedLongLong(attribute(tensor, torch_api->data_ptr, true, "output").ptr());
+    if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
+    *data = reinterpret_cast<float*>(static_cast<uintptr_t>(address));
+    return tensor;
 }
+
+// reference.dropout_threshold: an element is kept iff its signed hash >= int(p * 2**32) - 2**31.
+int32_t dropout_threshold(double dropout_p) {
+    return static_cast<int32_t>(static_cast<int64_t>(dropout_p * 4294967296.0) - (int64_t{1} << 31));
+}
+
+// Whether the extension computes the base product: when the caller asks (its OpenBLAS GEMM), and
+// always where its streaming kernel beats any GEMM (a few rows, a row-major weight).
+bool base_in_extension(bool asked, const Matrix& x, const Matrix& weight) {
+    return asked || (x.rows <= fastlora::kStreamedRows && weight.col_stride == 1);
+}
+
+// The copies a call makes of arguments in layouts the kernels do not take, alive until it returns.
+struct Copies {
+    py::object x, weight, bias, lora_A, lora_B, grad_out;
+};
 
 fastlora::LoraProblem problem(py::handle x, py::handle weight, py::handle bias, py::handle lora_A,
-                              py::handle lora_B, double scale, double dropout_p, int64_t threshold, int64_t seed,
-                              int threads, bool base_product) {
-    const Matrix xm = matrix(x, "x", false);
-    const Matrix wm = matrix(weight, "weight", true);
+                              py::handle lora_B, double scale, double dropout_p, int64_t seed, int threads,
+                              bool base_product, Copies& copies) {
+    const Matrix xm = matrix(x, "x", false, &copies.x);
+    const Matrix wm = matrix(weight, "weight", true, &copies.weight);
     const int64_t in = xm.cols, out = wm.rows;
     CHECK_ARG(wm.cols == in, "weight must be (out, " + std::to_string(in) + ") to match x (" +
                              std::to_string(xm.rows) + ", " + std::to_string(in) + "), got (" +
@@ -214,12 +266,11 @@ fastlora::LoraProblem problem(py::handle x, py::handle weight, py::handle bias, 
     const Tensor a_tensor = tensor(lora_A, "lora_A", 2);
     const int64_t rank = a_tensor.shape[0];
     CHECK_ARG(rank >= 1, "lora_A must have at least one row (rank >= 1)");
-    const float* a = contiguous(a_tensor, "lora_A", {rank, in});
-    const float* b = contiguous(lora_B, "lora_B", {out, rank});
-    const float* bias_data = bias.is_none() ? nullptr : contiguous(bias, "bias", {out});
+    const float* a = contiguous(lora_A, a_tensor, "lora_A", {rank, in}, &copies.lora_A);
+    const float* b = contiguous(lora_B, "lora_B", {out, rank}, &copies.lora_B);
+    const float* bias_data = bias.is_none() ? nullptr : contiguous(bias, "bias", {out}, &copies.bias);
     CHECK_ARG(std::isfinite(scale), "scale must be finite");
     CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got " + std::to_string(dropout_p));
-    CHECK_ARG(threshold >= INT32_MIN && threshold <= INT32_MAX, "threshold must be an int32");
     CHECK_ARG(threads >= 1, "threads must be >= 1");
     return {xm,
             wm,
@@ -229,35 +280,46 @@ fastlora::LoraProblem problem(py::handle x, py::handle weight, py::handle bias, 
             rank,
             static_cast<float>(scale),
             static_cast<float>(dropout_p),
-            static_cast<int32_t>(threshold),
+            dropout_threshold(dropout_p),
             static_cast<uint64_t>(seed),
             std::min(threads, 256),
-            base_product};
+            base_in_extension(base_product, xm, wm)};
 }
 
-void forward(py::handle out, py::handle x, py::handle weight, py::handle bias, py::handle lora_A, py::handle lora_B,
-             double scale, double dropout_p, int64_t threshold, int64_t seed, int threads, bool base_product) {
-    const fastlora::LoraProblem p = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, threshold, seed, threads,
-                                            base_product);
-    float* y = output(out, "out", {p.x.rows, p.weight.rows});
-    py::gil_scoped_release release;
-    fastlora::lora_forward(p, y);
+py::tuple forward(py::handle x, py::handle weight, py::handle bias, py::handle lora_A, py::handle lora_B,
+                  double scale, double dropout_p, int64_t seed, int threads, bool base_product) {
+    Copies copies;
+    const fastlora::LoraProblem p = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, threads,
+                                            base_product, copies);
+    float* y;
+    py::object out = new_tensor(p.x.rows, p.weight.rows, &y);
+    {
+        py::gil_scoped_release release;
+        fastlora::lora_forward(p, y);
+    }
+    return py::make_tuple(out, py::bool_(p.base_product));
 }
 
-void backward(py::handle dx, py::handle dA, py::handle dB, py::handle grad_out, py::handle x, py::handle weight,
-              py::handle lora_A, py::handle lora_B, double scale, double dropout_p, int64_t threshold, int64_t seed,
-              int threads, bool base_product) {
-    const fastlora::LoraProblem p = problem(x, weight, py::none(), lora_A, lora_B, scale, dropout_p, threshold, seed,
-                                            threads, base_product);
-    const Matrix dy = matrix(grad_out, "grad_out", false);
+py::tuple backward(py::handle grad_out, py::handle x, py::handle weight, py::handle lora_A, py::handle lora_B,
+                   double scale, double dropout_p, int64_t seed, bool need_dx, bool need_dA, bool need_dB,
+                   int threads, bool base_product) {
+    Copies copies;
+    fastlora::LoraProblem p = problem(x, weight, py::none(), lora_A, lora_B, scale, dropout_p, seed, threads,
+                                      base_product, copies);
+    p.base_product = base_product;
+    const Matrix dy = matrix(grad_out, "grad_out", false, &copies.grad_out);
     CHECK_ARG(dy.rows == p.x.rows && dy.cols == p.weight.rows,
           "grad_out must be (" + std::to_string(p.x.rows) + ", " + std::to_string(p.weight.rows) + "), got (" +
               std::to_string(dy.rows) + ", " + std::to_string(dy.cols) + ")");
-    float* dx_data = dx.is_none() ? nullptr : output(dx, "dx", {p.x.rows, p.x.cols});
-    float* dA_data = dA.is_none() ? nullptr : output(dA, "dA", {p.rank, p.x.cols});
-    float* dB_data = dB.is_none() ? nullptr : output(dB, "dB", {p.weight.rows, p.rank});
-    py::gil_scoped_release release;
-    fastlora::lora_backward(p, dy.data, dy.row_stride, dx_data, dA_data, dB_data);
+    float *dx_data = nullptr, *dA_data = nullptr, *dB_data = nullptr;
+    py::object dx = need_dx ? new_tensor(p.x.rows, p.x.cols, &dx_data) : py::none();
+    py::object dA = need_dA ? new_tensor(p.rank, p.x.cols, &dA_data) : py::none();
+    py::object dB = need_dB ? new_tensor(p.weight.rows, p.rank, &dB_data) : py::none();
+    {
+        py::gil_scoped_release release;
+        fastlora::lora_backward(p, dy.data, dy.row_stride, dx_data, dA_data, dB_data);
+    }
+    return py::make_tuple(dx, dA, dB);
 }
 
 // The items of obj, a list or tuple, as a tuple (a list is copied, so that the tensors outlive the
@@ -298,6 +360,7 @@ std::string shape_of(const Matrix& m) { return "(" + std::to_string(m.rows) + ",
 struct MixedArgs {
     fastlora::MixedProblem problem;
     py::tuple As, Bs;
+    Copies copies;
 };
 
 MixedArgs mixed_args(py::handle x, py::handle weight, py::handle bias, py::handle lora_As, py::handle lora_Bs,
@@ -305,12 +368,12 @@ MixedArgs mixed_args(py::handle x, py::handle weight, py::handle bias, py::handl
                      bool base_product) {
     MixedArgs args;
     fastlora::MixedProblem& p = args.problem;
-    p.x = matrix(x, "x", false);
-    p.weight = matrix(weight, "weight", true);
+    p.x = matrix(x, "x", false, &args.copies.x);
+    p.weight = matrix(weight, "weight", true, &args.copies.weight);
     const int64_t m = p.x.rows, in = p.x.cols, out = p.weight.rows;
     CHECK_ARG(p.weight.cols == in, "weight must be (out, " + std::to_string(in) + ") to match x " + shape_of(p.x) +
                                        ", got " + shape_of(p.weight));
-    p.bias = bias.is_none() ? nullptr : contiguous(bias, "bias", {out});
+    p.bias = bias.is_none() ? nullptr : contiguous(bias, "bias", {out}, &args.copies.bias);
     args.As = items(lora_As, "lora_As", -1);
     const Py_ssize_t n = PyTuple_GET_SIZE(args.As.ptr());
     args.Bs = items(lora_Bs, "lora_Bs", n);
@@ -354,42 +417,40 @@ MixedArgs mixed_args(py::handle x, py::handle weight, py::handle bias, py::handl
     CHECK_ARG(threads >= 1, "threads must be >= 1");
     p.seed = static_cast<uint64_t>(seed);
     p.threads = std::min(threads, 256);
-    p.base_product = base_product;
+    p.base_product = base_in_extension(base_product, p.x, p.weight);
     fastlora::group_rows(p, id, stride);
     return args;
 }
 
-void forward_mixed(py::handle out, py::handle x, py::handle weight, py::handle bias, py::handle lora_As,
-                   py::handle lora_Bs, py::handle scales, py::handle dropout_ps, py::handle adapter_ids, int64_t seed,
-                   int threads, bool base_product) {
+py::tuple forward_mixed(py::handle x, py::handle weight, py::handle bias, py::handle lora_As, py::handle lora_Bs,
+                        py::handle scales, py::handle dropout_ps, py::handle adapter_ids, int64_t seed, int threads,
+                        bool base_product) {
     const MixedArgs args = mixed_args(x, weight, bias, lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed,
                                       threads, base_product);
-    float* y = output(out, "out", {args.problem.x.rows, args.problem.weight.rows});
-    py::gil_scoped_release release;
-    fastlora::lora_forward_mixed(args.problem, y);
+    float* y;
+    py::object out = new_tensor(args.problem.x.rows, args.problem.weight.rows, &y);
+    {
+        py::gil_scoped_release release;
+        fastlora::lora_forward_mixed(args.problem, y);
+    }
+    return py::make_tuple(out, py::bool_(args.problem.base_product));
 }
 
-// A new float32 (rows, cols) tensor.
-py::object new_tensor(int64_t rows, int64_t cols) {
-    const py::tuple shape = py::make_tuple(rows, cols);
-    PyObject* t = PyObject_Call(torch_api->empty, shape.ptr(), torch_api->float32_kwargs);
-    if (t == nullptr) throw py::error_already_set();
-    return py::reinterpret_steal<py::object>(t);
-}
-
-py::tuple backward_mixed(py::handle dx, py::handle grad_out, py::handle x, py::handle weight, py::handle lora_As,
-                         py::handle lora_Bs, py::handle scales, py::handle dropout_ps, py::handle adapter_ids,
-                         int64_t seed, py::handle need_lora, int threads, bool base_product) {
-    const MixedArgs args = mixed_args(x, weight, py::none(), lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed,
-                                      threads, base_product);
-    const fastlora::MixedProblem& p = args.problem;
+py::tuple backward_mixed(py::handle grad_out, py::handle x, py::handle weight, py::handle lora_As, py::handle lora_Bs,
+                         py::handle scales, py::handle dropout_ps, py::handle adapter_ids, int64_t seed, bool need_dx,
+                         py::handle need_lora, int threads, bool base_product) {
+    MixedArgs args = mixed_args(x, weight, py::none(), lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed,
+                                threads, base_product);
+    fastlora::MixedProblem& p = args.problem;
+    p.base_product = base_product;
     const int64_t m = p.x.rows, in = p.x.cols, out = p.weight.rows;
-    const Matrix dy = matrix(grad_out, "grad_out", false);
+    const Matrix dy = matrix(grad_out, "grad_out", false, &args.copies.grad_out);
     CHECK_ARG(dy.rows == m && dy.cols == out, "grad_out must be (" + std::to_string(m) + ", " + std::to_string(out) +
                                                   "), got " + shape_of(dy));
-    float* dx_data = dx.is_none() ? nullptr : output(dx, "dx", {m, in});
     const Py_ssize_t n = static_cast<Py_ssize_t>(p.adapters.size());
     const py::tuple needs = items(need_lora, "need_lora", n);
+    float* dx_data = nullptr;
+    py::object dx = need_dx ? new_tensor(m, in, &dx_data) : py::none();
     py::list dAs, dBs;
     std::vector<float*> dA(static_cast<size_t>(n), nullptr), dB(static_cast<size_t>(n), nullptr);
     for (Py_ssize_t a = 0; a < n; ++a) {
@@ -401,17 +462,14 @@ py::tuple backward_mixed(py::handle dx, py::handle grad_out, py::handle x, py::h
             continue;
         }
         const int64_t rank = p.adapters[static_cast<size_t>(a)].A.rows;
-        const py::object da = new_tensor(rank, in), db = new_tensor(out, rank);
-        dA[static_cast<size_t>(a)] = output(da, "dA", {rank, in});
-        dB[static_cast<size_t>(a)] = output(db, "dB", {out, rank});
-        dAs.append(da);
-        dBs.append(db);
+        dAs.append(new_tensor(rank, in, &dA[static_cast<size_t>(a)]));
+        dBs.append(new_tensor(out, rank, &dB[static_cast<size_t>(a)]));
     }
     {
         py::gil_scoped_release release;
         fastlora::lora_backward_mixed(p, dy.data, dy.row_stride, dx_data, dA, dB);
     }
-    return py::make_tuple(dAs, dBs);
+    return py::make_tuple(dx, dAs, dBs);
 }
 
 }  // namespace
@@ -421,26 +479,28 @@ PYBIND11_MODULE(_C, m) {
               "the arrays are float32 CPU torch.Tensors";
     scipy_openblas_set_num_threads(1);  // parallelism comes from parallel_run, sized by the caller
     load_torch_api();
-    m.def("forward", &forward, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"),
-          py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"), py::arg("threshold"), py::arg("seed"),
-          py::arg("threads"), py::arg("base_product") = true,
-          "out[:] = x weight^T + bias + scale (dropout(x) lora_A^T) lora_B^T, dropout keeping elements whose "
-          "signed hash >= threshold; without x weight^T if base_product is False.");
-    m.def("backward", &backward, py::arg("dx"), py::arg("dA"), py::arg("dB"), py::arg("grad_out"), py::arg("x"),
-          py::arg("weight"), py::arg("lora_A"), py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"),
-          py::arg("threshold"), py::arg("seed"), py::arg("threads"), py::arg("base_product") = true,
-          "Writes dx, dA, dB (each skipped when None) of the forward with the same arguments; dx without "
+    m.def("forward", &forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"),
+          py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("threads"),
+          py::arg("base_product") = true,
+          "Returns (out, base_done): out = x weight^T + bias + scale (dropout(x) lora_A^T) lora_B^T, without "
+          "x weight^T when base_done is False (base_product False asks the caller to add it, which it need not "
+          "where the extension's streaming kernel is faster). Arguments in other layouts are copied.");
+    m.def("backward", &backward, py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("lora_A"),
+          py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("need_dx"),
+          py::arg("need_dA"), py::arg("need_dB"), py::arg("threads"), py::arg("base_product") = true,
+          "Returns (dx, dA, dB) of the forward with the same arguments, each None unless needed; dx without "
           "grad_out weight if base_product is False.");
-    m.def("forward_mixed", &forward_mixed, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias"),
+    m.def("forward_mixed", &forward_mixed, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_As"),
+          py::arg("lora_Bs"), py::arg("scales"), py::arg("dropout_ps"), py::arg("adapter_ids"), py::arg("seed"),
+          py::arg("threads"), py::arg("base_product") = true,
+          "A mixed batch, returns (out, base_done): out[i] = x[i] weight^T + bias + scales[a] (dropout(x[i]) "
+          "lora_As[a]^T) lora_Bs[a]^T with a = adapter_ids[i] (int64; -1: none), dropout_ps[a] per adapter; "
+          "without x weight^T when base_done is False (as forward).");
+    m.def("backward_mixed", &backward_mixed, py::arg("grad_out"), py::arg("x"), py::arg("weight"),
           py::arg("lora_As"), py::arg("lora_Bs"), py::arg("scales"), py::arg("dropout_ps"), py::arg("adapter_ids"),
-          py::arg("seed"), py::arg("threads"), py::arg("base_product") = true,
-          "A mixed batch: out[i] = x[i] weight^T + bias + scales[a] (dropout(x[i]) lora_As[a]^T) lora_Bs[a]^T with "
-          "a = adapter_ids[i] (int64; -1: none), dropout_ps[a] per adapter; without x weight^T if base_product "
-          "is False.");
-    m.def("backward_mixed", &backward_mixed, py::arg("dx"), py::arg("grad_out"), py::arg("x"), py::arg("weight"),
-          py::arg("lora_As"), py::arg("lora_Bs"), py::arg("scales"), py::arg("dropout_ps"), py::arg("adapter_ids"),
-          py::arg("seed"), py::arg("need_lora"), py::arg("threads"), py::arg("base_product") = true,
-          "Writes dx (skipped when None) of forward_mixed with the same arguments and returns (dAs, dBs): each "
+          py::arg("seed"), py::arg("need_dx"), py::arg("need_lora"), py::arg("threads"),
+          py::arg("base_product") = true,
+          "Returns (dx, dAs, dBs) of forward_mixed with the same arguments: dx (None unless need_dx) and each "
           "adapter's gradients from its own rows, None where need_lora[a] is false or no row names it; dx without "
           "grad_out weight if base_product is False.");
     m.def("supported_isas", &fastlora::supported_isas, "Instruction sets usable on this CPU, narrowest first.");

@@ -6,7 +6,11 @@
 namespace fastlora {
 
 void parallel_run(int n, const std::function<void(int)>& task) {
-#pragma omp parallel for num_threads(n) schedule(static, 1) if (n > 1)
+    if (n <= 1) {  // inline: even an if(false) parallel region costs a call into the runtime
+        if (n == 1) task(0);
+        return;
+    }
+#pragma omp parallel for num_threads(n) schedule(static, 1)
     for (int t = 0; t < n; ++t) task(t);
 }
 

@@ -10,8 +10,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import harness
+import overhead
 import run
+import timing
 import train_step
+
+import fastlora
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +82,31 @@ def test_training_step_runs_every_variant():
     assert results["floor"].trainable == 0
     assert results["fastlora"].trainable == results["loralib"].trainable > 0  # q,v only: the same parameters
     assert all(r.tokens_per_s > 0 and r.saved_bytes > 0 for r in results.values())
+
+
+def test_interleaved_rounds_rotate_the_order_and_keep_every_sample():
+    order = []
+    samples = timing.interleaved({name: (lambda name=name: order.append(name) or 1.0) for name in "abc"}, 3)
+    assert order == list("abcbcacab") and samples == {name: [1.0] * 3 for name in "abc"}
+    assert timing.spread([1.0, 1.0, 3.0, 3.0]) == 0.5 and timing.median([3.0, 1.0, 2.0]) == 2.0
+
+
+def test_aten_ops_per_call_counts_the_ops_one_call_dispatches():
+    x = torch.ones(3, 4)
+    assert overhead.aten_ops_per_call(lambda: x + 1) == 1
+    assert overhead.aten_ops_per_call(lambda: (x @ x.t()).relu().sum()) == 4  # t, mm, relu, sum
+
+
+def test_overhead_report_times_every_contender_and_writes_its_table(tmp_path):
+    out = overhead.main(["--quick", "--rounds", "2", "--min-sample-ms", "0.2", "--skip-decode", "--out", str(tmp_path)])
+    text = out.read_text()
+    assert out.parent == tmp_path and out.name.endswith("_overhead.md")
+    assert "python benchmarks/overhead.py --quick" in text and "load average" in text
+    for mode in ("forward", "forward+backward"):
+        assert f"Tiny, {mode}" in text
+    names = ["F.linear", "unfused", "peft"] + [f"{b} {kind}" for b, s in fastlora.backends().items()
+                                              if s.available and b != "triton" for kind in ("op", "layer", "alone")]
+    for name in names:
+        rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]
+        assert len(rows) == 2, name  # one per mode
+        assert all(float(row.split("|")[2]) > 0 for row in rows), rows

@@ -28,7 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices
+from fastlora.ops.reference import expand_slices, stack_slices
 
 ISA_ENV_VAR = "FASTLORA_CPU_ISA"
 GEMM_ENV_VAR = "FASTLORA_CPU_GEMM"
@@ -55,7 +55,6 @@ _C = _load_extension()
 if os.environ.get(ISA_ENV_VAR):
     _C.set_isa(os.environ[ISA_ENV_VAR].strip().lower())
 _gemm = "torch" if torch.backends.mkl.is_available() and _C.cpu_vendor() == "intel" else "openblas"
-STREAMED_ROWS = 8  # the extension's own kernel takes forwards of up to this many rows
 
 
 def gemm() -> str:
@@ -90,27 +89,15 @@ def set_isa(name: str) -> None:
     _C.set_isa(name)
 
 
-def _rows_unit_stride(x: Tensor) -> Tensor:
-    """x itself if its rows are unit-stride, else a contiguous copy."""
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-
-
-def _weight_view(weight: Tensor) -> Tensor:
-    """weight itself if row- or column-major (as a Conv1D weight's transpose is), else a copy."""
-    if weight.stride(1) == 1 or weight.stride(0) == 1:
-        return weight
-    return weight.contiguous()
-
-
 def _seed(seed: Tensor, dropout_p: float) -> int:
     """The seed as an int, or 0 when no dropout reads it (``dropout_p``: the largest of the call's)."""
     return int(seed.item()) if dropout_p > 0 else 0
 
 
-def _base_in_extension(x: Tensor, weight: Tensor) -> bool:
-    """Whether a forward's base product runs in the extension: its OpenBLAS GEMM, or its streaming
-    kernel for a decode-sized x over a row-major weight; else PyTorch's GEMM is added afterwards."""
-    return _gemm == "openblas" or (x.shape[0] <= STREAMED_ROWS and weight.stride(1) == 1)
+# Each call is one call into the extension, which checks every argument, copies any whose layout its
+# kernels do not take, makes the outputs and says whether it computed the base product: it always
+# does with its OpenBLAS GEMM, and with PyTorch's only where its streaming kernel is faster (a
+# forward of at most 8 rows over a row-major weight); else it is added here.
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -119,13 +106,9 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     run over the block-structured B (:func:`~fastlora.ops.reference.expand_slices`)."""
     if slices is not None:
         lora_B = expand_slices(lora_B, slices, weight.shape[0])
-    x, weight = _rows_unit_stride(x), _weight_view(weight)
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    in_extension = _base_in_extension(x, weight)
-    _C.forward(out, x, weight, None if bias is None else bias.contiguous(), lora_A.contiguous(), lora_B.contiguous(),
-               scale, dropout_p, dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(),
-               in_extension)
-    if not in_extension:
+    out, base_done = _C.forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, _seed(seed, dropout_p),
+                                torch.get_num_threads(), _gemm == "openblas")
+    if not base_done:
         out.addmm_(x.detach(), weight.detach().t())
     return out
 
@@ -140,15 +123,10 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
         dx, dA, dB = backward(grad_out, x, weight, lora_A, expand_slices(lora_B, slices, weight.shape[0]), scale,
                               dropout_p, seed, needs)
         return dx, dA, None if dB is None else stack_slices(dB, slices)
-    need_dx, need_dA, need_dB = needs
-    grad_out, weight = _rows_unit_stride(grad_out), _weight_view(weight)
-    dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None
-    dA = torch.empty(lora_A.shape, dtype=x.dtype) if need_dA else None
-    dB = torch.empty(lora_B.shape, dtype=x.dtype) if need_dB else None
     in_extension = _gemm == "openblas"
-    _C.backward(dx, dA, dB, grad_out, _rows_unit_stride(x), weight, lora_A.contiguous(), lora_B.contiguous(), scale,
-                dropout_p, dropout_threshold(dropout_p), _seed(seed, dropout_p), torch.get_num_threads(), in_extension)
-    if need_dx and not in_extension:
+    dx, dA, dB = _C.backward(grad_out, x, weight, lora_A, lora_B, scale, dropout_p, _seed(seed, dropout_p), *needs,
+                             torch.get_num_threads(), in_extension)
+    if dx is not None and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dA, dB
 
@@ -157,12 +135,10 @@ def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[
                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
     """``(M, out)`` mixed-batch output: :func:`fastlora._C.forward_mixed` (which groups the rows by adapter and
     checks every argument), then ``+= x W^T`` if torch does the GEMM."""
-    x, weight = _rows_unit_stride(x), _weight_view(weight)
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    in_extension = _base_in_extension(x, weight)
-    _C.forward_mixed(out, x, weight, None if bias is None else bias.contiguous(), lora_As, lora_Bs, scales, dropout_ps,
-                     adapter_ids, _seed(seed, max(dropout_ps, default=0.0)), torch.get_num_threads(), in_extension)
-    if not in_extension:
+    out, base_done = _C.forward_mixed(x, weight, bias, lora_As, lora_Bs, scales, dropout_ps, adapter_ids,
+                                      _seed(seed, max(dropout_ps, default=0.0)), torch.get_num_threads(),
+                                      _gemm == "openblas")
+    if not base_done:
         out.addmm_(x.detach(), weight.detach().t())
     return out
 
@@ -173,12 +149,10 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
     """``(dx, dAs, dBs)`` of :func:`forward_mixed`: :func:`fastlora._C.backward_mixed` (which makes dA, dB for
     each adapter that ``need_lora`` asks for and some row names, None otherwise), then ``dx += dy W`` if torch
     does the GEMM."""
-    grad_out, weight = _rows_unit_stride(grad_out), _weight_view(weight)
-    dx = torch.empty(x.shape, dtype=x.dtype) if need_dx else None
     in_extension = _gemm == "openblas"
-    dAs, dBs = _C.backward_mixed(dx, grad_out, _rows_unit_stride(x), weight, lora_As, lora_Bs, scales, dropout_ps,
-                                 adapter_ids, _seed(seed, max(dropout_ps, default=0.0)), need_lora,
-                                 torch.get_num_threads(), in_extension)
-    if need_dx and not in_extension:
+    dx, dAs, dBs = _C.backward_mixed(grad_out, x, weight, lora_As, lora_Bs, scales, dropout_ps, adapter_ids,
+                                     _seed(seed, max(dropout_ps, default=0.0)), need_dx, need_lora,
+                                     torch.get_num_threads(), in_extension)
+    if dx is not None and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dAs, dBs
