@@ -29,15 +29,34 @@ def backend(request, monkeypatch) -> str:
     return request.param
 
 
-def float64_reference(x, weight, bias, lora_A, lora_B_full, scale, dropout_p, seed):
-    """Forward of the op in float64 with an explicit mask; autograd gives the reference grads."""
-    x64, w64, a64, b64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, lora_A, lora_B_full))
+def lora_update(x, lora_A, lora_B, scale, slices=None, out_features=None):
+    """``scale * (x @ A.T) @ B.T``; with ``slices``, written group by group, independently of the library: enabled
+    group g (the j-th enabled one) gets ``scale * (x @ A_j.T) @ B_j.T`` from the j-th blocks of the stacked lora_A
+    and lora_B, a disabled group zeros."""
+    if slices is None:
+        return scale * (x @ lora_A.t()) @ lora_B.t()
+    rows, rank = out_features // len(slices), lora_A.shape[0] // sum(slices)
+    groups, j = [], 0
+    for enabled in slices:
+        if enabled:
+            A_j, B_j = lora_A[j * rank:(j + 1) * rank], lora_B[j * rows:(j + 1) * rows]
+            groups.append(scale * (x @ A_j.t()) @ B_j.t())
+            j += 1
+        else:
+            groups.append(x.new_zeros(*x.shape[:-1], rows))
+    return torch.cat(groups, dim=-1)
+
+
+def float64_reference(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices=None):
+    """Forward of the op in float64 with an explicit mask (slices as :func:`lora_update`); autograd gives the
+    reference grads."""
+    x64, w64, a64, b64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, lora_A, lora_B))
     x2 = x64.reshape(-1, x64.shape[-1])
     x_lora = x2
     if dropout_p > 0:
         keep = dropout_keep_mask(torch.as_tensor(seed), x2.shape[0], x2.shape[1], dropout_p, x2.device)
         x_lora = x2 * keep / (1 - dropout_p)
-    y = x2 @ w64.t() + scale * (x_lora @ a64.t()) @ b64.t()
+    y = x2 @ w64.t() + lora_update(x_lora, a64, b64, scale, slices, weight.shape[0])
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], weight.shape[0]), (x64, a64, b64)
