@@ -510,10 +510,19 @@ def test_gpu_benchmark_dry_run_exercises_every_code_path(tmp_path):
     assert {row["mode"] for row in results["layers"]} == {"forward", "forward+backward"}
     assert all(row["fastlora_rel_err_p0"] < 1e-5 for row in results["layers"])
     assert all(set(row["graph_ms"]) == {"plain", "unfused", "fastlora"} for row in results["layers"])
+    for row in results["layers"]:  # interpreted kernels are far slower than F.linear: timings that cannot tie
+        ms = row["ms"]
+        assert ms["fastlora"] > ms["plain"] > 0, row
+        assert row["fastlora/plain"] == pytest.approx(ms["fastlora"] / ms["plain"])
+        assert row["unfused/fastlora"] == pytest.approx(ms["unfused"] / ms["fastlora"])
     assert results["tuned_configs"] == []  # the interpreter runs one fixed config
     variants = results["training"]["variants"]
     assert set(variants) == {"floor", "fastlora", "peft", "loralib"}
     assert all(v["status"] == "ok" and v["tokens_per_s"] > 0 for v in variants.values()), variants
+    floor = variants["floor"]["tokens_per_s"]
+    assert variants["fastlora"]["tokens_per_s"] < floor, variants  # its c_attn runs interpreted kernels
+    for v in variants.values():
+        assert v["overhead_over_floor"] == pytest.approx(floor / v["tokens_per_s"] - 1)
     assert variants["fastlora"]["trainable"] == variants["peft"]["trainable"] > 0 == variants["floor"]["trainable"]
     assert "| fastlora |" in (tmp_path / "gpu_bench.md").read_text()
 
