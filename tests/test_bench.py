@@ -15,6 +15,8 @@ import harness
 import run
 import train_step
 
+pytest_plugins = ("pytester",)
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, Path]:
@@ -117,3 +119,13 @@ def test_training_step_runs_every_variant(monkeypatch):
         for sample, inside in zip(r.samples, steps[name][-2:], strict=True):  # the timed steps are the last two
             assert inside <= sample < inside + 0.1, (name, r.samples, steps[name])
         assert r.tokens_per_s == pytest.approx(8 / statistics.median(r.samples))
+
+
+def test_layer_benchmark_suite_has_an_item_per_mode_and_each_checks_its_contender(pytester):
+    """benchmarks/test_layer_bench.py, untimed on the M=8 768->2304 cases: an item per contender and mode it has
+    (none that skips), each passing its check against float64. (Not unfused-compiled: compiling takes minutes.)"""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "test_layer_bench.py"
+    pool = [c for c in harness.contenders("cpu")[0] if c.name != "unfused-compiled"]
+    result = pytester.runpytest_subprocess(str(bench), "--benchmark-disable", "-p", "no:cacheprovider",
+                                           "-k", "M8 and 768x2304 and not compiled")
+    result.assert_outcomes(passed=sum(len(c.modes) for c in pool))
