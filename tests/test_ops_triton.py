@@ -462,7 +462,11 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
 
 
 @pytest.mark.parametrize("backward", [False, True])
-def test_tiles_that_do_not_fit_shared_memory_or_registers_are_dropped(backward):
+def test_tile_filter_keeps_only_tiles_whose_shared_memory_and_register_estimates_fit(backward):
+    """The filter against the estimates it uses (_smem_bytes, _epilogue_values): every kept tile's estimates fit,
+    all tiles are kept where all fit, the fallback tile is what is left where none does. The shared-memory estimate
+    meets the compiled kernels in test_every_kernel_config_compiles_within_its_shared_memory (no kept config asks
+    for more than its estimate); it is an upper bound, not a tight one, so a dropped tile may still fit."""
     assert triton_backend._fitting_tiles(backward, "16bit", 16, H100_SMEM) == triton_backend.TILES["16bit"]
     for family in triton_backend.TILES:
         for r_pad in (16, 64, 256):
