@@ -1,4 +1,4 @@
-"""Shared fixtures: the backends under test and a float64 reference of the LoRA op."""
+"""Shared fixtures: the backends under test, a float64 reference of the LoRA op, and CI's rule for missing data."""
 
 import os
 from pathlib import Path
