@@ -1,7 +1,9 @@
 """The benchmark suite runs: every contender on a tiny case, memory counting, the outputs it writes."""
 
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ import timing
 import train_step
 
 import fastlora
+
+pytest_plugins = ("pytester",)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +38,31 @@ def test_every_available_contender_runs_each_mode_and_dropout(smoke):
     assert seen == expected
     failures = [(r["contender"], r["reason"]) for r in report["layer"] if r["status"] != "ok"]
     assert failures == []
-    for row in report["layer"]:
-        assert len(row["samples"]) == 2 and all(s > 0 for s in row["samples"])
-        assert row["median_s"] > 0 and row["speedup_vs_unfused"] > 0
+    medians = {(r["contender"], r["case"]["mode"], r["case"]["dropout"]): r["median_s"] for r in report["layer"]}
+    for row in report["layer"]:  # the reported figures agree with the samples they come from
+        mode, p = row["case"]["mode"], row["case"]["dropout"]
+        assert len(row["samples"]) == 2 and row["median_s"] == statistics.median(row["samples"]) > 0
+        assert row["speedup_vs_unfused"] == pytest.approx(medians["unfused", mode, p] / row["median_s"])
+        assert row["overhead_vs_plain"] == pytest.approx(row["median_s"] / medians["plain", mode, p] - 1)
+
+
+def test_timing_reports_seconds_per_call():
+    """A contender that sleeps 10 ms per call, timed beside F.linear: its samples are 10 to 20 ms per call
+    (not the whole sample's time), and it is the slower of the two in every round."""
+    def build_sleeper(inputs: harness.Inputs) -> harness.Built:
+        def fn(x):
+            time.sleep(0.01)
+            return x
+        return harness.Built(fn)
+
+    pool = [harness.Contender("sleeper", build_sleeper, modes=("forward",)),
+            *(c for c in harness.contenders("cpu")[0] if c.name == "plain")]
+    results = {r.contender: r for r in harness.measure(harness.Case(8, 8, 2, 1, 0.0, "forward"), pool, repeats=3,
+                                                       min_sample_s=0.04)}
+    sleeper, plain = results["sleeper"], results["plain"]
+    assert sleeper.status == plain.status == "ok" and sleeper.calls_per_sample >= 2
+    assert all(0.01 <= s < 0.02 for s in sleeper.samples), sleeper.samples
+    assert all(p < s for p, s in zip(plain.samples, sleeper.samples, strict=True)), (plain.samples, sleeper.samples)
 
 
 def test_lora_contenders_compute_the_same_layer(smoke):
@@ -75,13 +101,38 @@ def test_ratios_are_relative_to_unfused_and_plain():
     assert harness.ratios(results)["x"] == {"speedup_vs_unfused": 1.5, "overhead_vs_plain": 1.0}
 
 
-def test_training_step_runs_every_variant():
+def test_training_step_runs_every_variant(monkeypatch):
+    """Every variant runs; each timed sample covers its step (timed here too, from inside) and little more, and
+    tokens/s is the tokens over the median sample."""
+    steps: dict[str, list[float]] = {}
+    step = train_step._Trainer.step
+
+    def timed_inside(trainer):
+        begin = time.perf_counter()
+        step(trainer)
+        steps.setdefault(trainer.variant, []).append(time.perf_counter() - begin)
+
+    monkeypatch.setattr(train_step._Trainer, "step", timed_inside)
     case = train_step.StepCase("small", 1, 8, n_layer=1)
-    results = {r.variant: r for r in train_step.measure_step(case, repeats=1, warmup=1)}
+    results = {r.variant: r for r in train_step.measure_step(case, repeats=2, warmup=1)}
     assert {name: r.reason for name, r in results.items() if r.status != "ok"} == {}
     assert results["floor"].trainable == 0
     assert results["fastlora"].trainable == results["loralib"].trainable > 0  # q,v only: the same parameters
-    assert all(r.tokens_per_s > 0 and r.saved_bytes > 0 for r in results.values())
+    for name, r in results.items():
+        assert r.saved_bytes > 0
+        for sample, inside in zip(r.samples, steps[name][-2:], strict=True):  # the timed steps are the last two
+            assert inside <= sample < inside + 0.1, (name, r.samples, steps[name])
+        assert r.tokens_per_s == pytest.approx(8 / statistics.median(r.samples))
+
+
+def test_layer_benchmark_suite_has_an_item_per_mode_and_each_checks_its_contender(pytester):
+    """benchmarks/test_layer_bench.py, untimed on the M=8 768->2304 cases: an item per contender and mode it has
+    (none that skips), each passing its check against float64. (Not unfused-compiled: compiling takes minutes.)"""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "test_layer_bench.py"
+    pool = [c for c in harness.contenders("cpu")[0] if c.name != "unfused-compiled"]
+    result = pytester.runpytest_subprocess(str(bench), "--benchmark-disable", "-p", "no:cacheprovider",
+                                           "-k", "M8 and 768x2304 and not compiled")
+    result.assert_outcomes(passed=sum(len(c.modes) for c in pool))
 
 
 def test_interleaved_rounds_rotate_the_order_and_keep_every_sample():

@@ -66,13 +66,30 @@ def test_slices_adapter_imports_back_to_slices(tmp_path):
     assert max_diff(logits(loaded, tokens()), logits(model, tokens())) == 0
 
 
+@pytest.mark.xfail(strict=True, reason="load_adapter overwrites an existing adapter's A and B but keeps its alpha "
+                                      "(scale 8 from QV instead of the adapter's 2)")
 def test_peft_adapter_into_an_already_sliced_model(tmp_path):
-    source = fastlora.inject(tiny_gpt2(), QV)
-    randomize_lora(source)
-    fastlora.save_adapter(source, tmp_path)
-    target = fastlora.inject(tiny_gpt2(), QV)
-    fastlora.load_adapter(target, tmp_path)
-    assert max_diff(logits(target, tokens()), logits(source, tokens())) == 0
+    """An adapter peft wrote (rank 8 over the whole c_attn, B zero outside the q and v blocks) loads into a model
+    with q,v slices of rank 4: the same logits as peft's model, and each slice holds its own blocks."""
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"],
+                                                                   fan_in_fan_out=True))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.lora_A["default"].weight.copy_(torch.randn(8, 32, generator=gen))
+                B = torch.zeros(96, 8)
+                B[:32, :4], B[64:, 4:] = torch.randn(32, 4, generator=gen), torch.randn(32, 4, generator=gen)
+                module.lora_B["default"].weight.copy_(B)
+    peft_model.save_pretrained(tmp_path)
+    target = fastlora.load_adapter(fastlora.inject(tiny_gpt2(), QV), tmp_path)
+    assert max_diff(logits(target, tokens()), logits(peft_model, tokens())) <= 1e-5
+    layer = target.transformer.h[0].attn.c_attn
+    peft_layer = peft_model.base_model.model.transformer.h[0].attn.c_attn
+    assert layer.slices == [True, False, True] and layer.r == 4 and layer.scale == pytest.approx(16 / 8)
+    assert torch.equal(layer.lora_A, peft_layer.lora_A["default"].weight)
+    B = peft_layer.lora_B["default"].weight
+    assert torch.equal(layer.lora_B, torch.cat([B[:32, :4], B[64:, 4:]]))
 
 
 class MLP(nn.Module):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import lora_update, rel_err
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -51,12 +51,11 @@ def test_forward_matches_formula(kind, slices):
     base = BASES[kind]()
     layer = random_lora(LoRALinear(base, r=4, alpha=6, slices=slices))
     x = torch.randn(7, 24, dtype=torch.float64).float()
-    W = layer.base_weight().double()
-    delta = layer.delta_weight().double()
-    expected = x.double() @ (W + delta).t() + base.bias.double()
+    x64, A, B = x.double(), layer.lora_A.double(), layer.lora_B.double()
+    expected = x64 @ layer.base_weight().double().t() + base.bias.double() + lora_update(x64, A, B, 1.5, slices, 36)
     assert rel_err(layer(x), expected) < 1e-5
     if slices:
-        assert torch.count_nonzero(delta[12:24]) == 0
+        assert torch.count_nonzero(layer.delta_weight()[12:24]) == 0
 
 
 def test_rslora_scale():
@@ -118,7 +117,9 @@ def test_wrapping_a_non_linear_module_is_an_error():
 
 
 def test_lora_parameters_of_a_bf16_layer_are_fp32_and_train_in_fp32():
-    """As peft keeps them: the optimizer's updates keep fp32 precision; the op computes in bf16."""
+    """As peft keeps them: the op computes in bf16, A and B stay fp32 and get the gradients of that computation
+    (float64 reference over the bf16-rounded operands), and an optimizer step far below bf16's resolution
+    moves them by -lr * grad."""
     torch.manual_seed(0)
     base = nn.Linear(16, 24).to(torch.bfloat16)
     layer = LoRALinear(base, r=4, alpha=8)
@@ -128,8 +129,22 @@ def test_lora_parameters_of_a_bf16_layer_are_fp32_and_train_in_fp32():
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    y.float().sum().backward()
+    grad = torch.randn(5, 24).to(torch.bfloat16)
+    y.backward(grad)
     assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+
+    a64, b64 = (t.detach().to(torch.bfloat16).double().requires_grad_() for t in (layer.lora_A, layer.lora_B))
     x64 = x.double()
-    expected = x64 @ base.weight.double().t() + base.bias.double() + x64 @ layer.delta_weight().double().t()
-    assert (y.double() - expected).norm() / expected.norm() <= 1e-2
+    expected = x64 @ base.weight.double().t() + base.bias.double() + 2.0 * (x64 @ a64.t()) @ b64.t()
+    expected.backward(grad.double())
+    assert rel_err(y, expected) <= 1e-2
+    assert rel_err(layer.lora_A.grad, a64.grad) <= 1e-2 and rel_err(layer.lora_B.grad, b64.grad) <= 1e-2
+
+    params = [layer.lora_A, layer.lora_B]
+    before = [p.detach().clone() for p in params]
+    lr = 1e-4 * min(p.abs().mean().item() / p.grad.abs().mean().item() for p in params)  # updates ~1e-4 relative
+    torch.optim.SGD(params, lr=lr).step()
+    for p, old in zip(params, before, strict=True):
+        assert p.dtype == torch.float32 and rel_err(p.detach() - old, -lr * p.grad) <= 1e-2
+        lost_in_bf16 = old.to(torch.bfloat16) == (old - lr * p.grad).to(torch.bfloat16)
+        assert lost_in_bf16.float().mean() > 0.9  # bf16 parameters would not have moved

@@ -72,10 +72,16 @@ def test_forced_backend_that_cannot_take_the_tensors_is_an_error(monkeypatch):
 
 
 def test_python_m_fastlora_prints_the_backend_table():
+    """One row per backend, saying what fastlora.backends() says in this environment (the reference always yes)."""
     out = subprocess.run([sys.executable, "-m", "fastlora"], capture_output=True, text=True, check=True).stdout
-    assert "torch" in out and "backend" in out
-    for name in ("reference", "cpu", "triton"):
-        assert name in out
+    assert f"torch {torch.__version__}" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["backend", "available", "reason"])
+    rows = {line.split()[0]: line.split(maxsplit=2)[1:] for line in lines[header + 1:]}
+    expected = {name: ["yes"] if status.available else ["no", status.reason]
+                for name, status in fastlora.backends().items()}
+    assert rows == expected
+    assert set(rows) == {"reference", "cpu", "triton"} and rows["reference"] == ["yes"]
 
 
 def test_a_backend_that_breaks_on_import_is_reported_not_fatal(monkeypatch):
