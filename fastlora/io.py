@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from fastlora.atomic import atomic_dir, recover_dir
-from fastlora.config import ALL_LINEAR, LoraConfig
+from fastlora.config import ALL_LINEAR, LoraConfig, lora_scale
 from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, check_adapter_name, is_adaptable, is_conv1d
 from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, name_matches, replace_module
 
@@ -316,6 +316,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         elif name not in module.adapters:
             module.add_adapter(name, **settings)
         adapter = module.adapters[name]
+        # an adapter of the same name is overwritten whole: its hyper-parameters too, not only A and B
+        adapter.alpha, adapter.dropout, adapter.use_rslora = (float(settings["alpha"]), float(settings["dropout"]),
+                                                              settings["use_rslora"])
+        adapter.scale = lora_scale(adapter.r, adapter.alpha, adapter.use_rslora)
         with torch.no_grad():
             adapter.lora_A.copy_(item.lora_A)
             adapter.lora_B.copy_(item.lora_B)

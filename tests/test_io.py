@@ -66,8 +66,6 @@ def test_slices_adapter_imports_back_to_slices(tmp_path):
     assert max_diff(logits(loaded, tokens()), logits(model, tokens())) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="load_adapter overwrites an existing adapter's A and B but keeps its alpha "
-                                      "(scale 8 from QV instead of the adapter's 2)")
 def test_peft_adapter_into_an_already_sliced_model(tmp_path):
     """An adapter peft wrote (rank 8 over the whole c_attn, B zero outside the q and v blocks) loads into a model
     with q,v slices of rank 4: the same logits as peft's model, and each slice holds its own blocks."""
