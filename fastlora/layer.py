@@ -230,15 +230,21 @@ class LoRALinear(nn.Module):
                                  ids, [a.dropout for a in adapters], self.training,
                                  slices=[a.slices for a in adapters])
 
-    def set_mixed(self, names: Sequence[str | None] | None) -> None:
+    def set_mixed(self, names: Sequence[str | None] | None, shared: dict | None = None) -> None:
         """Give row i of the batch the adapter ``names[i]`` (None, or a name this layer lacks: the base alone);
-        None ends the mixed batch. Only the adapters the batch names are passed to the op."""
+        None ends the mixed batch. Only the adapters the batch names are passed to the op. Layers given the same
+        ``shared`` dict share one ids tensor where their ids are equal, so that the op routes the rows (moves the
+        ids to the device, sorts them) once per batch for all of them."""
         if names is None:
             self.mixed = None
             return
         used = [n for n in dict.fromkeys(names) if n is not None and n in self.adapters]
         index = {n: i for i, n in enumerate(used)}
-        self.mixed = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64), used
+        ids = tuple(index.get(n, -1) for n in names)
+        shared = {} if shared is None else shared
+        if ids not in shared:
+            shared[ids] = torch.tensor(ids, dtype=torch.int64)
+        self.mixed = shared[ids], used
 
     # -- merging ----------------------------------------------------------------------------------------------
 

@@ -163,8 +163,9 @@ def use_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.M
     merged = [layer.merged_adapter for layer in layers if layer.merged_adapter is not None]
     if merged:
         raise ValueError(f"adapter {merged[0]!r} is merged into base weights: unmerge before using mixed batches")
+    shared: dict = {}  # one ids tensor for all layers with the same adapters: the rows are routed once per batch
     for layer in layers:
-        layer.set_mixed(list(names))
+        layer.set_mixed(list(names), shared)
     try:
         yield model
     finally:

@@ -80,6 +80,25 @@ def _row_ids(adapter_ids: Tensor, x: Tensor, adapters: int) -> Tensor:
     return ids.reshape(*ids.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
 
 
+_ROUTES: dict[tuple, tuple] = {}  # per batch: each ids tensor's rows on the device, and which adapters are named
+
+
+def _routing(adapter_ids: Tensor, x: Tensor, adapters: int) -> tuple[Tensor, list[bool]]:
+    """``(one int64 id per row of the flattened x on x's device, which adapters some row names)``, checked and
+    computed once for an ids tensor (at its version) and kept for every later call with it: the layers of a model
+    in :func:`fastlora.use_adapters` share one, so a batch moves its ids to the device and checks them once, and
+    a captured decode step finds them there."""
+    key = (id(adapter_ids), getattr(adapter_ids, "_version", None), tuple(x.shape[:-1]), x.device, adapters)
+    kept = _ROUTES.get(key)
+    if kept is not None and kept[0]() is adapter_ids:
+        return kept[1]
+    routed = _row_ids(adapter_ids, x, adapters), _named(adapter_ids, adapters)
+    while len(_ROUTES) >= 256:
+        _ROUTES.pop(next(iter(_ROUTES)))
+    _ROUTES[key] = (weakref.ref(adapter_ids), routed)
+    return routed
+
+
 def _named(adapter_ids: Tensor, adapters: int) -> list[bool]:
     """Which adapters some row names: from the ids where they are given (ids on the GPU are read back once;
     ids on the CPU, as :func:`fastlora.use_adapters` keeps them, cost no device-to-host read)."""
@@ -162,14 +181,14 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
                 _validate(x, weight, bias, A, B, scales[a], dropout_ps[a], slices[a])
             except ValueError as error:
                 raise ValueError(f"adapter {a}: {error}") from None
-    ids = _row_ids(adapter_ids, x, n)
+    ids, named = _routing(adapter_ids, x, n)
     ps = [float(p) if training else 0.0 for p in dropout_ps]
     seed_tensor = _seed_tensor(seed, x.device) if any(ps) or seed is not None else _NO_SEED
     out_features = weight.shape[0]
     As = [A for A, _ in lora]
     Bs = [_dense_B(B, s, out_features) for (_, B), s in zip(lora, slices, strict=True)]
     flat_x = x.reshape(-1, x.shape[-1])
-    settings = _Settings([float(s) for s in scales], ps, _named(adapter_ids, n))
+    settings = _Settings([float(s) for s in scales], ps, named)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *As, *Bs)):
         flat = _LoraLinearMixedFunction.apply(flat_x, weight, bias, ids, seed_tensor, settings, *As, *Bs)
     else:

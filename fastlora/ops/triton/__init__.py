@@ -503,8 +503,7 @@ class _MixedBatch:
     def __init__(self, x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor],
                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> None:
         self.r_pad = _rank_pad(max((A.shape[0] for A in lora_As), default=1))
-        sorted_ids, order = torch.sort(adapter_ids, stable=True)
-        self.sorted_ids, self.ids, self.order = sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)
+        self.sorted_ids, self.ids, self.order = _sorted_rows(adapter_ids)
         self.a_stack, self.b_stack, self.factor, self.thr = _adapter_stacks(
             x, out_features, lora_As, lora_Bs, scales, dropout_ps, self.r_pad)
         self.dropout = any(p > 0 for p in dropout_ps)
@@ -518,6 +517,23 @@ class _MixedBatch:
         """B's stack as the forward GEMM's ``(R_PAD, out)`` U, and as g's ``(n, R_PAD, out)`` down operand."""
         stride_a, stride_n, stride_r = self.b_stack.stride()
         return stride_a, stride_r, stride_n
+
+
+_SORTED: dict[tuple, tuple] = {}  # per batch: the rows sorted by adapter, by the ids tensor's identity and version
+
+
+def _sorted_rows(adapter_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sorted ids, the same as int32, each sorted position's row as int32)``, sorted once for an ids tensor (the
+    op gives every layer of a batch the same one) and kept while it is unchanged."""
+    key = (id(adapter_ids), adapter_ids._version)
+    kept = _SORTED.get(key)
+    if kept is not None and kept[0]() is adapter_ids:
+        return kept[1]
+    sorted_ids, order = torch.sort(adapter_ids, stable=True)
+    while len(_SORTED) >= 64:
+        _SORTED.pop(next(iter(_SORTED)))
+    _SORTED[key] = (weakref.ref(adapter_ids), (sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)))
+    return _SORTED[key][1]
 
 
 _STACKS: dict[tuple, tuple] = {}  # adapters' stacks and tables, by their tensors' identities and versions
