@@ -88,6 +88,8 @@ def _layer_problem(layer: nn.Module) -> str | None:
     if not isinstance(layer, lora.Linear) or type(layer) not in (lora.Linear, _fused_class()):
         return f"{type(layer).__module__}.{type(layer).__name__}: fastlora fuses peft's lora.Linear only"
     base = layer.get_base_layer()
+    if layer.base_layer is not base:
+        return f"base layer is wrapped by a {type(layer.base_layer).__name__} whose forward fastlora would bypass"
     if type(base) is not nn.Linear and not (is_conv1d(base) and type(base).__name__ == "Conv1D"):
         return (f"base layer is a {type(base).__module__}.{type(base).__name__} (fastlora needs a plain nn.Linear "
                 "or transformers Conv1D: quantized and custom base layers stay on peft's forward)")
@@ -118,7 +120,7 @@ def _fused_forward(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Te
         return None
     if layer.disable_adapters or layer.merged:
         return None
-    base = layer.get_base_layer()
+    base = layer.base_layer
     weight, bias = base.weight, base.bias
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None  # the op keeps W and b frozen

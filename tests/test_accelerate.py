@@ -339,3 +339,18 @@ def test_trainer_trains_an_accelerated_model_and_saves_a_peft_adapter(tmp_path, 
     loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "out").eval()
     with torch.no_grad():
         assert rel_err(loaded(IDS).logits, fast.eval()(IDS).logits) <= FP32
+
+
+def test_torch_compile_traces_an_accelerated_model_without_graph_breaks(op_calls):
+    model = randomize(peft.get_peft_model(tiny_llama(layers=1), peft_config("llama")))
+    fast = copy.deepcopy(model)
+    fastlora.accelerate(fast, strict=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    logits, grads = loss_and_grads(model.train())
+    fast.zero_grad(set_to_none=True)
+    out = compiled(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    assert op_calls["single"] == lora_layers(fast)  # traced through fastlora's op
+    assert rel_err(out.logits, logits) <= FP32
+    assert_close({n: p.grad for n, p in fast.named_parameters() if p.requires_grad}, grads)
