@@ -276,6 +276,21 @@ def test_layers_fastlora_cannot_run_stay_on_peft_with_a_reason():
             assert rel_err(model(IDS).logits, reference(IDS).logits) <= FP32, active
 
 
+class CustomLinear(nn.Linear):
+    """A Linear subclass, as quantized and other custom base layers are: its forward may not be F.linear."""
+
+
+def test_custom_and_hooked_base_layers_stay_on_peft():
+    holder = nn.Module()
+    holder.custom, holder.hooked, holder.plain = CustomLinear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+    holder.hooked.register_forward_hook(lambda module, args, out: out * 2)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["custom", "hooked", "plain"]), holder)
+    report = fastlora.accelerate(holder)
+    assert report.fused == ["plain"]
+    assert "CustomLinear (fastlora needs a plain nn.Linear" in report.unfused["custom"]
+    assert "forward hooks" in report.unfused["hooked"]
+
+
 def test_an_unsupported_adapter_added_after_accelerate_runs_on_peft(op_calls):
     model, fast = peft_pair("llama")
     for m in (model, fast):
