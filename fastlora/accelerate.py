@@ -20,6 +20,7 @@ from fastlora.ops import lora_linear
 from fastlora.ops.mixed import lora_linear_mixed
 
 _BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # what the op's autocast casts
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,21 @@ def _dropout_p(layer: nn.Module, name: str) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
+def _dtypes_fit(layer: nn.Module, names: Sequence[str], x: Tensor, base: nn.Module) -> bool:
+    """Whether the op takes these dtypes: under autocast, any it casts; else one dtype throughout, except
+    fp32 LoRA parameters over a 16-bit layer (as peft keeps them)."""
+    frozen = [t.dtype for t in (base.weight, base.bias) if t is not None]
+    lora = [t.weight.dtype for n in names for t in (layer.lora_A[n], layer.lora_B[n])]
+    if torch.is_autocast_enabled(x.device.type):
+        return all(d in _CASTABLE for d in (x.dtype, *frozen, *lora))
+    fp32_allowed = x.dtype in _CASTABLE[1:]
+    return all(d == x.dtype for d in frozen) and all(d == x.dtype or (fp32_allowed and d == torch.float32)
+                                                    for d in lora)
+
+
 def _fused_forward(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
     """The layer's output through fastlora's op, or None where peft's forward must run: adapters disabled
-    or merged, extra arguments, a trainable base weight, mismatched dtypes, or an adapter the op cannot run."""
+    or merged, extra arguments, a trainable base weight, an adapter the op cannot run, or dtypes it does not take."""
     adapter_names = kwargs.get("adapter_names")
     if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
         return None
@@ -124,14 +137,14 @@ def _fused_forward(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Te
     weight, bias = base.weight, base.bias
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         return None  # the op keeps W and b frozen
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        return None  # peft's base layer decides (usually: an error)
     W = weight.t() if is_conv1d(base) else weight
     if adapter_names is not None:
         return _mixed_forward(layer, x, W, bias, adapter_names)
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active or any(_adapter_problem(layer, name) is not None for name in active):
         return None
+    if not _dtypes_fit(layer, active[:1], x, base):
+        return None  # peft's forward decides (an error, or its own casts)
     first = active[0]
     result = lora_linear(x, W, bias, layer.lora_A[first].weight, layer.lora_B[first].weight, layer.scaling[first],
                          _dropout_p(layer, first), True)
@@ -150,6 +163,8 @@ def _mixed_forward(layer: nn.Module, x: Tensor, W: Tensor, bias: Tensor | None,
     layer._check_forward_args(x, adapter_names=adapter_names)  # peft's own checks and messages
     used = [n for n in dict.fromkeys(adapter_names) if n != _BASE and n in layer.lora_A]
     if x.dim() < 2 or not used or any(_adapter_problem(layer, name) is not None for name in used):
+        return None
+    if not _dtypes_fit(layer, used, x, layer.base_layer):
         return None
     index = {name: i for i, name in enumerate(used)}
     ids = torch.tensor([index.get(name, -1) for name in adapter_names], dtype=torch.int64)

@@ -253,6 +253,17 @@ def test_a_16_bit_base_with_fp32_lora_gives_peft_dtype_and_values(dtype):
         assert_like_peft(got, expected)
 
 
+def test_dtypes_the_op_does_not_take_run_on_peft(op_calls):
+    model, fast = peft_pair("llama")
+    for m in (model, fast):  # bf16 LoRA over an fp32 model: peft casts x for the LoRA branch, the op would refuse
+        for name, param in m.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fast(IDS).logits, model(IDS).logits)
+    assert op_calls["single"] == 0
+
+
 def test_layers_fastlora_cannot_run_stay_on_peft_with_a_reason():
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["v_proj"], use_dora=True))
