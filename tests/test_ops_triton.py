@@ -512,7 +512,7 @@ def test_gpu_benchmark_dry_run_exercises_every_code_path(tmp_path):
     assert all(set(row["graph_ms"]) == {"plain", "unfused", "fastlora"} for row in results["layers"])
     assert results["tuned_configs"] == []  # the interpreter runs one fixed config
     variants = results["training"]["variants"]
-    assert set(variants) == {"floor", "fastlora", "peft", "loralib"}
+    assert set(variants) == {"floor", "fastlora", "peft", "peft+accelerate", "loralib"}
     assert all(v["status"] == "ok" and v["tokens_per_s"] > 0 for v in variants.values()), variants
     assert variants["fastlora"]["trainable"] == variants["peft"]["trainable"] > 0 == variants["floor"]["trainable"]
     assert "| fastlora |" in (tmp_path / "gpu_bench.md").read_text()
