@@ -14,9 +14,9 @@ told apart into kernel time and host overhead. The autotuner's chosen tiles are 
 
 Training step: :func:`train_step.measure_step` on GPT-2 Medium shapes (random weights from the
 config), batch 8 x 1024 tokens, bf16 autocast, LoRA r=4, alpha=32, dropout 0.1 on ``c_attn``
-(fastlora and loralib on q and v, peft on q, k and v), AdamW, and the frozen floor (no adapter:
-what a step costs if the LoRA layers were free), timed in interleaved rounds; tokens/s, peak
-memory above the model's, bytes saved for backward.
+(fastlora and loralib on q and v, peft on q, k and v, as is and through ``fastlora.accelerate``), AdamW,
+and the frozen floor (no adapter: what a step costs if the LoRA layers were free), timed in interleaved
+rounds; tokens/s, peak memory above the model's, bytes saved for backward.
 
 ``--dry-run`` runs every code path but the CUDA graphs on tiny fp32 shapes on the CPU under
 ``TRITON_INTERPRET=1`` (numbers meaningless, graph columns n/a). Results go to ``--out``:
@@ -215,7 +215,7 @@ def bench_training(args, record: Callable[[str, object], None]) -> None:
             "saved_mib": r.saved_bytes / 2**20 if r.saved_bytes is not None else None}
         measured = (f"{r.tokens_per_s:10.0f} tok/s  peak {_fmt(summary[r.variant]['peak_mib'], 0)} MiB  "
                     f"over floor {_fmt(overhead.get(r.variant))}") if ok else f"{r.status}: {r.reason}"
-        print(f"train step {r.variant:9s} {measured}", flush=True)
+        print(f"train step {r.variant:15s} {measured}", flush=True)
     record("training", {"case": args.step_case, "variants": summary})
 
 

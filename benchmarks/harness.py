@@ -31,7 +31,7 @@ import fastlora
 
 MODES = ("forward", "backward")
 BASELINES = ("plain", "unfused", "unfused-compiled", "merged")
-PEERS = ("peft", "loralib")
+PEERS = ("peft", "peft+accelerate", "loralib")
 _ENV = "FASTLORA_BACKEND"
 
 
@@ -221,6 +221,13 @@ def _build_peft(inputs: Inputs) -> Built:
     return Built(layer, list(layer.parameters()))
 
 
+def _build_peft_accelerated(inputs: Inputs) -> Built:
+    """peft's layer made to compute through fastlora (the backend fastlora picks) by ``fastlora.accelerate``."""
+    built = _build_peft(inputs)
+    fastlora.accelerate(built.fn, strict=True)
+    return built
+
+
 def _build_loralib(inputs: Inputs) -> Built:
     import loralib
 
@@ -265,8 +272,9 @@ def contenders(device: str = "cpu") -> tuple[list[Contender], dict[str, str]]:
     else:
         available.append(Contender("unfused-compiled", _build_unfused_compiled))
     available.append(Contender("merged", _build_merged, modes=("forward",)))
-    for name, build in (("peft", _build_peft), ("loralib", _build_loralib)):
-        reason = _installed(name)
+    for name, build in (("peft", _build_peft), ("peft+accelerate", _build_peft_accelerated),
+                        ("loralib", _build_loralib)):
+        reason = _installed(name.partition("+")[0])
         if reason:
             missing[name] = reason
         else:

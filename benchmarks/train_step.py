@@ -1,4 +1,4 @@
-"""End-to-end LoRA training step on a Hugging Face GPT-2: fastlora vs peft vs loralib vs the frozen floor.
+"""End-to-end LoRA training step on a Hugging Face GPT-2: fastlora, peft (as is and accelerated), loralib, the floor.
 
 The model is built from a config (GPT-2 Small or Medium widths, random weights, no download).
 LoRA goes on q and v of every ``c_attn`` (r=4, alpha=32, dropout 0.1), the LoRA paper's setup:
@@ -7,6 +7,8 @@ LoRA goes on q and v of every ``c_attn`` (r=4, alpha=32, dropout 0.1), the LoRA 
 - ``peft``: ``peft.get_peft_model`` on ``c_attn`` with ``fan_in_fan_out=True``. peft cannot adapt
   only part of a fused projection, so it adapts q, k and v (rank 4 each, one A and one B over the
   whole 3·d output): slightly more LoRA work than the others, which is how peft users run GPT-2;
+- ``peft+accelerate``: the same peft model, its LoRA layers run through fastlora by ``fastlora.accelerate``
+  (no change to the model or the training code);
 - ``loralib``: each ``c_attn`` replaced by ``loralib.MergedLinear(enable_lora=[True, False, True])``,
   loralib's own q,v module;
 - ``floor``: the same model with every weight frozen and no adapter, fed ``inputs_embeds`` that
@@ -34,7 +36,7 @@ SIZES = {"small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
          "medium": {"n_embd": 1024, "n_layer": 24, "n_head": 16}}
 RANK, ALPHA, DROPOUT = 4, 32, 0.1
 QV = [True, False, True]
-VARIANTS = ("floor", "fastlora", "peft", "loralib")
+VARIANTS = ("floor", "fastlora", "peft", "peft+accelerate", "loralib")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,12 @@ def _with_peft(model: nn.Module) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def _with_peft_accelerated(model: nn.Module) -> nn.Module:
+    model = _with_peft(model)
+    fastlora.accelerate(model, strict=True)
+    return model
+
+
 def _with_loralib(model: nn.Module) -> nn.Module:
     import loralib
 
@@ -120,7 +128,8 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 ADAPT: dict[str, Callable[[nn.Module], nn.Module]] = {
-    "floor": _frozen, "fastlora": _with_fastlora, "peft": _with_peft, "loralib": _with_loralib}
+    "floor": _frozen, "fastlora": _with_fastlora, "peft": _with_peft, "peft+accelerate": _with_peft_accelerated,
+    "loralib": _with_loralib}
 
 
 class _Trainer:

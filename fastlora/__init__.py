@@ -1,5 +1,6 @@
 """fastlora: fused LoRA for PyTorch — one op, several backends, a drop-in layer."""
 
+from fastlora.accelerate import AccelerateReport, accelerate, restore
 from fastlora.config import LoraConfig
 from fastlora.io import load_adapter, save_adapter
 from fastlora.layer import LoRAAdapter, LoRALinear
@@ -22,11 +23,13 @@ from fastlora.ops.mixed import lora_linear_mixed
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerateReport",
     "BackendStatus",
     "LoRAAdapter",
     "LoRALinear",
     "LoraConfig",
     "__version__",
+    "accelerate",
     "adapter_names",
     "backends",
     "delete_adapter",
@@ -36,6 +39,7 @@ __all__ = [
     "lora_linear_mixed",
     "mark_only_lora_trainable",
     "merge",
+    "restore",
     "save_adapter",
     "set_adapter",
     "trainable_summary",

@@ -92,7 +92,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
     A target that is a plain Linear/Conv1D is replaced by a LoRALinear around it with this adapter
     active; a target that already is a LoRALinear gets the adapter added beside its others (its active
     adapter does not change: see :func:`set_adapter`). Everything is checked before the model is
-    touched: on error the model is unchanged.
+    touched: on error the model is unchanged. A transformers model's ``save_pretrained`` (and so ``Trainer``)
+    then writes the base weights under their own names and the adapters in peft's format (:mod:`fastlora.hf`).
     """
     check_adapter_name(adapter_name)
     chosen = find_targets(model, config, adapter_name)
@@ -110,6 +111,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
             replace_module(model, name, LoRALinear(module, slices=slices_for(name, config),
                                                    adapter_name=adapter_name, **settings))
     mark_only_lora_trainable(model)
+    from fastlora.hf import attach  # a transformers model's save_pretrained writes base and adapters loadably
+    attach(model)
     return model
 
 

@@ -578,7 +578,7 @@ def test_gpu_benchmark_dry_run_exercises_every_code_path(tmp_path):
         assert row["unfused/fastlora"] == pytest.approx(ms["unfused"] / ms["fastlora"])
     assert results["tuned_configs"] == []  # the interpreter runs one fixed config
     variants = results["training"]["variants"]
-    assert set(variants) == {"floor", "fastlora", "peft", "loralib"}
+    assert set(variants) == {"floor", "fastlora", "peft", "peft+accelerate", "loralib"}
     assert all(v["status"] == "ok" and v["tokens_per_s"] > 0 for v in variants.values()), variants
     floor = variants["floor"]["tokens_per_s"]
     assert variants["fastlora"]["tokens_per_s"] < floor, variants  # its c_attn runs interpreted kernels
