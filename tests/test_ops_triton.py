@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -412,10 +413,16 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")  # uncached: ptxas runs, logs registers
     python = os.environ.get("FASTLORA_COMPILE_PYTHON", sys.executable)
-    result = subprocess.run([python, script, kernels_path], input=json.dumps(jobs), env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    # its own process group: on a timeout the compile pool's workers are killed too, not left running for an hour
+    with subprocess.Popen([python, script, kernels_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env, text=True, start_new_session=True) as compiler:
+        try:
+            stdout, stderr = compiler.communicate(json.dumps(jobs), timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(compiler.pid, signal.SIGKILL)
+            raise
+    assert compiler.returncode == 0, stderr[-3000:]
+    reports = [json.loads(line) for line in stdout.splitlines()]
     assert len(reports) == len(jobs) > 50
     spills = {}  # bf16 at padded rank 16 (ranks up to 16), every flag on: kernel -> each config's spill bytes
     mixed_spills = {}  # mixed kernels: the forward GEMM's, dx's, the down kernel's at padded rank 16, dA/dB's
