@@ -199,3 +199,19 @@ def test_a_mixed_batch_routes_its_rows_once_for_every_layer(monkeypatch):
         changed = logits(model, tokens(batch=5))
     assert len(routed) == 3
     assert rel_err(changed[0], first[0]) > 1e-3 and rel_err(changed[1:], first[1:]) <= 1e-5  # only row 0 moved
+
+
+def test_a_mixed_batch_under_inference_mode_equals_one_under_no_grad():
+    """Under torch.inference_mode the ids and their device copies are inference tensors (no version counter):
+    they are routed by their values, so batches one after another each get their own adapters."""
+    model = two_adapters()
+    orders = [["b", None, "default", "b", "default"], ["default", "b", None, "default", "b"]]
+    expected = []
+    for names in orders:
+        with fastlora.use_adapters(model, names):
+            expected.append(logits(model, tokens(batch=5)))
+    assert rel_err(expected[0], expected[1]) > 1e-3
+    with torch.inference_mode():
+        for names, want in [*zip(orders, expected, strict=True), (orders[0], expected[0])]:
+            with fastlora.use_adapters(model, names):
+                assert rel_err(model(tokens(batch=5)).logits, want) <= 1e-6

@@ -218,9 +218,9 @@ def _gemm_jobs() -> list[dict]:
         # q,v slices at rank 4 (two enabled of three groups, 16 rank columns each) with fp32 LoRA parameters;
         # the backward also with the seed read from memory (a CUDA graph's device-drawn seed)
         slices = {"ENABLED": 2, "SEED_FROM_PTR": True} if backward else {"GROUPS": 3, "SLICE_MASK": 5}
-        jobs.append({**_gemm_job(backward, tile, 16, "bf16", "tf32", ptr32=["a_ptr" if backward else "b_ptr"],
-                                 **slices), "odd": False})
-        jobs[-1]["constexprs"].update(H_PAD=32)
+        jobs.append({**_gemm_job(backward, tile, 32, "bf16", "tf32", ptr32=["a_ptr" if backward else "b_ptr"],
+                                 **slices), "odd": False})  # shared memory as for padded rank 32, the rank axis
+        jobs[-1]["constexprs"].update(RS_PAD=16)
         jobs[-1]["constexprs"].pop("seed_ptr", None)
         for family in ("16bit", "16bit-small-m", "fp32"):  # what a 100 KB card (RTX 30xx/40xx, sm_86) keeps
             dtype, precision = _dtype_precision(family)

@@ -20,6 +20,7 @@ from torch import Tensor
 from fastlora.ops import _HALF_DTYPES, _NO_SEED, _autocast, _seed_tensor, _validate, expand_slices
 from fastlora.ops import reference as _reference
 from fastlora.ops.dispatch import select
+from fastlora.ops.reference import version_stamp
 
 
 def _backend(x: Tensor):
@@ -88,11 +89,14 @@ def _routing(adapter_ids: Tensor, x: Tensor, adapters: int) -> tuple[Tensor, lis
     computed once for an ids tensor (at its version) and kept for every later call with it: the layers of a model
     in :func:`fastlora.use_adapters` share one, so a batch moves its ids to the device and checks them once, and
     a captured decode step finds them there."""
-    key = (id(adapter_ids), getattr(adapter_ids, "_version", None), tuple(x.shape[:-1]), x.device, adapters)
+    stamp = version_stamp(adapter_ids) if isinstance(adapter_ids, Tensor) else None
+    key = (id(adapter_ids), stamp, tuple(x.shape[:-1]), x.device, adapters)
     kept = _ROUTES.get(key)
     if kept is not None and kept[0]() is adapter_ids:
         return kept[1]
     routed = _row_ids(adapter_ids, x, adapters), _named(adapter_ids, adapters)
+    if stamp is None:
+        return routed
     while len(_ROUTES) >= 256:
         _ROUTES.pop(next(iter(_ROUTES)))
     _ROUTES[key] = (weakref.ref(adapter_ids), routed)
@@ -115,9 +119,10 @@ def _dense_B(B: Tensor, slices: Sequence[bool] | None, out_features: int) -> Ten
     needs none)."""
     if slices is None:
         return B
-    if torch.is_grad_enabled() and B.requires_grad:
+    stamp = version_stamp(B)
+    if (torch.is_grad_enabled() and B.requires_grad) or stamp is None:
         return expand_slices(B, slices, out_features)
-    key = (id(B), B._version, tuple(slices), out_features)
+    key = (id(B), stamp, tuple(slices), out_features)
     kept = _EXPANDED.get(key)
     if kept is not None and kept[0]() is B:
         return kept[1]

@@ -34,6 +34,15 @@ COL_MUL = 0x9E3779B9
 ELEMENT_MUL = 0x9E3779B1
 
 
+def version_stamp(t: Tensor) -> int | tuple | None:
+    """What tells a tensor's contents apart over time, for caches keyed on its identity: its version counter
+    (bumped by every in-place change); a CPU inference tensor, which has none, by its values (small id tensors);
+    None (do not cache) for other inference tensors."""
+    if not t.is_inference():
+        return t._version
+    return tuple(t.reshape(-1).tolist()) if t.device.type == "cpu" and t.numel() <= 4096 else None
+
+
 def dropout_threshold(p: float) -> int:
     """The signed int32 threshold: an element is kept when its hash is at least this."""
     return int(p * 4294967296.0) - 2**31

@@ -33,7 +33,7 @@ if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
 from fastlora.ops import reference  # noqa: E402
-from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices  # noqa: E402
+from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices, version_stamp  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
     _cast_pair_kernel,
     _lora_backward_kernel,
@@ -525,7 +525,7 @@ _SORTED: dict[tuple, tuple] = {}  # per batch: the rows sorted by adapter, by th
 def _sorted_rows(adapter_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(sorted ids, the same as int32, each sorted position's row as int32)``, sorted once for an ids tensor (the
     op gives every layer of a batch the same one) and kept while it is unchanged."""
-    key = (id(adapter_ids), adapter_ids._version)
+    key = (id(adapter_ids), version_stamp(adapter_ids))  # an inference tensor: the op's own, by identity
     kept = _SORTED.get(key)
     if kept is not None and kept[0]() is adapter_ids:
         return kept[1]
@@ -546,9 +546,10 @@ def _adapter_stacks(x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs
     same version (an optimizer step or any in-place change bumps it): decoding with the same adapters builds them
     once, and a CUDA graph of a decode step captured after one eager call needs no host-to-device copy."""
     tensors = (*lora_As, *lora_Bs)
+    stamps = [version_stamp(t) for t in tensors]
     key = (x.dtype, x.device, out_features, r_pad, tuple(scales), tuple(dropout_ps),
-           *((id(t), t._version) for t in tensors))
-    kept = _STACKS.get(key)
+           *((id(t), stamp) for t, stamp in zip(tensors, stamps, strict=True)))
+    kept = _STACKS.get(key) if None not in stamps else None
     if kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors, strict=True)):
         return kept[1]
     n = max(len(lora_As), 1)  # no adapters: one zero adapter that no row names
@@ -561,9 +562,10 @@ def _adapter_stacks(x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs
     factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
                           dtype=torch.float32, device=x.device)
     thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=x.device)
-    while len(_STACKS) >= STACKS_KEPT:
-        _STACKS.pop(next(iter(_STACKS)))
-    _STACKS[key] = ([weakref.ref(t) for t in tensors], (a_stack, b_stack, factor, thr))
+    if None not in stamps:  # inference-mode parameters (no version counter) are stacked anew every call
+        while len(_STACKS) >= STACKS_KEPT:
+            _STACKS.pop(next(iter(_STACKS)))
+        _STACKS[key] = ([weakref.ref(t) for t in tensors], (a_stack, b_stack, factor, thr))
     return a_stack, b_stack, factor, thr
 
 
