@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     out, began = Path(args.out), time.perf_counter()
     quiet = ["--no-progress"] if args.no_progress else []
     runs = {name: out / name for name in SETUPS}
-    base = runs["lora"] / "base"  # the first run builds (and pretrains) the tiny base; the others start from it
+    base = out / "base"  # the first run builds (and pretrains) the tiny base here; every run starts from it
+    shutil.rmtree(base, ignore_errors=True)  # never a stale base from an earlier version
     for name, setup in SETUPS.items():
-        model = "tiny" if name == "lora" else str(base)
-        train.main(["--model", model, "--out", str(runs[name]), *setup, *TRAIN_ARGS, *quiet])
+        model = ["--model", "tiny", "--tiny-base", str(base)] if name == "lora" else ["--model", str(base)]
+        train.main([*model, "--out", str(runs[name]), *setup, *TRAIN_ARGS, *quiet])
     scores = {}
     for name, extra in [("untrained", ["--run", str(runs["lora"]), "--no-adapter"]),
                         *((name, ["--run", str(run)]) for name, run in runs.items())]:
