@@ -197,3 +197,31 @@ def test_gpt2_with_cache_and_left_padding_equals_the_papers_loop_on_each_prompt_
     expected = [paper_beam(next_logits, p, config) for p in prompts]
     assert beam_search(model, prompts, config, pad_id=0) == expected
     assert len({tuple(e) for e in expected}) == len(expected)
+
+
+class BlankLineTokenizer:
+    """A stand-in for a tokenizer that encodes "\\n\\n" as ``blank`` (GPT-2: [628]), end-of-text 50256."""
+
+    eos_token_id = 50256
+
+    def __init__(self, blank: list[int]) -> None:
+        self.blank = blank
+
+    def __call__(self, text: str) -> dict:
+        assert text == "\n\n"
+        return {"input_ids": self.blank}
+
+
+def test_stop_tokens_are_end_of_text_and_a_one_token_blank_line():
+    import generate
+
+    assert generate.stop_ids(BlankLineTokenizer([628])) == (50256, 628)
+    assert generate.stop_ids(BlankLineTokenizer([198, 198])) == (50256,)
+
+
+def test_output_text_is_cut_as_gpt2_decode_does_and_stays_one_line():
+    import generate
+
+    assert generate.clean(" The pub is cheap .<|endoftext|>!!!!") == "The pub is cheap ."
+    assert generate.clean("A pub.\n\nMore text<|endoftext|>") == "A pub."
+    assert generate.clean("A pub\nby the river. ") == "A pub by the river."

@@ -514,7 +514,8 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
 
 def write_log(path: Path, step: int, epoch: int, window: dict, lr: float) -> None:
     record = {"step": step, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": lr,
-              "tokens_per_s": window["tokens"] / max(window["time"], 1e-9), "time": time.time()}
+              "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
+              "time": time.time()}
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
