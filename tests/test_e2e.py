@@ -129,13 +129,22 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(tiny_run, tmp_
     assert any(v.abs().sum() > 0 for k, v in expected.items() if "lora_B" in k)
 
 
+def test_progress_in_a_pipe_is_plain_lines(tiny_run, tmp_path):
+    args = [a for a in train_args(tiny_run / "base", tmp_path / "run", "--max-steps", "4") if a != "--no-progress"]
+    result = run("train.py", *args)  # stderr is a pipe here
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("train lora")] == [
+        f"train lora: {n}/4, loss {r['loss']:.3f}" for n, r in zip(range(1, 5), log(tmp_path / "run"), strict=True)]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
     out = tmp_path / "nan"
     result = run("train.py", *train_args(tiny_run / "base", out, "--method", "full", "--lr", "1e30",
                                          "--max-steps", "5", "--save-every", "1"), check=False)
     assert result.returncode == 1
-    assert "non-finite loss" in result.stderr and "step-1" in result.stderr
-    assert (out / "checkpoints" / "latest").read_text() == "step-1"
+    # the paper's schedule gives step 1 a learning rate of 0; step 2's update (lr 1e30 / 3) ruins the weights
+    assert "non-finite loss (nan) at step 3" in result.stderr and "step-2" in result.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step-2"
     assert not (out / "final").exists()
 
 

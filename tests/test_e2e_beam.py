@@ -37,6 +37,7 @@ class ToyLM(torch.nn.Module):
     def __init__(self, next_logits) -> None:
         super().__init__()
         self.next_logits = next_logits
+        self.batch_rows: list[int] = []  # rows of each forward call
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # where beam_search finds the device
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
@@ -47,6 +48,7 @@ class ToyLM(torch.nn.Module):
         else:
             for row, token in zip(past_key_values.rows, input_ids[:, -1].tolist(), strict=True):
                 row.append(token)
+        self.batch_rows.append(input_ids.shape[0])
         logits = torch.tensor([self.next_logits(row) for row in past_key_values.rows], dtype=torch.float32)
         return SimpleNamespace(logits=logits[:, None, :], past_key_values=past_key_values)
 
@@ -107,7 +109,7 @@ def random_table_lm(seed: int, vocab: int = 9, peak: float = 3.0):
 
 def test_equals_the_papers_loop_in_batches_of_8_and_of_1():
     config = BeamConfig(num_beams=4, max_new_tokens=8, length_penalty=0.8, no_repeat_ngram_size=3, stop_ids=(0, 1))
-    results = []
+    results, retired = [], False
     for seed in range(6):
         model = ToyLM(random_table_lm(seed))
         rng = torch.Generator().manual_seed(100 + seed)
@@ -115,11 +117,13 @@ def test_equals_the_papers_loop_in_batches_of_8_and_of_1():
                    for _ in range(8)]
         expected = [paper_beam(model.next_logits, p, config) for p in prompts]
         assert beam_search(model, prompts, config, pad_id=0) == expected, seed
+        retired |= any(rows < 8 * 4 for rows in model.batch_rows[1:])  # settled prompts left the batch
         assert [beam_search(model, [p], config, pad_id=0)[0] for p in prompts] == expected, seed
         results += expected
     # the cases cover finished hypotheses (both stop tokens), unfinished ones and different lengths
     assert {r[-1] for r in results} >= {0, 1} and any(r[-1] > 1 for r in results)
     assert len({len(r) for r in results}) >= 4
+    assert retired
 
 
 def test_a_4gram_of_the_prompt_can_be_generated():

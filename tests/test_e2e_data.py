@@ -184,3 +184,15 @@ def test_prompt_is_the_papers_context_text_for_every_mr_of_its_files():
         examples = common.read_txt(DATA / "lora-format" / name)
         assert [common.prompt(e.mr) for e in examples] == contexts
         assert [e.ref for e in examples] == [line.strip().split("||")[1] for line in lines if line.strip()]
+
+
+def test_progress_off_a_terminal_is_plain_lines_at_every_tenth(capsys):
+    assert list(common.progress(range(20), "gen")) == list(range(20))
+    lines = capsys.readouterr().err
+    assert "\r" not in lines and lines.splitlines() == [f"gen: {n}/20" for n in range(2, 21, 2)]
+    bar = common.progress(total=5, initial=2, desc="train")
+    for _ in range(3):
+        bar.set_postfix(loss="1.5")
+        bar.update()
+    assert capsys.readouterr().err.splitlines() == [f"train: {n}/5, loss 1.5" for n in (3, 4, 5)]
+    assert list(common.progress(range(3), "quiet", disable=True)) == [0, 1, 2] and capsys.readouterr().err == ""

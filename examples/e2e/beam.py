@@ -10,9 +10,9 @@ Its semantics, which transformers' ``generate`` does not have:
 - every step up to ``max_new_tokens`` runs; then the unfinished beams are scored at that length too, and the best
   hypothesis seen wins (the earliest, and the lowest beam, on ties).
 
-Stopping early is exact here: after a step where every prompt has a finished hypothesis that no live beam can beat at
-any later length (a beam's score only falls, so ``score / max_new_tokens ** length_penalty`` bounds it for a
-non-negative penalty), later steps cannot change the result.
+Stopping early is exact here: once a prompt has a finished hypothesis that none of its live beams can beat at any later
+length (a beam's score only falls, so ``score / max_new_tokens ** length_penalty`` bounds it for a non-negative
+penalty), later steps cannot change its result, and it leaves the batch; the search ends when no prompt is left.
 """
 
 from __future__ import annotations
@@ -55,14 +55,15 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> 
     logits[rows, windows[rows, starts, -1]] = float("-inf")
 
 
-def _keep_best(best_score, best_tokens, found, scores, history) -> None:
-    """Record, per prompt, the first highest of ``scores`` (num_prompts, num_beams; -inf: not a candidate) if it beats
-    the best so far (or is the first)."""
+def _keep_best(best_score, best_tokens, found, live: list[int], scores, history) -> None:
+    """Record, for each live prompt, the first highest of ``scores`` (live prompts x beams; -inf: not a candidate) if
+    it beats that prompt's best so far (or is its first)."""
     top, beam = scores.max(dim=1)  # max returns the first maximal index
-    better = torch.isfinite(top) & (~found | (top > best_score))
-    for b in better.nonzero().flatten().tolist():
-        best_score[b], found[b] = top[b], True
-        best_tokens[b] = history[b * scores.shape[1] + beam[b]].tolist()
+    ids = torch.tensor(live, device=scores.device)
+    better = torch.isfinite(top) & (~found[ids] | (top > best_score[ids]))
+    for i in better.nonzero().flatten().tolist():
+        best_score[live[i]], found[live[i]] = top[i], True
+        best_tokens[live[i]] = history[i * scores.shape[1] + beam[i]].tolist()
 
 
 @torch.inference_mode()
@@ -71,8 +72,9 @@ def beam_search(model, prompts: Sequence[Sequence[int]], config: BeamConfig, pad
     """The best hypothesis of each prompt: its generated tokens, the final stop token included when it has one.
 
     Prompts of different lengths are left-padded with ``pad_id`` (masked, with positions counted from each prompt's
-    first token), so a prompt's result does not depend on its batch. With ``adapters`` (one fastlora adapter name,
-    or None, per prompt), each prompt's beams run with its adapter through ``fastlora.use_adapters``.
+    first token), so a prompt's result does not depend on its batch; a prompt whose result is settled leaves the
+    batch. With ``adapters`` (one fastlora adapter name, or None, per prompt), each prompt's beams run with its
+    adapter through ``fastlora.use_adapters``.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("beam_search needs at least one prompt and no empty prompt")
@@ -90,9 +92,11 @@ def beam_search(model, prompts: Sequence[Sequence[int]], config: BeamConfig, pad
     stop = torch.tensor(config.stop_ids, device=device)
     # transformers 5 renamed past_key_values to cache (in the arguments and the output)
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    live = list(range(count))  # the prompts still searched, in batch order
 
     def forward(tokens, attention, position, cache=None):
-        names = None if adapters is None else [n for n in adapters for _ in range(tokens.shape[0] // count)]
+        per_prompt = tokens.shape[0] // len(live)
+        names = None if adapters is None else [adapters[b] for b in live for _ in range(per_prompt)]
         with _adapters(model, names):
             out = model(input_ids=tokens, attention_mask=attention, position_ids=position, use_cache=True,
                         **{cache_name: cache})
@@ -110,35 +114,43 @@ def beam_search(model, prompts: Sequence[Sequence[int]], config: BeamConfig, pad
     best_score = torch.full((count,), float("-inf"), device=device)
     found = torch.zeros(count, dtype=torch.bool, device=device)
     best_tokens: list[list[int]] = [[] for _ in range(count)]
-    offsets = (torch.arange(count, device=device) * k)[:, None]
+    beam_rows = torch.arange(k, device=device)
     for step in range(config.max_new_tokens):
         ban_repeated_ngrams(logits, history, config.no_repeat_ngram_size)
-        log_probs = torch.log(torch.softmax(logits, dim=-1)).view(count, k, -1)  # as the paper: log of softmax
+        log_probs = torch.log(torch.softmax(logits, dim=-1)).view(len(live), k, -1)  # as the paper: log of softmax
         vocab = log_probs.shape[-1]
         if step == 0:  # all beams are the same: extend the first only
             candidates = log_probs[:, 0]
         else:
-            candidates = (beam_scores[:, :, None] + log_probs).view(count, -1)
+            candidates = (beam_scores[:, :, None] + log_probs).view(len(live), -1)
         beam_scores, picked = candidates.topk(k, dim=1, largest=True, sorted=True)
-        rows = ((picked // vocab) + offsets).flatten()
+        rows = (picked // vocab + torch.arange(len(live), device=device)[:, None] * k).flatten()
         tokens = (picked % vocab).flatten()
         history = torch.cat((history[rows], tokens[:, None]), dim=1)
         cache.reorder_cache(rows)
-        finished = torch.isin(tokens, stop).view(count, k)
+        finished = torch.isin(tokens, stop).view(len(live), k)
         if finished.any():
             length_norm = (step + 1) ** config.length_penalty
-            _keep_best(best_score, best_tokens, found,
+            _keep_best(best_score, best_tokens, found, live,
                        torch.where(finished, beam_scores / length_norm, float("-inf")), history)
             beam_scores = beam_scores.masked_fill(finished, float("-inf"))
         if step + 1 == config.max_new_tokens:
-            _keep_best(best_score, best_tokens, found, beam_scores / config.max_new_tokens ** config.length_penalty,
-                       history)
+            _keep_best(best_score, best_tokens, found, live,
+                       beam_scores / config.max_new_tokens ** config.length_penalty, history)
             break
-        if config.length_penalty >= 0 and found.all():
+        if config.length_penalty >= 0:  # settled: a best exists that no live beam can beat at any later length
+            ids = torch.tensor(live, device=device)
             bound = (beam_scores / config.max_new_tokens ** config.length_penalty).max(dim=1).values
-            if bool((bound <= best_score).all()):
+            settled = found[ids] & (bound <= best_score[ids])
+            if bool(settled.all()):
                 break
-        mask = torch.cat((mask, mask.new_ones((count * k, 1))), dim=1)
+            if bool(settled.any()):
+                keep = (~settled).nonzero().flatten()
+                rows = (keep[:, None] * k + beam_rows).flatten()
+                cache.reorder_cache(rows)
+                history, mask, position, tokens = history[rows], mask[rows], position[rows], tokens[rows]
+                beam_scores, live = beam_scores[keep], [live[i] for i in keep.tolist()]
+        mask = torch.cat((mask, mask.new_ones((len(live) * k, 1))), dim=1)
         position = position + 1
         logits, cache = forward(tokens[:, None], mask, position, cache)
     return best_tokens

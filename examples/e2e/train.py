@@ -491,8 +491,8 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
         token_counts.append(n_tokens)
         for key, value in (("loss", loss), ("tokens", n_tokens), ("time", elapsed), ("steps", 1)):
             window[key] += value
-        bar.update()
         bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
         if dist.main and ((step + 1) % args.log_every == 0 or step + 1 == total):
             write_log(log_path, step + 1, epoch, window, scheduler.get_last_lr()[0])
             window = dict.fromkeys(window, 0)
