@@ -135,6 +135,8 @@ def test_progress_in_a_pipe_is_plain_lines(tiny_run, tmp_path):
     assert "\r" not in result.stderr and "\x1b" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("train lora")] == [
         f"train lora: {n}/4, loss {r['loss']:.3f}" for n, r in zip(range(1, 5), log(tmp_path / "run"), strict=True)]
+    run("train.py", *args)  # again in the same folder: a fresh log, not the old one continued
+    assert [r["step"] for r in log(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):

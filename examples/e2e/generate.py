@@ -1,4 +1,4 @@
-"""Generate one E2E output per unique MR with the LoRA paper's beam search; write outputs and grouped references.
+r"""Generate one E2E output per unique MR with the LoRA paper's beam search; write outputs and grouped references.
 
     python examples/e2e/generate.py --run runs/lora-m --data e2e --out runs/lora-m/test     # after train.py
     python examples/e2e/generate.py --model gpt2-medium --adapter ADAPTER_DIR --data e2e --out OUT
@@ -121,13 +121,13 @@ def assignment(spec: str, names: list[str], count: int) -> list[str | None]:
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """The paper's stop tokens: end-of-text, and "\n\n" where the vocabulary has it as one token (GPT-2's 628)."""
+    r"""The paper's stop tokens: end-of-text, and "\n\n" where the vocabulary has it as one token (GPT-2's 628)."""
     blank_line = tokenizer("\n\n")["input_ids"]
     return (tokenizer.eos_token_id, *blank_line) if len(blank_line) == 1 else (tokenizer.eos_token_id,)
 
 
 def clean(text: str, eos: str = common.EOS) -> str:
-    """gpt2_decode.py's cleaning: the text before the first end-of-text and the first "\n\n", stripped; any other
+    r"""gpt2_decode.py's cleaning: the text before the first end-of-text and the first "\n\n", stripped; any other
     line break becomes a space, so that the output stays one line (the paper's files would break there)."""
     return " ".join(text.split(eos)[0].split("\n\n")[0].strip().splitlines())
 

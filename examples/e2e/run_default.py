@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(base, ignore_errors=True)  # never a stale base from an earlier version
     for name, setup in SETUPS.items():
         model = ["--model", "tiny", "--tiny-base", str(base)] if name == "lora" else ["--model", str(base)]
-        train.main([*model, "--out", str(runs[name]), *setup, *TRAIN_ARGS, *recipe, *quiet])
+        if not train.main([*model, "--out", str(runs[name]), *setup, *TRAIN_ARGS, *recipe, *quiet]):
+            print(f"stopped during the {name} run", file=sys.stderr)  # by SIGINT/SIGTERM
+            return 1
     scores = {}
     for name, extra in [("untrained", ["--run", str(runs["lora"]), "--no-adapter"]),
                         *((name, ["--run", str(run)]) for name, run in runs.items())]:

@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = load_checkpoint(run, model, optimizer, scheduler, args.method, dist) if args.resume else 0
     if args.resume and dist.main:
         trim_log(run / "log.jsonl", start)
+    elif dist.main:  # a fresh run in an old folder starts a fresh log
+        (run / "log.jsonl").unlink(missing_ok=True)
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
