@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -64,8 +65,25 @@ def test_train_generate_evaluate_end_to_end(tiny_run, tmp_path):
     records = log(tiny_run)
     assert [r["step"] for r in records] == list(range(20, 201, 20))
     assert records[-1]["loss"] < 0.9 * records[0]["loss"]
-    assert all(r["tokens_per_s"] > 0 for r in records)
     assert records[0]["lr"] > records[-1]["lr"] == 0.0  # linear decay to zero at the last step
+    # tokens: exactly the non-padding tokens of the batches the run drew (the paper's padded, shuffled epochs)
+    sys.path.insert(0, str(E2E))
+    import common
+    import train
+
+    tokenizer = common.load_tokenizer(str(tiny_run / "base"))
+    encoded = [common.encode(tokenizer, e, 512) for e in common.synthetic_examples("train")]
+    order = train.epoch_order(len(encoded), 8, 0, 0)
+    assert len(encoded) // 8 >= 200 and info["steps"] == 200
+    drawn = [sum(len(encoded[i][0]) for i in order[8 * s:8 * s + 8]) for s in range(200)]
+    assert [r["tokens"] for r in records] == [sum(drawn[s:s + 20]) for s in range(0, 200, 20)]
+    # time: the timed steps of windows 2..10 happened between the first and the last log line, and filled most of it
+    wall = records[-1]["time"] - records[0]["time"]
+    timed = sum(r["tokens"] / r["tokens_per_s"] for r in records[1:])
+    assert all(a["time"] < b["time"] for a, b in itertools.pairwise(records))
+    assert 0.5 * wall < timed <= wall
+    # the median of steps 2..200: at least 100 steps take as long, 81 or more of them among steps 21..200
+    assert 0 < info["median_step_s"] <= timed / 81
     scores = {}
     for name, extra in (("trained", []), ("untrained", ["--no-adapter"])):
         out = tmp_path / name
@@ -111,13 +129,24 @@ def test_resume_after_kill_and_after_sigterm_equals_uninterrupted(tiny_run, tmp_
     assert any(v.abs().sum() > 0 for k, v in expected.items() if "lora_B" in k)
 
 
+def test_progress_in_a_pipe_is_plain_lines(tiny_run, tmp_path):
+    args = [a for a in train_args(tiny_run / "base", tmp_path / "run", "--max-steps", "4") if a != "--no-progress"]
+    result = run("train.py", *args)  # stderr is a pipe here
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("train lora")] == [
+        f"train lora: {n}/4, loss {r['loss']:.3f}" for n, r in zip(range(1, 5), log(tmp_path / "run"), strict=True)]
+    run("train.py", *args)  # again in the same folder: a fresh log, not the old one continued
+    assert [r["step"] for r in log(tmp_path / "run")] == [1, 2, 3, 4]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
     out = tmp_path / "nan"
     result = run("train.py", *train_args(tiny_run / "base", out, "--method", "full", "--lr", "1e30",
                                          "--max-steps", "5", "--save-every", "1"), check=False)
     assert result.returncode == 1
-    assert "non-finite loss" in result.stderr and "step-1" in result.stderr
-    assert (out / "checkpoints" / "latest").read_text() == "step-1"
+    # the paper's schedule gives step 1 a learning rate of 0; step 2's update (lr 1e30 / 3) ruins the weights
+    assert "non-finite loss (nan) at step 3" in result.stderr and "step-2" in result.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step-2"
     assert not (out / "final").exists()
 
 
@@ -239,10 +268,29 @@ def test_compare_puts_every_run_beside_the_last(tmp_path):
 
 def test_all_linear_lora_target_adapts_every_linear_but_the_head():
     sys.path.insert(0, str(E2E))
+    import common
     import train
 
+    import fastlora
+
     args = train.parse_args(["--out", "x", "--lora-target", "all-linear", "--lora-slices", "q,k,v"])
-    config = train.lora_config(args)
-    assert config.target_modules == "all-linear" and config.slices == {}
     assert train.setup_label(args) == "LoRA all-linear, c_attn[q,k,v] r=4"
     assert train.setup_label(train.parse_args(["--out", "x"])) == "LoRA c_attn[q,v] r=4"
+    model = common.tiny_model(vocab_size=64, eos_id=0)
+    fastlora.inject(model, train.lora_config(args))
+    adapted = {n: m for n, m in model.named_modules() if isinstance(m, fastlora.LoRALinear)}
+    expected = {f"transformer.h.{i}.{name}" for i in range(4) for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                           "mlp.c_proj")}
+    assert set(adapted) == expected  # every Conv1D of the blocks, not the head (nor the embeddings)
+    for name, layer in adapted.items():
+        out_features = layer.base_layer.weight.shape[1]  # Conv1D: (in, out)
+        assert layer.lora_A.shape[0] == 4 and layer.lora_B.shape == (out_features, 4), name  # q, k and v: all of c_attn
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if ".lora_" in n]
+
+    paper = train.parse_args(["--out", "x"])  # the default: q and v of c_attn only, k left alone
+    model = common.tiny_model(vocab_size=64, eos_id=0)
+    fastlora.inject(model, train.lora_config(paper))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, fastlora.LoRALinear)}
+    assert set(layers) == {f"transformer.h.{i}.attn.c_attn" for i in range(4)}
+    assert layers["transformer.h.0.attn.c_attn"].lora_A.shape == (2 * 4, 128)  # an A per enabled slice

@@ -157,18 +157,42 @@ def test_synthetic_data_is_seeded_varied_and_covers_all_slots():
 
 
 class CharTokenizer:
-    """A stand-in tokenizer: one id per character."""
+    """A stand-in tokenizer: one id per character, end-of-text 0."""
+
+    eos_token_id = 0
 
     def __call__(self, text):
         return {"input_ids": [ord(c) for c in text]}
 
 
-def test_prompt_is_lora_linearisation_and_loss_masks_it():
+def test_prompt_is_the_papers_mr_then_end_of_text_and_the_loss_masks_it():
     example = common.Example((("name", "A"), ("eatType", "pub"), ("familyFriendly", "no")), "A is a pub.")
-    assert common.prompt(example.mr) == "name : A | Type : pub | family friendly : no ||"
+    assert common.prompt(example.mr) == "name : A | Type : pub | family friendly : no"
     ids, labels = common.encode(CharTokenizer(), example, max_length=1000)
-    n = len(common.prompt(example.mr))
-    assert labels[:n] == [-100] * n and labels[n:] == ids[n:]
-    assert "".join(map(chr, ids[n:])) == " A is a pub." + common.EOS
+    n = len(common.prompt(example.mr)) + 1  # the MR's tokens, then end-of-text (gpt2_encode.py --add_bos)
+    assert ids[n - 1] == 0 and labels[:n] == [-100] * n and labels[n:] == ids[n:]
+    assert "".join(map(chr, ids[n:-1])) == " A is a pub." and ids[-1] == 0  # " " + reference, end-of-text
     short_ids, short_labels = common.encode(CharTokenizer(), example, max_length=n + 3)
     assert len(short_ids) == len(short_labels) == n + 3
+
+
+@needs_data
+def test_prompt_is_the_papers_context_text_for_every_mr_of_its_files():
+    for name in ("valid.txt", "test.txt"):
+        lines = (DATA / "lora-format" / name).read_text(encoding="utf-8").splitlines()
+        contexts = [line.strip().split("||")[0] for line in lines if line.strip()]  # format_converting_e2e.py
+        examples = common.read_txt(DATA / "lora-format" / name)
+        assert [common.prompt(e.mr) for e in examples] == contexts
+        assert [e.ref for e in examples] == [line.strip().split("||")[1] for line in lines if line.strip()]
+
+
+def test_progress_off_a_terminal_is_plain_lines_at_every_tenth(capsys):
+    assert list(common.progress(range(20), "gen")) == list(range(20))
+    lines = capsys.readouterr().err
+    assert "\r" not in lines and lines.splitlines() == [f"gen: {n}/20" for n in range(2, 21, 2)]
+    bar = common.progress(total=5, initial=2, desc="train")
+    for _ in range(3):
+        bar.set_postfix(loss="1.5")
+        bar.update()
+    assert capsys.readouterr().err.splitlines() == [f"train: {n}/5, loss 1.5" for n in (3, 4, 5)]
+    assert list(common.progress(range(3), "quiet", disable=True)) == [0, 1, 2] and capsys.readouterr().err == ""

@@ -26,7 +26,7 @@ def copy_baseline(mrs: list[str]) -> list[str]:
 @pytest.mark.skipif(not (DATA / "devset.csv").is_file(), reason=f"the E2E data is not at {DATA}")
 def test_tiny_lora_trained_on_real_dev_set_clears_bleu_bar_on_test_set(tmp_path):
     out = tmp_path / "dev-run"
-    run("train.py", "--model", "tiny", "--data", str(DATA / "devset.csv"), "--out", str(out), "--max-steps", "300",
+    run("train.py", "--model", "tiny", "--data", str(DATA / "devset.csv"), "--out", str(out), "--max-steps", "600",
         "--tiny-pretrain-steps", "200", "--lr", "4e-3", "--warmup-steps", "30", "--log-every", "50", *WIDE_LORA, *FAST)
     generated = tmp_path / "test"
     run("generate.py", "--run", str(out), "--data", str(DATA / "testset_w_refs.csv"), "--limit", str(TEST_MRS),
@@ -35,10 +35,11 @@ def test_tiny_lora_trained_on_real_dev_set_clears_bleu_bar_on_test_set(tmp_path)
     outputs = metrics.read_outputs(generated / "outputs.txt")
     bleu = metrics.mteval_scores(refs, outputs)["BLEU"]
     baseline = metrics.mteval_scores(refs, copy_baseline((generated / "mrs.txt").read_text().splitlines()))["BLEU"]
-    # The bar, 0.2. On these 40 MRs, measured once (reference backend, 1 thread): listing the MR's values scores
-    # 0.120 (computed below), the tiny base before fine-tuning (a language model of the dev references that has
-    # never seen an MR) 0.098, and this run 0.268. Clearing 0.2 and 1.5x the value-listing baseline needs fluent
-    # text that follows the MR, which only the fine-tuning can have taught; the margin (0.07) covers numeric
-    # differences between backends and thread counts that change some beam-search choices.
+    # The bar, 0.2. On these 40 MRs, measured once (2026-12-04, the paper's recipe, reference backend, 1 thread, BLEU
+    # of the tool's -p mode): listing the MR's values scores 0.120 (computed below), the tiny base before fine-tuning
+    # (a language model of the dev references that has never seen an MR) 0.178, and this run 0.275 (after 300 steps
+    # instead of 600: 0.199). Clearing 0.2 and 1.5x the value-listing baseline needs fluent text that follows the MR,
+    # which only the fine-tuning can have taught; the margin (0.075) covers numeric differences between backends and
+    # thread counts that change some beam-search choices.
     print(f"test BLEU on {TEST_MRS} MRs: {bleu:.4f} (copy baseline {baseline:.4f})")
     assert bleu > max(0.2, 1.5 * baseline), (bleu, baseline)

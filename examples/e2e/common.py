@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,9 @@ TXT_FILES = {"train": "train.txt", "dev": "valid.txt", "test": "test.txt"}
 HF_DATASET = "tuetschek/e2e_nlg"
 HF_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 DEFAULT_CACHE = Path(os.environ.get("E2E_CACHE", Path.home() / ".cache" / "fastlora-e2e"))
+# paper: the LoRA paper's recipe, fp32 throughout; bf16: the same with bf16 autocast in training and a bf16 model in
+# beam search (the one deliberate difference, for speed on a GPU; its effect is measured in the README).
+RECIPES = ("paper", "bf16")
 
 MR = tuple[tuple[str, str], ...]
 
@@ -303,25 +307,36 @@ def synthetic_examples(split: str, seed: int = 0, refs_per_mr: int = 4) -> list[
 # ---------------------------------------------------------------------------------------------- prompts
 
 def prompt(mr: MR) -> str:
-    """The LoRA paper's linearisation: ``name : X | Type : Y | ... ||`` (the completion follows)."""
-    return " | ".join(f"{PROMPT_SLOT_NAMES[slot]} : {value}" for slot, value in mr) + " ||"
+    """The LoRA paper's linearisation of an MR: ``name : X | Type : Y | ...`` (its .txt files' text before ``||``)."""
+    return " | ".join(f"{PROMPT_SLOT_NAMES[slot]} : {value}" for slot, value in mr)
 
 
-def completion(ref: str) -> str:
-    """The training target after the prompt: the reference and the end-of-text token."""
-    return " " + ref.strip() + EOS
+def prompt_ids(tokenizer, mr: MR) -> list[int]:
+    """The paper's model input before the text (gpt2_encode.py --add_bos): the MR's tokens, then end-of-text."""
+    return tokenizer(prompt(mr))["input_ids"] + [tokenizer.eos_token_id]
+
+
+def completion_ids(tokenizer, ref: str) -> list[int]:
+    """The paper's training target after the prompt (--add_eos): the tokens of " " + reference, then end-of-text."""
+    return tokenizer(" " + ref.strip())["input_ids"] + [tokenizer.eos_token_id]
 
 
 def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + completion and labels that are -100 on the prompt (loss on the completion only)."""
-    prompt_ids = tokenizer(prompt(example.mr))["input_ids"]
-    target_ids = tokenizer(completion(example.ref))["input_ids"]
-    ids = (prompt_ids + target_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
-    return ids, labels
+    """Token ids of prompt + completion, cut to their first ``max_length``, and labels that are -100 on the prompt
+    (the loss is on the completion and its end-of-text only, as the paper's mask)."""
+    prompt_part, target = prompt_ids(tokenizer, example.mr), completion_ids(tokenizer, example.ref)
+    return (prompt_part + target)[:max_length], ([-100] * len(prompt_part) + target)[:max_length]
 
 
 # ------------------------------------------------------------------------------------ tokenizer, model
+
+def plain_transformers_progress() -> None:
+    """No transformers bars ("Loading weights", "Writing model shards") when stderr is a file or a pipe."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained offline on ``texts``, as a transformers fast tokenizer."""
@@ -334,11 +349,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
                                    unk_token=EOS)
 
 
-def tiny_model(vocab_size: int, eos_id: int, seed: int = 0, n_positions: int = 256):
+def tiny_model(vocab_size: int, eos_id: int, seed: int = 0, n_positions: int = 512):
     """A small random GPT-2 (4 layers, width 128, 4 heads, no dropout) for offline runs."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    plain_transformers_progress()
     config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=128, n_layer=4, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
@@ -356,10 +372,53 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(name_or_path: str, dtype=None):
-    """A GPT2LMHeadModel from a hub name (gpt2, gpt2-medium, gpt2-large) or a saved directory."""
+    """A GPT2LMHeadModel from a hub name (gpt2, gpt2-medium, gpt2-large) or a saved directory, without dropout.
+
+    The LoRA paper's GPT-2 (its model.py) has no dropout outside the LoRA layers; transformers' GPT-2 configs carry
+    0.1 on the residual, embedding and attention paths, which are set to 0 here.
+    """
     from transformers import GPT2LMHeadModel
 
-    return GPT2LMHeadModel.from_pretrained(name_or_path, dtype=dtype)
+    plain_transformers_progress()
+    return GPT2LMHeadModel.from_pretrained(name_or_path, dtype=dtype, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+class LineProgress:
+    """A progress report for logs and pipes: a plain line at every tenth of the way and at the end (tqdm's bar
+    there would be one long line of carriage returns)."""
+
+    def __init__(self, iterable=None, desc: str = "", total: int | None = None, initial: int = 0,
+                 quiet: bool = False) -> None:
+        self.iterable, self.desc, self.n, self.postfix, self.quiet = iterable, desc, initial, "", quiet
+        self.total = len(iterable) if total is None and iterable is not None else total
+        self.shown = self.n * 10 // self.total if self.total else 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        tenth = self.n * 10 // self.total if self.total else 0
+        if tenth > self.shown and not self.quiet:
+            self.shown = tenth
+            print(f"{self.desc}: {self.n}/{self.total}{self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = "".join(f", {key} {value}" for key, value in values.items())
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable=None, desc: str = "", total: int | None = None, initial: int = 0, disable: bool = False):
+    """A tqdm bar on a terminal, plain lines (LineProgress) when stderr is a file or a pipe, nothing if disabled."""
+    if disable or not sys.stderr.isatty():
+        return LineProgress(iterable, desc, total, initial, quiet=disable)
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, initial=initial)
 
 
 def read_json(path: str | Path) -> dict:

@@ -45,6 +45,7 @@ def load_run(run: str) -> dict:
     path = Path(run) / "test" / "scores.json"
     info["scores"] = common.read_json(path) if path.is_file() else None
     info.setdefault("setup", info["method"])
+    info.setdefault("recipe", "paper")
     return info
 
 
@@ -63,7 +64,8 @@ def table(runs: list[dict]) -> str:
         print(f"warning: the runs used different base models ({', '.join(r['base'] for r in runs)})", file=sys.stderr)
     others = runs[:-1]
     lines = [f"{', '.join(r['setup'] for r in others)} vs {baseline['setup']} on {baseline['model']} "
-             f"({baseline['device']}, {baseline['world_size']} process(es); memory: {baseline['memory_kind']})", "",
+             f"({baseline['recipe']} recipe, {baseline['device']}, {baseline['world_size']} process(es); "
+             f"memory: {baseline['memory_kind']})", "",
              "| measure | " + " | ".join(r["setup"] for r in runs) + " | " +
              " | ".join(f"{r['setup']} / {baseline['setup']}" for r in others) + " |",
              "| --- |" + " ---: |" * (2 * len(runs) - 1)]

@@ -1,4 +1,4 @@
-"""Generate one E2E output per unique MR with the paper's beam search; write outputs and grouped references.
+r"""Generate one E2E output per unique MR with the LoRA paper's beam search; write outputs and grouped references.
 
     python examples/e2e/generate.py --run runs/lora-m --data e2e --out runs/lora-m/test     # after train.py
     python examples/e2e/generate.py --model gpt2-medium --adapter ADAPTER_DIR --data e2e --out OUT
@@ -7,6 +7,11 @@
 
 Writes ``OUT/outputs.txt`` (one line per MR), ``OUT/refs.txt`` (the MR's references, one per line,
 a blank line between MRs: the evaluator's input format) and ``OUT/mrs.txt``.
+
+The decoding is the paper's (gpt2_beam.py and gpt2_decode.py; see beam.py): 10 beams, length penalty 0.8, no
+repeated 4-gram within the output, stop at end-of-text or "\n\n", up to 64 new tokens, the prompt cut to its last
+``--max-length`` - 64 tokens; the text is cut at the first end-of-text and "\n\n" and stripped. ``--recipe paper``
+runs the model in fp32 as the paper did; ``--recipe bf16`` in bfloat16 (faster on a GPU; see the README).
 
 ``--serve NAME=ADAPTER`` (repeated) serves several adapters of one base model at once: each MR gets
 one adapter (``--assign``), every batch mixes MRs of different adapters and runs as one batch through
@@ -18,15 +23,14 @@ MRs alone (outputs, refs, mrs) for evaluate.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+from beam import BeamConfig, beam_search
 
 import fastlora
 
@@ -49,11 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--limit", type=int, help="only the first N unique MRs")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=16, help="MRs per generate() call")
+    p.add_argument("--recipe", choices=common.RECIPES, default="paper",
+                   help="paper: the model in fp32, as the paper; bf16: the model in bfloat16")
+    p.add_argument("--batch-size", type=int, default=16, help="MRs per beam search (does not change the outputs)")
     p.add_argument("--num-beams", type=int, default=10)
-    p.add_argument("--length-penalty", type=float, default=0.9)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=0.8, help="hypothesis score: log-prob sum / length ** this")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=4, help="within the generated tokens; 0: off")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=512,
+                   help="the prompt is cut to its last (this - max new tokens) tokens, as the paper's 512 - 64")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -74,13 +82,14 @@ def resolve(args: argparse.Namespace) -> tuple[str, str | None, str]:
     return args.model, args.adapter, args.model
 
 
-def load(model_ref: str, adapter: str | None, device: torch.device) -> torch.nn.Module:
-    """The model in eval mode; a LoRA adapter is loaded and merged (zero overhead at inference)."""
+def load(model_ref: str, adapter: str | None, device: torch.device, recipe: str = "paper") -> torch.nn.Module:
+    """The model in eval mode, fp32 (or bf16 for ``--recipe bf16``); a LoRA adapter is loaded and merged (zero
+    overhead at inference)."""
     model = common.load_model(model_ref)
     if adapter:
         fastlora.load_adapter(model, adapter)
         fastlora.merge(model)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -111,33 +120,38 @@ def assignment(spec: str, names: list[str], count: int) -> list[str | None]:
     return [None if n == "-" else n for n in lines[:count]]
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, mrs: list[common.MR], args: argparse.Namespace, device: torch.device,
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    r"""The paper's stop tokens: end-of-text, and "\n\n" where the vocabulary has it as one token (GPT-2's 628)."""
+    blank_line = tokenizer("\n\n")["input_ids"]
+    return (tokenizer.eos_token_id, *blank_line) if len(blank_line) == 1 else (tokenizer.eos_token_id,)
+
+
+def clean(text: str, eos: str = common.EOS) -> str:
+    r"""gpt2_decode.py's cleaning: the text before the first end-of-text and the first "\n\n", stripped; any other
+    line break becomes a space, so that the output stays one line (the paper's files would break there)."""
+    return " ".join(text.split(eos)[0].split("\n\n")[0].strip().splitlines())
+
+
+def generate(model, tokenizer, mrs: list[common.MR], args: argparse.Namespace,
              adapters: list[str | None] | None = None) -> list[str]:
-    """One beam-search output per MR, batched with left padding; with ``adapters``, MR i runs with
-    adapter ``adapters[i]`` (every beam of a sequence keeps its sequence's adapter)."""
-    tokenizer.padding_side = "left"
+    """One beam-search output per MR, ``args.batch_size`` MRs at a time; with ``adapters``, MR i runs with adapter
+    ``adapters[i]`` (every beam of an MR keeps its MR's adapter)."""
+    keep = args.max_length - args.max_new_tokens
+    if keep < 1:
+        raise SystemExit(f"--max-length {args.max_length} leaves no room for a prompt after "
+                         f"--max-new-tokens {args.max_new_tokens}")
+    config = BeamConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                        length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                        stop_ids=stop_ids(tokenizer))
     outputs = []
-    for start in tqdm(range(0, len(mrs), args.batch_size), desc="generate", disable=args.no_progress):
-        prompts = [common.prompt(mr) for mr in mrs[start:start + args.batch_size]]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-        mixed = contextlib.nullcontext()
-        if adapters is not None:  # generate() expands each sequence into num_beams consecutive rows
-            names = [n for n in adapters[start:start + args.batch_size] for _ in range(args.num_beams)]
-            mixed = fastlora.use_adapters(model, names)
-        with mixed:
-            tokens = model.generate(**batch, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                    no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                    max_new_tokens=args.max_new_tokens, early_stopping=True, do_sample=False,
-                                    pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-        new = tokens[:, batch["input_ids"].shape[1]:]
-        outputs += [clean(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    for start in common.progress(range(0, len(mrs), args.batch_size), "generate", disable=args.no_progress):
+        batch = mrs[start:start + args.batch_size]
+        prompts = [common.prompt_ids(tokenizer, mr)[-keep:] for mr in batch]
+        names = adapters[start:start + args.batch_size] if adapters is not None else None
+        tokens = beam_search(model, prompts, config, tokenizer.eos_token_id, names)
+        outputs += [clean(tokenizer.decode(t, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+                    for t in tokens]
     return outputs
-
-
-def clean(text: str) -> str:
-    """One line of output text: the first line, whitespace collapsed."""
-    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
 
 
 def write_outputs(out: Path, groups: list[tuple[common.MR, list[str]]], outputs: list[str]) -> None:
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
     groups = common.group_by_mr(common.load_examples(args.data, args.split, args.data_dir, args.cache_dir, args.seed))
     groups = groups[:args.limit] if args.limit else groups
     tokenizer = common.load_tokenizer(tokenizer_ref)
-    model = load(model_ref, adapter, device)
+    model = load(model_ref, adapter, device, args.recipe)
     out = Path(args.out)
     adapters = None
     if args.serve:
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
             fastlora.load_adapter(model, path, name=name)
         model.eval()  # the new LoRA layers too: no dropout while generating
         adapters = assignment(args.assign, list(served), len(groups))
-    outputs = generate(model, tokenizer, [mr for mr, _ in groups], args, device, adapters)
+    outputs = generate(model, tokenizer, [mr for mr, _ in groups], args, adapters)
     write_outputs(out, groups, outputs)
     if adapters is not None:
         common.write_atomic(out / "assignment.txt", "".join(f"{n or '-'}\n" for n in adapters))

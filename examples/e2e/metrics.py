@@ -1,4 +1,11 @@
-"""E2E NLG metrics as the official tool (tuetschek/e2e-metrics, measure_scores.py) computes them."""
+"""E2E NLG metrics as the official tool (tuetschek/e2e-metrics, measure_scores.py) computes them.
+
+BLEU and NIST come in the tool's two modes: ``perl`` (its default: mteval-v13a-sig.pl, the E2E challenge's official
+scores) and ``python`` (``measure_scores.py -p``: its pymteval.py, which the LoRA paper's Table 3 used). They agree on
+BLEU to the printed 4 decimals on the check sets here but not on NIST (7.6290 vs 7.3787 on one of them): NIST's
+average reference length and the information weights' lowercasing differ. METEOR, ROUGE-L and CIDEr are the same in
+both modes.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+MODES = ("python", "perl")  # how BLEU and NIST are computed: measure_scores.py -p, or its default (mteval Perl)
 JAVA_METRICS = ("METEOR", "ROUGE_L", "CIDEr")  # PTB tokenizer and METEOR 1.5 are Java programs
 
 BLEU_ORDER = 4
@@ -65,17 +73,26 @@ _DIGIT_DASH = re.compile(r"([0-9])(-)")
 _SPACES = re.compile(r"\s+")
 
 
-def mteval_tokenize(text: str) -> list[str]:
-    """mteval-v13a's default normalization: SGML entities, ASCII lowercasing, punctuation split."""
+def _split_punctuation(text: str) -> str:
+    """mteval-v13a's normalization after lowercasing: SGML entities decoded, punctuation split off, spaces collapsed."""
     text = text.replace("<skipped>", "")
     for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
         text = text.replace(entity, char)
-    text = f" {text.translate(_ASCII_LOWER)} "
-    text = _PUNCT.sub(r" \1 ", text)
+    text = _PUNCT.sub(r" \1 ", f" {text} ")
     text = _PERIOD_COMMA_AFTER.sub(r"\1 \2 ", text)  # split . and , unless preceded by a digit
     text = _PERIOD_COMMA_BEFORE.sub(r" \1 \2", text)  # ... unless followed by a digit
     text = _DIGIT_DASH.sub(r"\1 \2 ", text)
-    return _SPACES.sub(" ", text).split()
+    return _SPACES.sub(" ", text).strip()
+
+
+def mteval_tokenize(text: str) -> list[str]:
+    """mteval-v13a's default tokenization (the tool's Perl mode): ASCII lowercasing, then punctuation split."""
+    return _split_punctuation(text.translate(_ASCII_LOWER)).split()
+
+
+def pymteval_tokenize(text: str) -> list[str]:
+    """The tool's pymteval.py tokenization (``-p``): the same split, Unicode lowercasing, and "" -> [""] as it does."""
+    return [token.lower() for token in _split_punctuation(text.replace("-\n", "").replace("\n", " ")).split(" ")]
 
 
 def _ngrams(words: list[str]) -> Counter[tuple[str, ...]]:
@@ -113,13 +130,20 @@ def _nist_length_penalty(ratio: float) -> float:
     return math.exp(-beta * math.log(ratio) ** 2)
 
 
-def mteval_scores(refs: list[list[str]], outputs: list[str]) -> dict[str, float]:
-    """System-level BLEU (smoothed, closest reference length) and NIST of mteval-v13a, to its printed 4 decimals.
+def mteval_scores(refs: list[list[str]], outputs: list[str], mode: str = "python") -> dict[str, float]:
+    """System-level BLEU and NIST as the E2E tool computes them in ``mode``: "python" (``-p``) or "perl" (default)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_counts(refs, outputs)
+    return _python_scores(refs, outputs) if mode == "python" else _perl_scores(refs, outputs)
+
+
+def _perl_scores(refs: list[list[str]], outputs: list[str]) -> dict[str, float]:
+    """BLEU (smoothed, closest reference length) and NIST of the tool's mteval-v13a-sig.pl, to its printed 4 decimals.
 
     This is the E2E tool's edited mteval-v13a-sig.pl: NIST's average reference length divides the reference
     words by the mean number of (non-empty) references per MR, not by the largest number of references.
     """
-    check_counts(refs, outputs)
     ref_words = [[mteval_tokenize(r) for r in group] for group in refs]
     hyp_words = [mteval_tokenize(o) for o in outputs]
     info = _ngram_info(ref_words)
@@ -167,6 +191,51 @@ def _bleu(ref_length: int, matches: list[int], hyp_counts: list[int]) -> float:
     return math.exp(log_precision / BLEU_ORDER + min(0.0, 1 - ref_length / hyp_counts[1]))
 
 
+def _python_scores(refs: list[list[str]], outputs: list[str]) -> dict[str, float]:
+    """BLEU and NIST of the tool's pymteval.py (``measure_scores.py -p``), unrounded, quirks included.
+
+    Unlike the Perl mode: BLEU has no smoothing beyond a 1e-15 floor on zero matches, and its candidate n-gram
+    counts add len - n + 1 even when negative; the closest reference may be empty; NIST's reference length is
+    the sum over MRs of each MR's mean reference length, and its information weights use Unicode lowercasing.
+    """
+    ref_words = [[pymteval_tokenize(r) for r in group] for group in refs]
+    hyp_words = [pymteval_tokenize(o) for o in outputs]
+    ref_counts: Counter[tuple[str, ...]] = Counter()  # every reference n-gram occurrence; () counts the words
+    ref_length = avg_ref_length = 0.0
+    hits = [0] * (NIST_ORDER + 1)
+    hyp_counts = [0] * (NIST_ORDER + 1)
+    matched: list[Counter[tuple[str, ...]]] = []
+    for group, hyp in zip(ref_words, hyp_words, strict=True):
+        max_ref: Counter[tuple[str, ...]] = Counter()
+        for ref in group:
+            grams = _ngrams(ref)
+            max_ref |= grams
+            ref_counts.update(grams)
+            ref_counts[()] += len(ref)
+        clipped = _ngrams(hyp) & max_ref
+        matched.append(clipped)
+        for n in range(1, NIST_ORDER + 1):
+            hyp_counts[n] += len(hyp) - n + 1
+        for gram, count in clipped.items():
+            hits[len(gram)] += count
+        ref_length += len(min(group, key=lambda r: (abs(len(r) - len(hyp)), len(r))))
+        avg_ref_length += sum(len(r) for r in group) / len(group)
+
+    brevity = 1.0
+    if hyp_counts[1] <= ref_length:
+        brevity = math.exp(1.0 - ref_length / (hyp_counts[1] or 1e-5))
+    log_precision = sum(math.log(max(hits[n], 1e-15) / max(hyp_counts[n], 1e-9)) for n in range(1, BLEU_ORDER + 1))
+    bleu = brevity * math.exp(log_precision / BLEU_ORDER)
+
+    info = [0.0] * (NIST_ORDER + 1)
+    for clipped in matched:
+        for gram, count in clipped.items():
+            info[len(gram)] += count * math.log2(ref_counts[gram[:-1]] / ref_counts[gram])
+    nist = sum(info[n] / hyp_counts[n] for n in range(1, NIST_ORDER + 1) if hyp_counts[n])
+    nist *= _nist_length_penalty(hyp_counts[1] / avg_ref_length)
+    return {"BLEU": bleu, "NIST": nist}
+
+
 # ---------------------------------------------------------------- COCO caption code: METEOR, ROUGE-L, CIDEr
 
 
@@ -204,9 +273,10 @@ def coco_scores(refs: list[list[str]], outputs: list[str]) -> dict[str, float]:
     return scores
 
 
-def score(refs: list[list[str]], outputs: list[str]) -> dict[str, float]:
-    """The official E2E scores, in METRICS order; without Java only BLEU and NIST, with a warning on stderr."""
-    scores = mteval_scores(refs, outputs)
+def score(refs: list[list[str]], outputs: list[str], mode: str = "python") -> dict[str, float]:
+    """The E2E tool's scores in METRICS order, BLEU and NIST in ``mode`` (see MODES); without Java only BLEU and NIST,
+    with a warning on stderr."""
+    scores = mteval_scores(refs, outputs, mode)
     reason = coco_unavailable()
     if reason is None:
         scores.update(coco_scores(refs, outputs))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ TEST_MRS = "50"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/e2e-default", help="output folder (runs are overwritten)")
+    p.add_argument("--recipe", choices=common.RECIPES, default="paper",
+                   help="paper (fp32, as the LoRA paper) or bf16 (bf16 autocast in training, a bf16 model in beams)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -63,17 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, began = Path(args.out), time.perf_counter()
     quiet = ["--no-progress"] if args.no_progress else []
+    recipe = ["--recipe", args.recipe]
     runs = {name: out / name for name in SETUPS}
-    base = runs["lora"] / "base"  # the first run builds (and pretrains) the tiny base; the others start from it
+    base = out / "base"  # the first run builds (and pretrains) the tiny base here; every run starts from it
+    shutil.rmtree(base, ignore_errors=True)  # never a stale base from an earlier version
     for name, setup in SETUPS.items():
-        model = "tiny" if name == "lora" else str(base)
-        train.main(["--model", model, "--out", str(runs[name]), *setup, *TRAIN_ARGS, *quiet])
+        model = ["--model", "tiny", "--tiny-base", str(base)] if name == "lora" else ["--model", str(base)]
+        if not train.main([*model, "--out", str(runs[name]), *setup, *TRAIN_ARGS, *recipe, *quiet]):
+            print(f"stopped during the {name} run", file=sys.stderr)  # by SIGINT/SIGTERM
+            return 1
     scores = {}
     for name, extra in [("untrained", ["--run", str(runs["lora"]), "--no-adapter"]),
                         *((name, ["--run", str(run)]) for name, run in runs.items())]:
         folder = out / name / "test" if name == "untrained" else runs[name] / "test"
         generate.main([*extra, "--data", "synthetic", "--split", "test", "--limit", TEST_MRS, "--batch-size", TEST_MRS,
-                       "--threads", "1", "--out", str(folder), *quiet])
+                       "--threads", "1", "--out", str(folder), *recipe, *quiet])
         scores[name] = evaluate(folder)
     compare.main([*map(str, runs.values()), "--out", str(out / "compare")])
     first, last = losses(runs["lora"])

@@ -1,12 +1,15 @@
 """Fine-tune GPT-2 on E2E with fastlora LoRA or full fine-tuning (DDP, atomic checkpoints, exact resume).
 
-    python examples/e2e/train.py --model gpt2-medium --data e2e --out runs/lora-m        # paper setup
+    python examples/e2e/train.py --model gpt2-medium --data e2e --out runs/lora-m        # the paper's recipe
     torchrun --nproc_per_node 4 examples/e2e/train.py --model gpt2-medium --data e2e --out runs/lora-m
     python examples/e2e/train.py --model tiny --data synthetic --out runs/tiny           # offline, CPU
 
 The run directory gets ``log.jsonl`` (loss, lr, tokens/s), ``checkpoints/step-N`` (adapter-only for
 LoRA) with a ``checkpoints/latest`` pointer, ``final/`` (the adapter, or the full model), ``run.json``
 (the measured summary that compare.py reads) and, for ``--model tiny``, ``base/`` (the tiny model).
+
+The defaults are the LoRA paper's recipe (its examples/NLG gpt2_ft.py command for E2E; the README lists each
+setting and the source line it comes from); ``--recipe bf16`` trains under bf16 autocast instead of fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
@@ -41,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="gpt2-medium", help="gpt2 | gpt2-medium | gpt2-large | PATH | tiny")
     p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--recipe", choices=common.RECIPES, default="paper",
+                   help="paper: fp32 as the paper; bf16: the same under bf16 autocast (faster on a GPU)")
     p.add_argument("--data", default="synthetic", help="synthetic | e2e | txt | hf | a .csv/.txt file")
     p.add_argument("--data-dir", help="folder with the official CSVs (or the LoRA .txt files)")
     p.add_argument("--cache-dir", default=str(common.DEFAULT_CACHE), help="where downloaded CSVs are kept")
@@ -51,9 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="global batch size (split over DDP ranks)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--adam-betas", type=float, nargs=2, default=(0.9, 0.999))
+    p.add_argument("--adam-eps", type=float, default=1e-6)
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--max-length", type=int, default=128, help="truncate prompt + completion to this many tokens")
+    p.add_argument("--max-length", type=int, default=512, help="cut prompt + completion to their first N tokens")
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-dropout", type=float, default=0.1)
@@ -64,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny-base", help="where --model tiny builds its base, or finds it built (default: OUT/base)")
     p.add_argument("--tiny-vocab", type=int, default=1024, help="BPE vocabulary size for --model tiny")
     p.add_argument("--tiny-pretrain-steps", type=int, default=300,
                    help="language-model steps on the training references that stand in for GPT-2's pretraining")
@@ -119,7 +126,7 @@ def build_base(args: argparse.Namespace, dist: Dist, examples: list[common.Examp
     if args.model != "tiny":  # a local path is recorded absolute, so that runs compare by their base
         ref = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
         return ref, common.load_tokenizer(args.model)
-    base = Path(args.out) / "base"
+    base = Path(args.tiny_base or Path(args.out) / "base")
     if dist.main and not (base / "config.json").is_file():
         pretrain_tiny(args, examples, base)
     dist.barrier()
@@ -140,7 +147,7 @@ def pretrain_tiny(args: argparse.Namespace, examples: list[common.Example], base
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     model.train()
-    for _ in tqdm(range(args.tiny_pretrain_steps), desc="pretrain tiny", disable=args.no_progress):
+    for _ in common.progress(range(args.tiny_pretrain_steps), "pretrain tiny", disable=args.no_progress):
         picks = torch.randint(len(docs), (8,), generator=generator).tolist()
         ids, mask, labels = collate([docs[i] for i in picks], [docs[i] for i in picks], tokenizer.eos_token_id)
         loss_sum, tokens = token_loss(model(input_ids=ids, attention_mask=mask).logits, labels, 0.0)
@@ -197,9 +204,18 @@ def collate(sequences: list[list[int]], labels: list[list[int]], pad_id: int):
     return ids, mask, target
 
 
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    """The seeded shuffle of epoch ``epoch`` (the same in every process and after a resume)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """The paper's batches per epoch: its dataset is padded up to a whole number of batches."""
+    return -(-n // batch_size)
+
+
+def epoch_order(n: int, batch_size: int, epoch: int, seed: int) -> list[int]:
+    """Epoch ``epoch``'s example order (the same in every process and after a resume), as the paper's data loader: a
+    shuffle of the examples padded up to whole batches, each padding slot a seeded random example."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    slots = steps_per_epoch(n, batch_size) * batch_size
+    fill = torch.randint(n, (slots - n,), generator=generator).tolist()
+    return [i if i < n else fill[i - n] for i in torch.randperm(slots, generator=generator).tolist()]
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +224,45 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> 
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100,
                            reduction="sum", label_smoothing=smoothing)
     return loss, (shifted != -100).sum()
+
+
+def paper_schedule(warmup: int, total: int):
+    """The paper's linear schedule (its optimizer.py): from 0 up to 1 over ``warmup`` steps, then down to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+class PaperAdamW(torch.optim.Optimizer):
+    """The paper's AdamW (examples/NLG/src/optimizer.py with --correct_bias): the bias corrections fold into the step
+    size, eps is added to the uncorrected sqrt(v), and the weight decay acts after the update, on the new weights.
+    torch.optim.AdamW differs in the last two: eps after the correction, decay before the update."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW settings: lr {lr}, betas {betas}, eps {eps}, weight decay {weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = lr * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+                p.addcdiv_(state["exp_avg"], state["exp_avg_sq"].sqrt().add_(eps), value=-step_size)
+                if decay > 0:
+                    p.add_(p, alpha=-lr * decay)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -355,25 +410,24 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed + dist.rank)
     model = prepare_model(args, base_ref, dist)
     encoded = [common.encode(tokenizer, e, args.max_length) for e in examples]
-    steps_per_epoch = len(encoded) // args.batch_size
-    if args.batch_size % dist.world or steps_per_epoch == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {dist.world} processes "
-                         f"and at most the {len(encoded)} training examples")
-    total = args.max_steps or steps_per_epoch * args.epochs
+    if args.batch_size % dist.world or args.batch_size < 1:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a positive multiple of the {dist.world} processes")
+    total = args.max_steps or steps_per_epoch(len(encoded), args.batch_size) * args.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     summary = fastlora.trainable_summary(model)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    warmup = max(args.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(total - s, 0) / max(total - warmup, 1)))
+    optimizer = PaperAdamW(params, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+                           weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, paper_schedule(args.warmup_steps, total))
     start = load_checkpoint(run, model, optimizer, scheduler, args.method, dist) if args.resume else 0
     if args.resume and dist.main:
         trim_log(run / "log.jsonl", start)
+    elif dist.main:  # a fresh run in an old folder starts a fresh log
+        (run / "log.jsonl").unlink(missing_ok=True)
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     if dist.main:
-        print(f"{args.method} on {base_ref}: {summary}; {len(examples)} examples, {total} steps "
+        print(f"{args.method} ({args.recipe} recipe) on {base_ref}: {summary}; {len(examples)} examples, {total} steps "
               f"from step {start}, {dist.world} process(es) on {dist.device}", flush=True)
     stats = train_loop(args, dist, model, optimizer, scheduler, encoded, tokenizer.eos_token_id, start, total)
     if stats is not None and dist.main:
@@ -384,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
             tokenizer.save_pretrained(final)
         records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         stats.update(first_loss=records[0]["loss"], last_loss=records[-1]["loss"], model=args.model, base=base_ref,
-                     method=args.method, setup=setup_label(args), final=str(final.resolve()),
+                     method=args.method, recipe=args.recipe, setup=setup_label(args), final=str(final.resolve()),
                      trainable_params=summary.trainable, total_params=summary.total,
                      checkpoint_bytes=dir_bytes(final), world_size=dist.world, device=str(dist.device))
         common.write_atomic(run / "run.json", json.dumps(stats, indent=2) + "\n")
@@ -398,17 +452,18 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
                total: int) -> dict | None:
     """Train from step ``start`` to ``total``; return the measured stats, or None if stopped early."""
     run, stop, log_path = Path(args.out), StopFlag(), Path(args.out) / "log.jsonl"
-    steps_per_epoch = len(encoded) // args.batch_size
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dist.device.type == "cuda")
+    per_epoch = steps_per_epoch(len(encoded), args.batch_size)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.recipe == "bf16")
     memory = MemoryMeter(dist.device, model, optimizer)
     times, token_counts, order = [], [], None
     window = {"loss": 0.0, "tokens": 0, "time": 0.0, "steps": 0}
     model.train()
-    bar = tqdm(total=total, initial=start, desc=f"train {args.method}", disable=not dist.main or args.no_progress)
+    bar = common.progress(total=total, initial=start, desc=f"train {args.method}",
+                          disable=not dist.main or args.no_progress)
     for step in range(start, total):
-        epoch, index = divmod(step, steps_per_epoch)
+        epoch, index = divmod(step, per_epoch)
         if order is None or index == 0:
-            order = epoch_order(len(encoded), epoch, args.seed)
+            order = epoch_order(len(encoded), args.batch_size, epoch, args.seed)
         picks = order[index * args.batch_size:(index + 1) * args.batch_size][dist.rank::dist.world]
         ids, mask, labels = collate([encoded[i][0] for i in picks], [encoded[i][1] for i in picks], pad_id)
         began = time.perf_counter()
@@ -417,7 +472,7 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
                 logits = model(input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device)).logits
             loss_sum, tokens = token_loss(logits, labels, args.label_smoothing)
         memory.sample(after_backward=False)
-        global_tokens = dist.sum(tokens.to(dist.device).float())
+        global_tokens = dist.sum(tokens.to(dist.device).float()) + 1e-4  # as the paper's mask.sum() + 0.0001
         (loss_sum * dist.world / global_tokens).backward()
         memory.sample(after_backward=True)
         loss = (dist.sum(loss_sum.detach()) / global_tokens).item()
@@ -438,8 +493,8 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
         token_counts.append(n_tokens)
         for key, value in (("loss", loss), ("tokens", n_tokens), ("time", elapsed), ("steps", 1)):
             window[key] += value
-        bar.update()
         bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
         if dist.main and ((step + 1) % args.log_every == 0 or step + 1 == total):
             write_log(log_path, step + 1, epoch, window, scheduler.get_last_lr()[0])
             window = dict.fromkeys(window, 0)
@@ -461,7 +516,8 @@ def train_loop(args, dist: Dist, model, optimizer, scheduler, encoded, pad_id: i
 
 def write_log(path: Path, step: int, epoch: int, window: dict, lr: float) -> None:
     record = {"step": step, "epoch": epoch, "loss": window["loss"] / window["steps"], "lr": lr,
-              "tokens_per_s": window["tokens"] / max(window["time"], 1e-9), "time": time.time()}
+              "tokens": window["tokens"], "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
+              "time": time.time()}
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
