@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastlora.atomic import write_atomic  # noqa: F401  (the examples write result files through it: atomic, durable)
+
 SLOTS = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
 # The LoRA paper's .txt files name the slots differently; map them to the official names.
 TXT_SLOT_NAMES = {"name": "name", "Type": "eatType", "food": "food", "price": "priceRange",
@@ -426,9 +428,4 @@ def read_json(path: str | Path) -> dict:
         return json.load(handle)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+

@@ -88,7 +88,7 @@ def load(model_ref: str, adapter: str | None, device: torch.device, recipe: str 
     model = common.load_model(model_ref)
     if adapter:
         fastlora.load_adapter(model, adapter)
-        fastlora.merge(model)
+        fastlora.merge(model, exact=False)  # for generation only: no copy of the base weights kept to unmerge
     dtype = torch.bfloat16 if recipe == "bf16" else torch.float32
     return model.to(device=device, dtype=dtype).eval()
 
