@@ -11,7 +11,6 @@ Backends provide ``forward_mixed`` / ``backward_mixed``; one that has none would
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor
 from fastlora.ops import _HALF_DTYPES, _NO_SEED, _autocast, _seed_tensor, _validate, expand_slices
 from fastlora.ops import reference as _reference
 from fastlora.ops.dispatch import select
-from fastlora.ops.reference import version_stamp
+from fastlora.ops.reference import TensorCache
 
 
 def _backend(x: Tensor):
@@ -81,7 +80,7 @@ def _row_ids(adapter_ids: Tensor, x: Tensor, adapters: int) -> Tensor:
     return ids.reshape(*ids.shape, *[1] * (len(lead) - k)).expand(lead).reshape(-1)
 
 
-_ROUTES: dict[tuple, tuple] = {}  # per batch: each ids tensor's rows on the device, and which adapters are named
+_ROUTES = TensorCache(256)  # per batch: each ids tensor's rows on the device, and which adapters are named
 
 
 def _routing(adapter_ids: Tensor, x: Tensor, adapters: int) -> tuple[Tensor, list[bool]]:
@@ -89,18 +88,11 @@ def _routing(adapter_ids: Tensor, x: Tensor, adapters: int) -> tuple[Tensor, lis
     computed once for an ids tensor (at its version) and kept for every later call with it: the layers of a model
     in :func:`fastlora.use_adapters` share one, so a batch moves its ids to the device and checks them once, and
     a captured decode step finds them there."""
-    stamp = version_stamp(adapter_ids) if isinstance(adapter_ids, Tensor) else None
-    key = (id(adapter_ids), stamp, tuple(x.shape[:-1]), x.device, adapters)
-    kept = _ROUTES.get(key)
-    if kept is not None and kept[0]() is adapter_ids:
-        return kept[1]
-    routed = _row_ids(adapter_ids, x, adapters), _named(adapter_ids, adapters)
-    if stamp is None:
-        return routed
-    while len(_ROUTES) >= 256:
-        _ROUTES.pop(next(iter(_ROUTES)))
-    _ROUTES[key] = (weakref.ref(adapter_ids), routed)
-    return routed
+    def route():
+        return _row_ids(adapter_ids, x, adapters), _named(adapter_ids, adapters)
+    if not isinstance(adapter_ids, Tensor):
+        return route()  # which raises, naming the argument
+    return _ROUTES.get([adapter_ids], route, (tuple(x.shape[:-1]), x.device, adapters))
 
 
 def _named(adapter_ids: Tensor, adapters: int) -> list[bool]:
@@ -110,7 +102,7 @@ def _named(adapter_ids: Tensor, adapters: int) -> list[bool]:
     return [bool(c) for c in counts.tolist()]
 
 
-_EXPANDED: dict[tuple, tuple] = {}  # inference: block-structured B's of sliced adapters, by B's identity and version
+_EXPANDED = TensorCache(4096)  # inference: block-structured B's of sliced adapters
 
 
 def _dense_B(B: Tensor, slices: Sequence[bool] | None, out_features: int) -> Tensor:
@@ -119,18 +111,9 @@ def _dense_B(B: Tensor, slices: Sequence[bool] | None, out_features: int) -> Ten
     needs none)."""
     if slices is None:
         return B
-    stamp = version_stamp(B)
-    if (torch.is_grad_enabled() and B.requires_grad) or stamp is None:
+    if torch.is_grad_enabled() and B.requires_grad:
         return expand_slices(B, slices, out_features)
-    key = (id(B), stamp, tuple(slices), out_features)
-    kept = _EXPANDED.get(key)
-    if kept is not None and kept[0]() is B:
-        return kept[1]
-    while len(_EXPANDED) >= 4096:
-        _EXPANDED.pop(next(iter(_EXPANDED)))
-    dense = expand_slices(B, slices, out_features)
-    _EXPANDED[key] = (weakref.ref(B), dense)
-    return dense
+    return _EXPANDED.get([B], lambda: expand_slices(B, slices, out_features), (tuple(slices), out_features))
 
 
 def _in_dtype_of(t: Tensor, x: Tensor) -> Tensor:

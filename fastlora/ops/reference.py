@@ -22,6 +22,7 @@ Kept elements are scaled by ``1 / (1 - p)`` (inverted dropout).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,30 @@ def version_stamp(t: Tensor) -> int | tuple | None:
     if not t.is_inference():
         return t._version
     return tuple(t.reshape(-1).tolist()) if t.device.type == "cpu" and t.numel() <= 4096 else None
+
+
+class TensorCache:
+    """Values computed from tensors, kept while each of those tensors is the same object at the same
+    :func:`version_stamp`; at most ``size`` entries, the oldest dropped first. ``owned``: tensors the caller made
+    itself and never changes in place, so an inference one (no stamp) is kept by its identity alone."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.entries = size, {}
+
+    def get(self, tensors: Sequence[Tensor], make, extra: tuple = (), owned: bool = False):
+        """``make()``'s value for ``tensors`` (and the hashable ``extra``), from the cache when it holds it."""
+        stamps = [version_stamp(t) for t in tensors]
+        if None in stamps and not owned:
+            return make()
+        key = (*((id(t), stamp) for t, stamp in zip(tensors, stamps, strict=True)), *extra)
+        kept = self.entries.get(key)
+        if kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors, strict=True)):
+            return kept[1]
+        value = make()
+        while len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = ([weakref.ref(t) for t in tensors], value)
+        return value
 
 
 def dropout_threshold(p: float) -> int:

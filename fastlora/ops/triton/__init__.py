@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 
 import torch
 from torch import Tensor
@@ -33,7 +32,7 @@ if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
 from fastlora.ops import reference  # noqa: E402
-from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices, version_stamp  # noqa: E402
+from fastlora.ops.reference import TensorCache, dropout_threshold, expand_slices, stack_slices  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
     _cast_pair_kernel,
     _lora_backward_kernel,
@@ -519,54 +518,39 @@ class _MixedBatch:
         return stride_a, stride_r, stride_n
 
 
-_SORTED: dict[tuple, tuple] = {}  # per batch: the rows sorted by adapter, by the ids tensor's identity and version
+_SORTED = TensorCache(64)  # per batch: the rows sorted by adapter
+_STACKS = TensorCache(1024)  # adapters' stacks and tables: one set per layer of a model serving a mixed batch
 
 
 def _sorted_rows(adapter_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(sorted ids, the same as int32, each sorted position's row as int32)``, sorted once for an ids tensor (the
-    op gives every layer of a batch the same one) and kept while it is unchanged."""
-    key = (id(adapter_ids), version_stamp(adapter_ids))  # an inference tensor: the op's own, by identity
-    kept = _SORTED.get(key)
-    if kept is not None and kept[0]() is adapter_ids:
-        return kept[1]
-    sorted_ids, order = torch.sort(adapter_ids, stable=True)
-    while len(_SORTED) >= 64:
-        _SORTED.pop(next(iter(_SORTED)))
-    _SORTED[key] = (weakref.ref(adapter_ids), (sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)))
-    return _SORTED[key][1]
-
-
-_STACKS: dict[tuple, tuple] = {}  # adapters' stacks and tables, by their tensors' identities and versions
-STACKS_KEPT = 1024  # sets of adapters kept (one per layer of a model serving a mixed batch), oldest dropped first
+    op gives every layer of a batch the same one, its own) and kept while it is unchanged."""
+    def sort():
+        sorted_ids, order = torch.sort(adapter_ids, stable=True)
+        return sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)
+    return _SORTED.get([adapter_ids], sort, owned=True)
 
 
 def _adapter_stacks(x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor], scales: list[float],
                     dropout_ps: list[float], r_pad: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(A stack, B stack, factor, thr)`` for these adapters, reused while every A and B is the same tensor at the
     same version (an optimizer step or any in-place change bumps it): decoding with the same adapters builds them
-    once, and a CUDA graph of a decode step captured after one eager call needs no host-to-device copy."""
-    tensors = (*lora_As, *lora_Bs)
-    stamps = [version_stamp(t) for t in tensors]
-    key = (x.dtype, x.device, out_features, r_pad, tuple(scales), tuple(dropout_ps),
-           *((id(t), stamp) for t, stamp in zip(tensors, stamps, strict=True)))
-    kept = _STACKS.get(key) if None not in stamps else None
-    if kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors, strict=True)):
-        return kept[1]
-    n = max(len(lora_As), 1)  # no adapters: one zero adapter that no row names
-    a_stack = x.new_zeros(n, r_pad, x.shape[1])
-    b_stack = x.new_zeros(n, out_features, r_pad)
-    with torch.no_grad():
-        for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
-            a_stack[a, :A.shape[0]] = A
-            b_stack[a, :, :B.shape[1]] = B
-    factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
-                          dtype=torch.float32, device=x.device)
-    thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=x.device)
-    if None not in stamps:  # inference-mode parameters (no version counter) are stacked anew every call
-        while len(_STACKS) >= STACKS_KEPT:
-            _STACKS.pop(next(iter(_STACKS)))
-        _STACKS[key] = ([weakref.ref(t) for t in tensors], (a_stack, b_stack, factor, thr))
-    return a_stack, b_stack, factor, thr
+    once, and a CUDA graph of a decode step captured after one eager call needs no host-to-device copy.
+    Inference-mode parameters (no version counter) are stacked anew every call."""
+    def stack():
+        n = max(len(lora_As), 1)  # no adapters: one zero adapter that no row names
+        a_stack = x.new_zeros(n, r_pad, x.shape[1])
+        b_stack = x.new_zeros(n, out_features, r_pad)
+        with torch.no_grad():
+            for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+                a_stack[a, :A.shape[0]] = A
+                b_stack[a, :, :B.shape[1]] = B
+        factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
+                              dtype=torch.float32, device=x.device)
+        thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=x.device)
+        return a_stack, b_stack, factor, thr
+    return _STACKS.get([*lora_As, *lora_Bs], stack,
+                       (x.dtype, x.device, out_features, r_pad, tuple(scales), tuple(dropout_ps)))
 
 
 def _mixed_down(src: Tensor, stack: Tensor, strides: tuple, batch: _MixedBatch, dropout: bool) -> Tensor:
