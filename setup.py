@@ -1,5 +1,8 @@
 """Build script: the optional C++ CPU extension fastlora._C (see csrc/).
 
+The extension is built against the installed torch (it reads tensors natively), so torch must be
+importable at build time: install with ``pip install --no-build-isolation`` into an environment that
+has torch (an isolated build environment would fetch another torch, whose ABI need not match).
 ``FASTLORA_BUILD_EXT=0`` skips the extension, ``=1`` makes a failed build an error; unset,
 a failed build only leaves the package without its ``cpu`` backend (the reference runs).
 """
@@ -25,9 +28,9 @@ def _build_mode() -> str:
 
 
 def _extension(optional: bool):
-    """The pybind11 extension, linked against the OpenBLAS that the scipy-openblas32 wheel ships."""
+    """The extension, linked against libtorch and the OpenBLAS that the scipy-openblas32 wheel ships."""
     import scipy_openblas32
-    from pybind11.setup_helpers import Pybind11Extension
+    from torch.utils.cpp_extension import CppExtension
 
     sources = ["module.cpp", "lora.cpp", "parallel.cpp", "cpu_features.cpp",
                "kernels_portable.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"]
@@ -38,7 +41,7 @@ def _extension(optional: bool):
     flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-march=x86-64")
-    return Pybind11Extension(
+    return CppExtension(
         "fastlora._C",
         [os.path.join("csrc", name) for name in sources],
         depends=[os.path.join("csrc", name) for name in headers],  # rebuild triggers; shipped in sdists
@@ -50,22 +53,26 @@ def _extension(optional: bool):
         runtime_library_dirs=["$ORIGIN/../scipy_openblas32/lib"],
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"],
-        cxx_std=17,
         optional=optional,
     )
 
 
-def _ext_modules() -> list:
+def _ext_modules() -> tuple[list, dict]:
+    """The extension and the build command that compiles it, or nothing when it is skipped or cannot build."""
     mode = _build_mode()
     if mode == "skip":
-        return []
+        return [], {}
     try:
-        return [_extension(optional=mode == "auto")]
-    except ImportError as error:  # pybind11 or scipy-openblas32 missing at build time
+        extension = _extension(optional=mode == "auto")
+        from torch.utils.cpp_extension import BuildExtension
+    except ImportError as error:  # torch or scipy-openblas32 missing at build time
+        hint = " (torch must be installed first; pip: --no-build-isolation)" if "torch" in str(error) else ""
         if mode == "force":
-            raise
-        print(f"fastlora: building without the C++ extension ({error})", file=sys.stderr)
-        return []
+            sys.exit(f"fastlora: cannot build the C++ extension: {error}{hint}")
+        print(f"fastlora: building without the C++ extension ({error}){hint}", file=sys.stderr)
+        return [], {}
+    return [extension], {"build_ext": BuildExtension}
 
 
-setup(ext_modules=_ext_modules())
+ext_modules, cmdclass = _ext_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,19 +1,23 @@
 // pybind11 bindings of fastlora._C: every argument is checked here, so a malformed call raises
 // a Python exception instead of reaching the kernels.
 //
-// Tensors arrive as torch.Tensor objects and are read through their Python attributes (dtype,
-// device, shape, stride(), data_ptr(), ...): the module does not link libtorch. That costs less than
-// the numpy views it once took (Tensor.numpy(), ~0.55 us a tensor) and leaves the tensors as they
-// are, where .numpy() marks a storage non-resizable for good, and FSDP frees the parameters it
-// gathered by resizing their storage to zero. The caller's references keep the tensors alive.
+// The module is built against the installed torch (torch.utils.cpp_extension) and reads each
+// torch.Tensor argument natively (THPVariable_Unpack: its dtype, device, sizes, strides, storage and
+// data pointer in a few nanoseconds), and makes its outputs with at::empty. It never takes numpy
+// views of the tensors (Tensor.numpy() marks a storage non-resizable for good, and FSDP frees the
+// parameters it gathered by resizing their storage to zero). The caller's references keep the
+// tensors alive.
 //
 // One op call is one call here, which does all of its per-call work: the checks (formatting a
-// message only on failure), a contiguous copy (through Tensor.contiguous()) of an argument whose
-// layout the kernels do not take, the outputs (torch.empty), the dropout threshold, and whether the
-// extension computes the base product; the Python side adds PyTorch's GEMM only when it does not.
+// message only on failure), a contiguous copy of an argument whose layout the kernels do not take,
+// the outputs, the dropout threshold, and whether the extension computes the base product; the
+// Python side adds PyTorch's GEMM only when it does not.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <cblas.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
 #include <climits>
@@ -40,50 +44,10 @@ namespace {
         if (!(condition)) fail(message); \
     } while (0)
 
-// What the checks compare against and the attributes they read, looked up once at import; the
-// references are held for the life of the process.
-struct TorchApi {
-    PyTypeObject* tensor_type;
-    PyObject *float32, *int64;
-    // torch.empty and {"dtype": torch.float32, "device": cpu}, for outputs made here: the device is explicit,
-    // so that neither a default device nor a `with torch.device(...)` block moves them off the CPU
-    PyObject *empty, *float32_kwargs;
-    PyObject *dtype, *device, *is_cpu, *is_neg, *shape, *stride, *data_ptr, *contiguous;  // interned names
-};
-const TorchApi* torch_api = nullptr;
-
-PyObject* interned(const char* name) {
-    PyObject* s = PyUnicode_InternFromString(name);
-    if (s == nullptr) throw py::error_already_set();
-    return s;
-}
-
-void load_torch_api() {
-    const py::module_ torch = py::module_::import("torch");
-    py::object tensor = torch.attr("Tensor");
-    CHECK_ARG(PyType_Check(tensor.ptr()), "torch.Tensor is not a type");
-    py::dict float32_kwargs;
-    float32_kwargs["dtype"] = torch.attr("float32");
-    float32_kwargs["device"] = torch.attr("device")("cpu");
-    torch_api = new TorchApi{reinterpret_cast<PyTypeObject*>(tensor.release().ptr()),
-                             py::object(torch.attr("float32")).release().ptr(),
-                             py::object(torch.attr("int64")).release().ptr(),
-                             py::object(torch.attr("empty")).release().ptr(),
-                             float32_kwargs.release().ptr(),
-                             interned("dtype"), interned("device"), interned("is_cpu"), interned("is_neg"),
-                             interned("shape"), interned("stride"), interned("data_ptr"),
-                             interned("contiguous")};
-}
-
-// obj.<name>, or obj.<name>() when call is true; a failure (say a tensor without storage, or a
-// sparse one without strides) becomes a ValueError that names the argument.
-py::object attribute(py::handle obj, PyObject* name, bool call, const char* arg) {
-    PyObject* value = call ? PyObject_CallMethodNoArgs(obj.ptr(), name) : PyObject_GetAttr(obj.ptr(), name);
-    if (value == nullptr) {
-        const py::error_already_set error;
-        fail(std::string(arg) + ": " + error.what());
-    }
-    return py::reinterpret_steal<py::object>(value);
+// str(t.<name>) as Python spells it, for a message (say "torch.float64" for a dtype, "torch.Size([6])" for a shape).
+std::string attribute_string(const at::Tensor& t, const char* name) {
+    const py::object obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(t));
+    return py::str(obj.attr(name));
 }
 
 // A CPU tensor of one or two dims: its data pointer, shape and element strides.
@@ -102,71 +66,60 @@ std::string shape_of(const Tensor& t) {
     return s + (t.ndim == 1 ? ",)" : ")");
 }
 
-// A tuple's items as int64 (a torch.Size or a stride tuple); false if obj is no such tuple.
-bool int64_items(const py::object& obj, int64_t* items, Py_ssize_t n) {
-    if (!PyTuple_Check(obj.ptr()) || PyTuple_GET_SIZE(obj.ptr()) != n) return false;
-    for (Py_ssize_t i = 0; i < n; ++i) {
-        items[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(obj.ptr(), i));
-        if (items[i] == -1 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return false;
-        }
-    }
-    return true;
+// The at::Tensor of the torch.Tensor obj (a TypeError for anything else).
+const at::Tensor& unpack(py::handle obj, const char* name) {
+    if (!THPVariable_Check(obj.ptr()))
+        throw py::type_error(std::string(name) + " must be a torch.Tensor, got " + Py_TYPE(obj.ptr())->tp_name);
+    return THPVariable_Unpack(obj.ptr());
 }
 
 // The torch.Tensor obj as a Tensor of ndim dims, checked: float32 (int64 if integer), dense, on the
-// CPU, not a negated view, sizes and strides in 32-bit BLAS range, a non-null aligned data pointer.
-Tensor tensor(py::handle obj, const char* name, int ndim, bool integer = false) {
-    const TorchApi& api = *torch_api;
-    if (!PyObject_TypeCheck(obj.ptr(), api.tensor_type))
-        throw py::type_error(std::string(name) + " must be a torch.Tensor, got " + Py_TYPE(obj.ptr())->tp_name);
-    const py::object dtype = attribute(obj, api.dtype, false, name);
-    CHECK_ARG(dtype.ptr() == (integer ? api.int64 : api.float32),
+// CPU, not a negated view, sizes and strides in 32-bit BLAS range, every element it addresses inside
+// its storage (FSDP frees a gathered parameter by resizing its storage to zero), a non-null aligned
+// data pointer.
+Tensor tensor(const at::Tensor& t, const char* name, int ndim, bool integer = false) {
+    CHECK_ARG(t.scalar_type() == (integer ? at::kLong : at::kFloat),
               std::string(name) + (integer ? " must be int64, got " : " must be float32, got ") +
-                  std::string(py::str(dtype)));
-    CHECK_ARG(attribute(obj, api.is_cpu, false, name).ptr() == Py_True,
-              std::string(name) + " must be on the CPU, got " +
-                  std::string(py::str(attribute(obj, api.device, false, name))));
-    CHECK_ARG(attribute(obj, api.is_neg, true, name).ptr() == Py_False,
-              std::string(name) + " is a negated view (negative bit set): pass t.resolve_neg()");
-    const py::object shape = attribute(obj, api.shape, false, name);
-    Tensor t{nullptr, ndim, {0, 0}, {0, 0}};
-    if (!int64_items(shape, t.shape, ndim)) {
-        const Py_ssize_t dims = PyTuple_Check(shape.ptr()) ? PyTuple_GET_SIZE(shape.ptr()) : -1;
-        fail(std::string(name) + " must have " + std::to_string(ndim) + " dims, got shape " +
-             std::string(py::str(shape)) + (dims == ndim ? " (not integers)" : ""));
-    }
-    CHECK_ARG(int64_items(attribute(obj, api.stride, true, name), t.strides, ndim),
-              std::string(name) + " has no integer strides");
+                  attribute_string(t, "dtype"));
+    CHECK_ARG(t.is_cpu(), std::string(name) + " must be on the CPU, got " + attribute_string(t, "device"));
+    CHECK_ARG(t.layout() == at::kStrided, std::string(name) + " must be a dense (strided) tensor, got layout " +
+                                              attribute_string(t, "layout"));
+    CHECK_ARG(!t.is_neg(), std::string(name) + " is a negated view (negative bit set): pass t.resolve_neg()");
+    CHECK_ARG(t.dim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dims, got shape " +
+                                   attribute_string(t, "shape"));
+    Tensor view{nullptr, ndim, {0, 0}, {0, 0}};
+    int64_t last = 0;  // the offset of the last element, in elements from the first
     for (int d = 0; d < ndim; ++d) {
-        CHECK_ARG(t.shape[d] >= 0 && t.shape[d] < INT_MAX,
-                  std::string(name) + " is too large for 32-bit BLAS: " + shape_of(t));
-        CHECK_ARG(t.strides[d] >= 0, std::string(name) + " has unsupported (negative) strides");
+        view.shape[d] = t.size(d);
+        view.strides[d] = t.stride(d);
+        CHECK_ARG(view.shape[d] < INT_MAX, std::string(name) + " is too large for 32-bit BLAS: " + shape_of(view));
+        CHECK_ARG(view.strides[d] >= 0, std::string(name) + " has unsupported (negative) strides");
+        if (view.shape[d] > 0) last += (view.shape[d] - 1) * view.strides[d];
     }
-    const unsigned long long address = PyLong_AsUnsignedLongLong(attribute(obj, api.data_ptr, true, name).ptr());
-    if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-        const py::error_already_set error;
-        fail(std::string(name) + ": data_ptr() is not an address: " + error.what());
-    }
-    CHECK_ARG(t.numel() == 0 || address != 0, std::string(name) + " has a null data pointer");
-    CHECK_ARG(address % (integer ? alignof(int64_t) : alignof(float)) == 0,
+    if (view.numel() == 0) return view;
+    CHECK_ARG(t.has_storage(), std::string(name) + " has no storage (a wrapper tensor subclass?)");
+    const size_t element = integer ? sizeof(int64_t) : sizeof(float);
+    const size_t needed = static_cast<size_t>(t.storage_offset() + last + 1) * element;
+    CHECK_ARG(t.storage().nbytes() >= needed,
+              std::string(name) + " addresses " + std::to_string(needed) + " bytes of a storage of " +
+                  std::to_string(t.storage().nbytes()) + " (freed or resized?)");
+    view.data = t.const_data_ptr();
+    CHECK_ARG(view.data != nullptr, std::string(name) + " has a null data pointer");
+    CHECK_ARG(reinterpret_cast<uintptr_t>(view.data) % element == 0,
               std::string(name) + "'s data pointer is not aligned to its elements");
-    t.data = reinterpret_cast<const void*>(static_cast<uintptr_t>(address));
-    return t;
+    return view;
 }
 
-// obj.contiguous(): the copy of an argument whose layout the kernels do not take.
-py::object contiguous_copy(py::handle obj, const char* name) {
-    return attribute(obj, torch_api->contiguous, true, name);
+Tensor tensor(py::handle obj, const char* name, int ndim, bool integer = false) {
+    return tensor(unpack(obj, name), name, ndim, integer);
 }
 
 // A 2-D tensor as a Matrix: row-major (unit column stride) or, if column_major_ok, column-major;
 // the stride of a size-1 dim (or of an empty tensor) does not matter. Any other layout is an error
 // without copy, else the tensor's contiguous copy is taken, held in *copy: the caller keeps it
 // alive while it uses the Matrix.
-Matrix matrix(py::handle obj, const char* name, bool column_major_ok, py::object* copy = nullptr) {
-    const Tensor a = tensor(obj, name, 2);
+Matrix matrix(const at::Tensor& t, const char* name, bool column_major_ok, at::Tensor* copy = nullptr) {
+    const Tensor a = tensor(t, name, 2);
     const int64_t rows = a.shape[0], cols = a.shape[1];
     int64_t rs = a.strides[0], cs = a.strides[1];
     if (rows <= 1 || cols == 0) rs = std::max<int64_t>(cols, 1);  // an empty or one-row tensor: any strides
@@ -175,8 +128,8 @@ Matrix matrix(py::handle obj, const char* name, bool column_major_ok, py::object
     if (!row_major && cols <= 1 && rows > 1) cs = std::max<int64_t>(rows, 1);  // one column: also column-major
     const bool col_major = rs == 1 && cs >= rows;
     const bool ok = (row_major || (column_major_ok && col_major)) && rs < INT_MAX && cs < INT_MAX;
-    if (!ok && copy != nullptr && copy->ptr() == nullptr) {
-        *copy = contiguous_copy(obj, name);
+    if (!ok && copy != nullptr && !copy->defined()) {
+        *copy = t.contiguous();
         return matrix(*copy, name, column_major_ok, copy);
     }
     CHECK_ARG(row_major || (column_major_ok && col_major),
@@ -189,6 +142,9 @@ Matrix matrix(py::handle obj, const char* name, bool column_major_ok, py::object
     return {data, rows, cols, 1, cs};
 }
 
+Matrix matrix(py::handle obj, const char* name, bool column_major_ok, at::Tensor* copy = nullptr) {
+    return matrix(unpack(obj, name), name, column_major_ok, copy);
+}
 bool c_contiguous(const Tensor& t) {
     if (t.numel() == 0) return true;
     int64_t expected = 1;
@@ -206,14 +162,14 @@ std::string shape_string(std::initializer_list<int64_t> shape) {
     return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-// The data of the tensor obj (read as a), which must have exactly this shape; C-contiguous, or else
+// The data of the tensor t (read as a), which must have exactly this shape; C-contiguous, or else
 // its contiguous copy is taken into *copy (the caller keeps it alive), or without copy it is an error.
-const float* contiguous(py::handle obj, const Tensor& a, const char* name, std::initializer_list<int64_t> shape,
-                        py::object* copy) {
+const float* contiguous(const at::Tensor& t, const Tensor& a, const char* name, std::initializer_list<int64_t> shape,
+                        at::Tensor* copy) {
     CHECK_ARG(std::equal(shape.begin(), shape.end(), a.shape),
               std::string(name) + " must have shape " + shape_string(shape) + ", got " + shape_of(a));
-    if (!c_contiguous(a) && copy != nullptr && copy->ptr() == nullptr) {
-        *copy = contiguous_copy(obj, name);
+    if (!c_contiguous(a) && copy != nullptr && !copy->defined()) {
+        *copy = t.contiguous();
         return contiguous(*copy, tensor(*copy, name, a.ndim), name, shape, copy);
     }
     CHECK_ARG(c_contiguous(a), std::string(name) + " must be C-contiguous");
@@ -221,21 +177,17 @@ const float* contiguous(py::handle obj, const Tensor& a, const char* name, std::
 }
 
 const float* contiguous(py::handle obj, const char* name, std::initializer_list<int64_t> shape,
-                        py::object* copy = nullptr) {
-    return contiguous(obj, tensor(obj, name, static_cast<int>(shape.size())), name, shape, copy);
+                        at::Tensor* copy = nullptr) {
+    const at::Tensor& t = unpack(obj, name);
+    return contiguous(t, tensor(t, name, static_cast<int>(shape.size())), name, shape, copy);
 }
 
-// A new float32 (rows, cols) tensor, made here for an output, and its data.
+// A new float32 (rows, cols) CPU tensor, made here for an output, and its data. The device is explicit:
+// neither a default device nor a `with torch.device(...)` block moves it off the CPU.
 py::object new_tensor(int64_t rows, int64_t cols, float** data) {
-    const py::tuple shape = py::make_tuple(rows, cols);
-    PyObject* t = PyObject_Call(torch_api->empty, shape.ptr(), torch_api->float32_kwargs);
-    if (t == nullptr) throw py::error_already_set();
-    py::object tensor = py::reinterpret_steal<py::object>(t);
-    const unsigned long long address =
-        PyLong_AsUnsignedLongLong(attribute(tensor, torch_api->data_ptr, true, "output").ptr());
-    if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) throw py::error_already_set();
-    *data = reinterpret_cast<float*>(static_cast<uintptr_t>(address));
-    return tensor;
+    at::Tensor t = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+    *data = t.mutable_data_ptr<float>();
+    return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
 
 // reference.dropout_threshold: an element is kept iff its signed hash >= int(p * 2**32) - 2**31.
@@ -251,7 +203,7 @@ bool base_in_extension(bool asked, const Matrix& x, const Matrix& weight) {
 
 // The copies a call makes of arguments in layouts the kernels do not take, alive until it returns.
 struct Copies {
-    py::object x, weight, bias, lora_A, lora_B, grad_out;
+    at::Tensor x, weight, bias, lora_A, lora_B, grad_out;
 };
 
 fastlora::LoraProblem problem(py::handle x, py::handle weight, py::handle bias, py::handle lora_A,
@@ -263,10 +215,11 @@ fastlora::LoraProblem problem(py::handle x, py::handle weight, py::handle bias, 
     CHECK_ARG(wm.cols == in, "weight must be (out, " + std::to_string(in) + ") to match x (" +
                              std::to_string(xm.rows) + ", " + std::to_string(in) + "), got (" +
                              std::to_string(wm.rows) + ", " + std::to_string(wm.cols) + ")");
-    const Tensor a_tensor = tensor(lora_A, "lora_A", 2);
-    const int64_t rank = a_tensor.shape[0];
+    const at::Tensor& a_tensor = unpack(lora_A, "lora_A");
+    const Tensor a_view = tensor(a_tensor, "lora_A", 2);
+    const int64_t rank = a_view.shape[0];
     CHECK_ARG(rank >= 1, "lora_A must have at least one row (rank >= 1)");
-    const float* a = contiguous(lora_A, a_tensor, "lora_A", {rank, in}, &copies.lora_A);
+    const float* a = contiguous(a_tensor, a_view, "lora_A", {rank, in}, &copies.lora_A);
     const float* b = contiguous(lora_B, "lora_B", {out, rank}, &copies.lora_B);
     const float* bias_data = bias.is_none() ? nullptr : contiguous(bias, "bias", {out}, &copies.bias);
     CHECK_ARG(std::isfinite(scale), "scale must be finite");
@@ -478,7 +431,6 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "fastlora's fused fp32 LoRA kernels for CPUs (OpenBLAS base product, fused rank-R update); "
               "the arrays are float32 CPU torch.Tensors";
     scipy_openblas_set_num_threads(1);  // parallelism comes from parallel_run, sized by the caller
-    load_torch_api();
     m.def("forward", &forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"),
           py::arg("lora_B"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("threads"),
           py::arg("base_product") = true,

@@ -27,8 +27,12 @@ rm -f "$STAMP"
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q torch==2.13.0
+# The C++ extension builds against the torch just installed (it reads tensors natively): without build isolation,
+# whose environment would fetch another torch, so the build tools go in first (ninja: its sources compile in parallel).
+.venv/bin/python -m pip install -q "setuptools>=68" wheel "scipy-openblas32>=0.3.27" ninja
 # FASTLORA_BUILD_EXT=1: a failed C++ extension build is an error here, not a silently missing backend.
-FASTLORA_BUILD_EXT=${FASTLORA_BUILD_EXT:-1} .venv/bin/python -m pip install -q -e ".[test,examples]"
+PATH="$PWD/.venv/bin:$PATH" FASTLORA_BUILD_EXT=${FASTLORA_BUILD_EXT:-1} \
+    .venv/bin/python -m pip install -q --no-build-isolation -e ".[test,examples]"
 if ! command -v java >/dev/null 2>&1; then
     echo "setup: java not found; METEOR, ROUGE-L and CIDEr (examples/e2e/evaluate.py) need it: apt-get install default-jre-headless" >&2
 fi

@@ -34,12 +34,46 @@ def good():
      r"and slices \[True, False, True\], got \(12, 2\)"),
     ({"slices": [True, False, True], "lora_A": torch.randn(3, 8)}, r"lora_A's rows 3 must be rank x 2 enabled"),
 ])
-def test_bad_arguments_name_the_argument_and_shapes(change, message):
-    args = good() | change
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_bad_arguments_name_the_argument_and_shapes(change, message, mode):
+    """The same error in training, in eval mode and without autograd (where the cpu backend checks the arguments
+    itself and the op only words its error), changing no tensor and not the random state."""
+    args = good() | change | ({"training": False} if mode == "eval" else {})
     before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
-    with pytest.raises(ValueError, match=message):
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=message), torch.set_grad_enabled(mode != "no_grad"):
         lora_linear(**args)
     assert all(torch.equal(before[k], v) for k, v in args.items() if isinstance(v, torch.Tensor))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_an_inference_call_on_the_cpu_backend_leaves_the_checks_to_the_extension(monkeypatch):
+    """No-grad, no dropout: the extension checks every argument, so the op's own checks run only to word an error."""
+    pytest.importorskip("fastlora.ops.cpu", reason="the cpu backend is unavailable", exc_type=ImportError)
+    import fastlora.ops as ops
+    calls = []
+    validate = ops._validate
+    monkeypatch.setattr(ops, "_validate", lambda *a: calls.append(1) or validate(*a))
+    args = good()
+    with torch.no_grad():
+        want = ops.lora_linear(**args, dropout_p=0.1, training=False)
+        assert not calls
+        torch.testing.assert_close(want, args["x"] @ args["weight"].T + args["bias"])
+        ops.lora_linear(**args, dropout_p=0.1)  # dropout: the seed is drawn after the op's checks
+        assert len(calls) == 1
+        with pytest.raises(ValueError, match="lora_A must be"):
+            ops.lora_linear(**args | {"lora_A": torch.randn(2, 7)}, training=False)
+        assert len(calls) == 2
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"scale": torch.tensor(2.0)}, "scale must be a finite number, got tensor"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"dropout_p": 2.0}, r"dropout_p must be in \[0, 1\), got 2.0"),
+])
+def test_bad_arguments_are_refused_in_eval_mode_too(change, message):
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        lora_linear(**good() | change, training=False)
 
 
 def test_trainable_base_weight_is_refused_in_backward():

@@ -187,6 +187,12 @@ def test_nan_and_inf_propagate_as_in_the_reference(two_threads, gemm):
             assert torch.equal(g.isneginf(), w.isneginf())
 
 
+def _freed(t):
+    """t with its storage resized to nothing, as FSDP frees a parameter it gathered."""
+    t.untyped_storage().resize_(0)
+    return t
+
+
 def _good_args():
     m, n_in, n_out, rank = 5, 6, 7, 2
     return dict(x=torch.ones(m, n_in), weight=torch.ones(n_out, n_in), bias=torch.ones(n_out),
@@ -199,7 +205,8 @@ BAD_FORWARD_ARGS = {  # (the bad arguments, what the error must say)
     "float64 x": (dict(x=torch.ones(5, 6, dtype=torch.float64)), "x must be float32, got torch.float64"),
     "x on meta": (dict(x=torch.ones(5, 6, device="meta")), "x must be on the CPU, got meta"),
     "negated x": (dict(x=torch.ones(5, 6, dtype=torch.complex64).conj().imag), "x is a negated view"),
-    "sparse x": (dict(x=torch.ones(5, 6).to_sparse()), "x: RuntimeError: .*(storage|strides)"),
+    "sparse x": (dict(x=torch.ones(5, 6).to_sparse()), "x must be a dense .strided. tensor, got layout torch.sparse"),
+    "freed weight": (dict(weight=_freed(torch.ones(7, 6))), "weight addresses 168 bytes of a storage of 0 .freed"),
     "1-D x": (dict(x=torch.ones(6)), r"x must have 2 dims, got shape torch.Size\(\[6\]\)"),
     "x in mismatch": (dict(x=torch.ones(5, 4)), r"weight must be \(out, 4\)"),
     "weight out mismatch": (dict(weight=torch.ones(6, 6)), r"lora_B must have shape \(6, 2\)"),

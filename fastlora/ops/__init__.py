@@ -115,16 +115,16 @@ def _compiled_backward(ctx, grad_out):
 _lora_linear_op.register_autograd(_compiled_backward, setup_context=_setup_context)
 
 
-def _apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices) -> Tensor:
+def _apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices, backend=None) -> Tensor:
     """The custom op while torch.compile traces; else the autograd.Function, or the bare forward
-    when no gradient is wanted (inference skips autograd's per-call bookkeeping)."""
+    (of ``backend`` when given) when no gradient is wanted: inference skips autograd's per-call bookkeeping."""
     if torch.compiler.is_compiling():
         return _lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed,
                                None if slices is None else list(slices))
     if torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                     or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return _LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices)
-    return select(x).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices)
+    return (backend or select(x)).forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices)
 
 
 def _shape(t: Tensor | None) -> str:
@@ -188,6 +188,7 @@ def _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices) -> None
 
 
 _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_any_autocast = torch._C._is_any_autocast_enabled  # whether autocast is on for any device
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16))
 
@@ -197,6 +198,8 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple:
     is cast): under autocast a layer's input often arrives already in the autocast dtype while its
     frozen weight is fp32. LoRA parameters are never cast: the backends read fp32 ones over a 16-bit
     x as they are, compute in x's dtype and return fp32 gradients (as peft keeps them)."""
+    if not _any_autocast():  # one cheap check for the usual case
+        return x, weight, bias
     device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
     if not torch.is_autocast_enabled(device_type) or x.dtype not in _AUTOCAST_DTYPES:
         return x, weight, bias
@@ -252,12 +255,28 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
         ``(..., out)`` tensor in x's dtype (under autocast, the autocast dtype).
     """
     x, weight, bias = _autocast(x, weight, bias)
+    if (slices is None and seed is None and (not training or dropout_p == 0) and 0.0 <= dropout_p < 1.0
+            and isinstance(scale, (int, float)) and not torch.compiler.is_compiling()):
+        # No dropout, so no seed to draw: a backend that checks every argument itself before it computes
+        # anything (the cpu backend's extension) is called straight away; the checks here only word its error.
+        backend = select(x)
+        if getattr(backend, "CHECKS_ARGUMENTS", False):
+            try:
+                return _flat_apply(x, weight, bias, lora_A, lora_B, scale, 0.0, _NO_SEED, None, backend)
+            except Exception:
+                _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices)
+                raise
     _validate(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices)
     p = float(dropout_p) if training else 0.0
     seed_tensor = _seed_tensor(seed, x.device) if p > 0.0 or seed is not None else _NO_SEED
     if slices is not None:
         slices = tuple(bool(s) for s in slices)
+    return _flat_apply(x, weight, bias, lora_A, lora_B, scale, p, seed_tensor, slices)
+
+
+def _flat_apply(x, weight, bias, lora_A, lora_B, scale, p, seed, slices, backend=None) -> Tensor:
+    """:func:`_apply` over x's rows: leading dims flattened, and restored on the output."""
     if x.ndim == 2:
-        return _apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed_tensor, slices)
-    flat = _apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, seed_tensor, slices)
+        return _apply(x, weight, bias, lora_A, lora_B, float(scale), p, seed, slices, backend)
+    flat = _apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scale), p, seed, slices, backend)
     return flat.view(*x.shape[:-1], weight.shape[0])

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fastlora.ops.reference import expand_slices, stack_slices
 
+CHECKS_ARGUMENTS = True  # the extension checks every argument before it computes (see fastlora.ops.lora_linear)
 ISA_ENV_VAR = "FASTLORA_CPU_ISA"
 GEMM_ENV_VAR = "FASTLORA_CPU_GEMM"
 GEMMS = ("torch", "openblas")

@@ -78,32 +78,36 @@ def forced_backend() -> str | None:
 
 
 try:  # the environment's own dict: a lookup there costs ~0.1 us, os.environ.get's encoding ~2 us, on every call
-    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(ENV_VAR)
+    _ENV_DATA, _ENV_KEY, _INTERPRET_KEY = os.environ._data, os.environ.encodekey(ENV_VAR), \
+        os.environ.encodekey("TRITON_INTERPRET")
 except AttributeError:  # a Python without them
-    _ENV_DATA, _ENV_KEY = os.environ, ENV_VAR
+    _ENV_DATA, _ENV_KEY, _INTERPRET_KEY = os.environ, ENV_VAR, "TRITON_INTERPRET"
 
 
 def select(x: torch.Tensor) -> ModuleType:
-    """The backend module that runs a call on tensors like ``x``."""
-    if not _ENV_DATA.get(_ENV_KEY):  # the automatic choice, by device and dtype: cached
-        key = (x.is_cuda, x.is_cpu, x.dtype)
-        chosen = _AUTOMATIC.get(key)
-        if chosen is None:
-            chosen = _AUTOMATIC[key] = _automatic(x)
-        return chosen
+    """The backend module that runs a call on tensors like ``x``: chosen once per ``FASTLORA_BACKEND`` value,
+    ``TRITON_INTERPRET`` value, device kind and dtype, then cached (an error is raised on every call, never cached)."""
+    key = (_ENV_DATA.get(_ENV_KEY), _ENV_DATA.get(_INTERPRET_KEY), x.is_cuda, x.is_cpu, x.dtype)
+    chosen = _CHOSEN.get(key)
+    if chosen is None:
+        chosen = _CHOSEN[key] = _choose(x)
+    return chosen
+
+
+_CHOSEN: dict[tuple, ModuleType] = {}
+
+
+def _choose(x: torch.Tensor) -> ModuleType:
     name = forced_backend()
-    if name is not None:
-        loaded = _load(name)
-        if not isinstance(loaded, ModuleType):
-            raise RuntimeError(f"{ENV_VAR}={name} but the {name} backend is unavailable: {loaded}")
-        why_not = _accepts(name, x)
-        if why_not:
-            raise RuntimeError(f"{ENV_VAR}={name}: {why_not}")
-        return loaded
-    return _automatic(x)
-
-
-_AUTOMATIC: dict[tuple, ModuleType] = {}
+    if name is None:
+        return _automatic(x)
+    loaded = _load(name)
+    if not isinstance(loaded, ModuleType):
+        raise RuntimeError(f"{ENV_VAR}={name} but the {name} backend is unavailable: {loaded}")
+    why_not = _accepts(name, x)
+    if why_not:
+        raise RuntimeError(f"{ENV_VAR}={name}: {why_not}")
+    return loaded
 
 
 def _automatic(x: torch.Tensor) -> ModuleType:
