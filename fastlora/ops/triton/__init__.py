@@ -33,6 +33,7 @@ if not INTERPRET and not torch.cuda.is_available():
 
 from fastlora.ops import reference  # noqa: E402
 from fastlora.ops.reference import TensorCache, dropout_threshold, expand_slices, stack_slices  # noqa: E402
+from fastlora.ops.triton import _hopper  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
     _cast_pair_kernel,
     _lora_backward_kernel,
@@ -43,6 +44,22 @@ from fastlora.ops.triton._kernels import (  # noqa: E402
     _mixed_gemm_kernel,
     _mixed_grad_kernel,
 )
+
+# Which kernel computes the forward's GEMM: today's tiled one, or (``hopper``, not yet measured on a GPU, so not the
+# default) the persistent TMA/wgmma kernel of _hopper.py wherever it applies (sm_90+, 16-bit, TMA-aligned operands).
+GEMM_ENV_VAR = "FASTLORA_TRITON_GEMM"
+GEMMS = ("tiled", "hopper")
+
+
+def set_gemm(name: str) -> None:
+    """Compute the forward's GEMM with the ``tiled`` kernel or, where it applies, the ``hopper`` one."""
+    global _GEMM
+    if name not in GEMMS:
+        raise ValueError(f"unknown {GEMM_ENV_VAR} {name!r}: choose one of {', '.join(GEMMS)}")
+    _GEMM = name
+
+
+set_gemm(os.environ.get(GEMM_ENV_VAR, "tiled").strip().lower() or "tiled")
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
@@ -358,6 +375,11 @@ def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora_B: Tensor, h: Ten
     """The forward GEMM with bias and the rank-R term in its epilogue."""
     (M, K), N = x.shape, weight.shape[0]
     out = x.new_empty(M, N)
+    if _GEMM == "hopper":
+        sms, smem = (INTERPRET_SMS, 232448) if INTERPRET else (_sm_count(x.device.index), _smem_limit(x.device.index))
+        if _hopper.applies(x, weight, layout.h_pad, smem):
+            _hopper.gemm(x, weight, bias, lora_B, h, scale, layout, out, sms, smem)
+            return out
     args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, layout.rank, layout.group_rows,
             *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
     meta = {"HAS_BIAS": bias is not None, "RS_PAD": layout.rs_pad, "H_PAD": layout.h_pad, "GROUPS": layout.groups,

@@ -1,0 +1,194 @@
+"""The persistent TMA forward GEMM (fastlora/ops/triton/_hopper.py): its results against a float64 reference, and
+the routing that picks it (``FASTLORA_TRITON_GEMM=hopper``) only for 16-bit, TMA-aligned operands on sm_90+.
+
+On CPU the kernel runs under the Triton interpreter (fp16 only: the interpreter does not emulate bf16 dots); on a
+GPU without TMA (before sm_90) the tests that need the kernel skip.
+"""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import TOLERANCE, float64_reference, rel_err
+
+import fastlora
+from fastlora.ops import reference
+
+triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
+hopper = triton_backend._hopper
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+CAPABLE = not GPU or torch.cuda.get_device_capability()[0] >= 9
+DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    """The hopper route on for the test (restored after), and a list that records each launch of its kernel."""
+    monkeypatch.setattr(triton_backend, "_GEMM", "hopper")
+    calls = []
+    launch = hopper.gemm
+
+    def recorded(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+    monkeypatch.setattr(hopper, "gemm", recorded)
+    return calls
+
+
+def _layer(rows, n_in, n_out, rank, dtype, lora_dtype=None, conv1d=False, seed=0):
+    """x, W (nn.Linear's layout or a Conv1D's transposed view), bias, A and B, on the test's device."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, as_dtype=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=as_dtype)
+
+    weight = rand(n_in, n_out, scale=n_in**-0.5).t() if conv1d else rand(n_out, n_in, scale=n_in**-0.5)
+    lora_dtype = lora_dtype or dtype
+    return (rand(rows, n_in), weight, rand(n_out), rand(rank, n_in, scale=n_in**-0.5, as_dtype=lora_dtype),
+            rand(n_out, rank, scale=rank**-0.5, as_dtype=lora_dtype))
+
+
+def _check(x, weight, bias, lora_A, lora_B, slices=None, p=0.1):
+    got = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, p, torch.tensor(11), slices)
+    expected, _ = float64_reference(x, weight, bias, lora_A, lora_B, 0.7, p, 11, slices)
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    assert rel_err(got, expected) <= TOLERANCE[x.dtype]
+
+
+needs_tma = pytest.mark.skipif(not CAPABLE, reason="the persistent kernel needs TMA and wgmma (sm_90+)")
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, n_in, n_out", [(70, 48, 40), (1, 8, 8), (33, 24, 56)] + [(1100, 64, 72)] * GPU)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank", [4, 16])
+def test_forward_matches_float64_reference(launches, dtype, rows, n_in, n_out, bias, rank):
+    """Rows off every tile size and more tiles than programs (the interpreter runs 2), K and N at TMA's limit (8
+    16-bit values: 16 bytes), on a GPU a shape of the large-M configs; with and without bias, at ranks below and
+    at the 16-wide padding."""
+    x, weight, b, lora_A, lora_B = _layer(rows, n_in, n_out, rank, dtype)
+    _check(x, weight, b if bias else None, lora_A, lora_B)
+    assert launches == [(rows, n_in)]
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_with_qv_slices_and_fp32_lora_over_16_bit(launches, dtype):
+    """GPT-2's c_attn setup: three output groups, q and v adapted (the middle group exactly the base layer's),
+    fp32 LoRA parameters read as they are; the weight as a Conv1D's transposed view."""
+    rows, n_in, n_out, rank = 45, 32, 96, 4
+    x, weight, bias, lora_A, lora_B = _layer(rows, n_in, n_out, 2 * rank, dtype, torch.float32, conv1d=True)
+    lora_B = lora_B[:2 * n_out // 3, :rank].contiguous()
+    slices = (True, False, True)
+    _check(x, weight, bias, lora_A, lora_B, slices)
+    y = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.1, torch.tensor(11), slices)
+    middle = slice(n_out // 3, 2 * n_out // 3)
+    base = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double() * 0, 0.7,
+                             0.0, torch.tensor(0), slices)
+    assert rel_err(y[:, middle], base[:, middle]) <= TOLERANCE[dtype]
+    assert len(launches) == 2
+
+
+@needs_tma
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_both_weight_layouts_read_through_descriptors(launches, conv1d):
+    """nn.Linear's (out, in) rows and a Conv1D weight's (in, out) rows, each through its own descriptor."""
+    _check(*_layer(70, 40, 48, 8, torch.float16, conv1d=conv1d))
+    assert launches == [(70, 40)]
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose base address is 2 bytes past a 16-byte boundary (strides unchanged)."""
+    storage = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+UNALIGNED = {
+    "strided x": lambda x, w: (torch.cat([x, x], 1)[:, ::2], w),
+    "K of 13": lambda x, w: (x[:, :13].contiguous(), w[:, :13].contiguous()),
+    "x off a 16-byte boundary": lambda x, w: (_misaligned(x), w),
+    "W off a 16-byte boundary": lambda x, w: (x, _misaligned(w)),
+    "N of 12": lambda x, w: (x, w[:12]),
+    "Conv1D weight with N of 12": lambda x, w: (x, w[:12].t().contiguous().t()),
+    "fp32": lambda x, w: (x.float(), w.float()),
+}
+
+
+@pytest.mark.parametrize("case", list(UNALIGNED))
+def test_operands_tma_cannot_read_fall_back_to_the_tiled_kernel(launches, case):
+    """Strided x, row strides or base addresses off 16 bytes, or fp32: the tiled kernel computes the forward."""
+    x, weight, bias, lora_A, lora_B = _layer(40, 32, 24, 4, torch.float16)
+    x, weight = UNALIGNED[case](x, weight)
+    n_out, n_in = weight.shape
+    lora_A, lora_B, bias = lora_A[:, :n_in].to(x.dtype), lora_B[:n_out].to(x.dtype), bias[:n_out].to(x.dtype)
+    _check(x, weight, bias, lora_A, lora_B)
+    assert launches == []
+
+
+def test_tiled_is_the_default_route(monkeypatch):
+    """Unless asked for, the forward never launches the persistent kernel, even where it applies."""
+    monkeypatch.setattr(triton_backend, "_GEMM", triton_backend._GEMM)
+    triton_backend.set_gemm("tiled")
+    monkeypatch.setattr(hopper, "gemm", lambda *args: pytest.fail("the hopper kernel ran"))
+    _check(*_layer(70, 48, 40, 4, torch.float16))
+
+
+def test_unknown_gemm_is_refused_naming_the_variable():
+    with pytest.raises(ValueError, match="FASTLORA_TRITON_GEMM 'fast'"):
+        triton_backend.set_gemm("fast")
+
+
+@pytest.mark.parametrize("value, expected", [(None, "tiled"), (" Hopper ", "hopper")])
+def test_environment_variable_chooses_the_route_at_import(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "FASTLORA_TRITON_GEMM"}
+    if value is not None:
+        env["FASTLORA_TRITON_GEMM"] = value
+    result = subprocess.run([sys.executable, "-c", "import fastlora.ops.triton as t; print(t._GEMM)"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [expected]
+
+
+@needs_tma
+def test_forward_on_a_thread_of_its_own(launches):
+    """Device-side descriptors need an allocator, which Triton keeps per thread: a forward on a new thread (as
+    autograd's, or a data-parallel worker's) sets its own."""
+    x, weight, bias, lora_A, lora_B = _layer(70, 48, 40, 4, torch.float16)
+    errors = []
+
+    def run():
+        try:
+            _check(x, weight, bias, lora_A, lora_B)
+        except BaseException as error:  # reported on the test's thread
+            errors.append(error)
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert launches == [(70, 48)]
+
+
+@needs_tma
+def test_gradients_through_the_op_with_the_hopper_forward(launches, monkeypatch):
+    """The public op on the triton backend: forward through the persistent kernel, gradients as the reference's."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    x, weight, bias, lora_A, lora_B = _layer(70, 48, 40, 4, torch.float16, torch.float32)
+    x.requires_grad_()
+    lora_A.requires_grad_()
+    lora_B.requires_grad_()
+    y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 0.7, 0.1, seed=11)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    y.backward(grad)
+    expected, leaves = float64_reference(x, weight, bias, lora_A, lora_B, 0.7, 0.1, 11)
+    expected.backward(grad.double())
+    assert rel_err(y, expected) <= TOLERANCE[torch.float16]
+    for got, want in zip((x, lora_A, lora_B), leaves, strict=True):
+        assert rel_err(got.grad, want.grad) <= TOLERANCE[torch.float16]
+    assert launches == [(70, 48)]
