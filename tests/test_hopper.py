@@ -5,6 +5,7 @@ On CPU the kernel runs under the Triton interpreter (fp16 only: the interpreter 
 GPU without TMA (before sm_90) the tests that need the kernel skip.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -192,3 +193,19 @@ def test_gradients_through_the_op_with_the_hopper_forward(launches, monkeypatch)
     for got, want in zip((x, lora_A, lora_B), leaves, strict=True):
         assert rel_err(got.grad, want.grad) <= TOLERANCE[torch.float16]
     assert launches == [(70, 48)]
+
+
+@needs_tma
+def test_benchmark_dry_run_checks_and_times_both_routes(tmp_path):
+    """benchmarks/hopper_bench.py --dry-run: the config check and one tiny shape through both GEMMs."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hopper_bench.py")
+    result = subprocess.run([sys.executable, script, "--dry-run", "--out", str(tmp_path)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "hopper_bench.json").read_text())
+    assert results["configs"] and all(row["ok"] for row in results["configs"])
+    [row] = results["shapes"]
+    assert row["hopper_route"]
+    assert set(row["ms"]) == {"cublas", "tiled", "hopper", "tiled gemm", "hopper gemm"}
+    assert all(error <= TOLERANCE[torch.float16] for error in row["rel_err"].values())
+    assert "| 40 | 64->48 |" in (tmp_path / "hopper_bench.md").read_text()
