@@ -28,15 +28,18 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])
 
 @pytest.fixture
 def launches(monkeypatch) -> list:
-    """The hopper route on for the test (restored after), and a list that records each launch of its kernel."""
+    """The hopper route on for the test (restored after), and a list that records each launch of its kernels:
+    ``("forward", rows)`` or ``("dx", rows)``."""
     monkeypatch.setattr(triton_backend, "_GEMM", "hopper")
     calls = []
-    launch = hopper.gemm
 
-    def recorded(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-    monkeypatch.setattr(hopper, "gemm", recorded)
+    def recording(kind: str, launch):
+        def recorded(*args):
+            calls.append((kind, args[0].shape[0]))
+            return launch(*args)
+        return recorded
+    monkeypatch.setattr(hopper, "gemm", recording("forward", hopper.gemm))
+    monkeypatch.setattr(hopper, "dx", recording("dx", hopper.dx))
     return calls
 
 
@@ -74,7 +77,7 @@ def test_forward_matches_float64_reference(launches, dtype, rows, n_in, n_out, b
     at the 16-wide padding."""
     x, weight, b, lora_A, lora_B = _layer(rows, n_in, n_out, rank, dtype)
     _check(x, weight, b if bias else None, lora_A, lora_B)
-    assert launches == [(rows, n_in)]
+    assert launches == [("forward", rows)]
 
 
 @needs_tma
@@ -92,7 +95,7 @@ def test_forward_with_qv_slices_and_fp32_lora_over_16_bit(launches, dtype):
     base = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double() * 0, 0.7,
                              0.0, torch.tensor(0), slices)
     assert rel_err(y[:, middle], base[:, middle]) <= TOLERANCE[dtype]
-    assert len(launches) == 2
+    assert launches == [("forward", rows)] * 2
 
 
 @needs_tma
@@ -100,7 +103,58 @@ def test_forward_with_qv_slices_and_fp32_lora_over_16_bit(launches, dtype):
 def test_both_weight_layouts_read_through_descriptors(launches, conv1d):
     """nn.Linear's (out, in) rows and a Conv1D weight's (in, out) rows, each through its own descriptor."""
     _check(*_layer(70, 40, 48, 8, torch.float16, conv1d=conv1d))
-    assert launches == [(70, 40)]
+    assert launches == [("forward", 70)]
+
+
+def _check_backward(x, weight, bias, lora_A, lora_B, slices=None, p=0.1, needs=(True, True, True), grad=None):
+    """Forward and backward of the triton backend against the float64 reference: y, and dx, dA, dB as ``needs``
+    asks (dA and dB in the parameters' dtype)."""
+    seed = torch.tensor(11)
+    y, saved = triton_backend.forward_for_backward(x, weight, bias, lora_A, lora_B, 0.7, p, seed, slices, needs)
+    if grad is None:
+        grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
+    got = triton_backend.backward(grad, x, weight, lora_A, lora_B, 0.7, p, seed, needs, slices, saved)
+    leaves_in = [t.detach().clone().requires_grad_(need) for t, need in zip((x, lora_A, lora_B), needs, strict=True)]
+    expected, leaves = float64_reference(leaves_in[0], weight, bias, leaves_in[1], leaves_in[2], 0.7, p, 11, slices)
+    expected.backward(grad.double())
+    assert rel_err(y, expected) <= TOLERANCE[x.dtype]
+    for result, leaf, need, param in zip(got, leaves, needs, (x, lora_A, lora_B), strict=True):
+        assert (result is not None) == need
+        if need:
+            assert result.dtype == param.dtype and result.shape == param.shape
+            assert rel_err(result, leaf.grad) <= TOLERANCE[x.dtype]
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, n_in, n_out", [(70, 48, 40), (33, 24, 56)] + [(1100, 64, 72)] * GPU)
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("needs", [(True, False, False), (True, True, False), (True, True, True)])
+def test_dx_and_da_match_float64_reference(launches, dtype, rows, n_in, n_out, p, needs):
+    """The persistent dx kernel, alone or with dA (atomically added), with and without dropout, on rows off every
+    tile size and more tiles than programs; dB stays the tiled reduction's."""
+    _check_backward(*_layer(rows, n_in, n_out, 4, dtype), p=p, needs=needs)
+    assert launches == [("forward", rows), ("dx", rows)]
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dx_with_qv_slices_fp32_lora_and_a_conv1d_weight(launches, dtype):
+    """B laid out densely by the forward's first launch (two enabled groups of three), fp32 A read as it is."""
+    rows, n_in, n_out, rank = 45, 32, 96, 4
+    x, weight, bias, lora_A, lora_B = _layer(rows, n_in, n_out, 2 * rank, dtype, torch.float32, conv1d=True)
+    lora_B = lora_B[:2 * n_out // 3, :rank].contiguous()
+    _check_backward(x, weight, bias, lora_A, lora_B, slices=(True, False, True))
+    assert launches == [("forward", rows), ("dx", rows)]
+
+
+def test_dx_of_a_strided_gradient_or_without_dx_falls_back_to_the_tiled_kernel(launches):
+    """A gradient with every other column (no unit stride) and a backward for dA alone take the tiled kernel."""
+    x, weight, bias, lora_A, lora_B = _layer(40, 32, 24, 4, torch.float16)
+    grad = torch.randn(40, 48, generator=torch.Generator().manual_seed(3)).to(x)[:, ::2]
+    _check_backward(x, weight, bias, lora_A, lora_B, grad=grad)
+    _check_backward(x, weight, bias, lora_A, lora_B, needs=(False, True, True))
+    assert [kind for kind, _ in launches] == ["forward"] * 2 * CAPABLE
 
 
 def _misaligned(t: torch.Tensor) -> torch.Tensor:
@@ -134,11 +188,12 @@ def test_operands_tma_cannot_read_fall_back_to_the_tiled_kernel(launches, case):
 
 
 def test_tiled_is_the_default_route(monkeypatch):
-    """Unless asked for, the forward never launches the persistent kernel, even where it applies."""
+    """Unless asked for, neither forward nor backward launches a persistent kernel, even where one applies."""
     monkeypatch.setattr(triton_backend, "_GEMM", triton_backend._GEMM)
     triton_backend.set_gemm("tiled")
-    monkeypatch.setattr(hopper, "gemm", lambda *args: pytest.fail("the hopper kernel ran"))
-    _check(*_layer(70, 48, 40, 4, torch.float16))
+    for name in ("gemm", "dx"):
+        monkeypatch.setattr(hopper, name, lambda *args: pytest.fail("a hopper kernel ran"))
+    _check_backward(*_layer(70, 48, 40, 4, torch.float16), needs=(True, True, True))
 
 
 def test_unknown_gemm_is_refused_naming_the_variable():
@@ -173,7 +228,7 @@ def test_forward_on_a_thread_of_its_own(launches):
     worker.start()
     worker.join()
     assert not errors, errors
-    assert launches == [(70, 48)]
+    assert launches == [("forward", 70)]
 
 
 @needs_tma
@@ -192,7 +247,7 @@ def test_gradients_through_the_op_with_the_hopper_forward(launches, monkeypatch)
     assert rel_err(y, expected) <= TOLERANCE[torch.float16]
     for got, want in zip((x, lora_A, lora_B), leaves, strict=True):
         assert rel_err(got.grad, want.grad) <= TOLERANCE[torch.float16]
-    assert launches == [(70, 48)]
+    assert launches == [("forward", 70), ("dx", 70)]
 
 
 @needs_tma
