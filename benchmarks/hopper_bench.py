@@ -8,9 +8,11 @@ replayed from a CUDA graph (the GPU's time alone):
 
 - ``cublas``: ``F.linear(x, W, b)``, the floor;
 - ``tiled`` / ``hopper``: the triton backend's forward (down kernel + GEMM) with either GEMM;
-- ``tiled gemm`` / ``hopper gemm``: the GEMM launch alone, h precomputed.
+- ``tiled gemm`` / ``hopper gemm``: the GEMM launch alone, h precomputed;
+- ``cublas dx``: ``dy @ W``; ``tiled dx`` / ``hopper dx``: the backward's dx GEMM launch alone (dx only asked for,
+  the rank-R term and dropout mask fused).
 
-Each row also gives the relative error of both forwards against an fp32 reference on the first rows. Stops
+Each row also gives the relative error of both forwards and both dx against fp32 references on the first rows. Stops
 starting new shapes after ``--budget-s`` seconds. Writes ``hopper_bench.md`` and ``hopper_bench.json`` to
 ``--out`` (atomically, after every shape). ``--dry-run``: tiny fp16 shapes on CPU under TRITON_INTERPRET=1
 (numbers meaningless, no graphs), to exercise every code path.
@@ -43,7 +45,6 @@ from fastlora.ops import triton as triton_backend  # noqa: E402
 SHAPES = [(1024, 3072), (1024, 4096), (4096, 1024), (4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 TOKENS = (16384, 65536)
 RANK, P, ALPHA = 16, 0.1, 32.0
-CONTENDERS = ("cublas", "tiled", "hopper", "tiled gemm", "hopper gemm")
 REFERENCE_ROWS = 1024
 
 
@@ -54,12 +55,24 @@ def layer(tokens: int, n_in: int, n_out: int, dtype: torch.dtype, device: str) -
         return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
     return {"x": rand(tokens, n_in), "w": rand(n_out, n_in, scale=n_in**-0.5), "b": rand(n_out),
             "A": rand(RANK, n_in, scale=n_in**-0.5), "B": rand(n_out, RANK, scale=RANK**-0.5),
-            "seed": torch.tensor(1234, device=device)}
+            "dy": rand(tokens, n_out), "seed": torch.tensor(1234, device=device)}
 
 
 def forward(t: dict, gemm: str) -> torch.Tensor:
     triton_backend.set_gemm(gemm)
     return triton_backend.forward(t["x"], t["w"], t["b"], t["A"], t["B"], ALPHA / RANK, P, t["seed"])
+
+
+def dx(t: dict, gemm: str, saved: tuple) -> torch.Tensor:
+    triton_backend.set_gemm(gemm)
+    return triton_backend.backward(t["dy"], t["x"], t["w"], t["A"], t["B"], ALPHA / RANK, P, t["seed"],
+                                   (True, False, False), None, saved)[0]
+
+
+def saved_for_dx(t: dict) -> tuple:
+    """What the forward prepares for a backward that asks for dx alone."""
+    return triton_backend.forward_for_backward(t["x"], t["w"], t["b"], t["A"], t["B"], ALPHA / RANK, P, t["seed"],
+                                               None, (True, False, False))[1]
 
 
 def contenders(t: dict) -> dict[str, Callable[[], object]]:
@@ -72,22 +85,28 @@ def contenders(t: dict) -> dict[str, Callable[[], object]]:
             triton_backend.set_gemm(kind)
             return triton_backend._gemm(x, w, b, t["B"], h, ALPHA / RANK, layout)
         return run
+    saved = saved_for_dx(t)
     return {"cublas": lambda: F.linear(x, w, b), "tiled": lambda: forward(t, "tiled"),
             "hopper": lambda: forward(t, "hopper"), "tiled gemm": gemm_alone("tiled"),
-            "hopper gemm": gemm_alone("hopper")}
+            "hopper gemm": gemm_alone("hopper"), "cublas dx": lambda: t["dy"] @ w,
+            "tiled dx": lambda: dx(t, "tiled", saved), "hopper dx": lambda: dx(t, "hopper", saved)}
 
 
-def reference_error(t: dict, y: torch.Tensor) -> float:
-    """Relative Frobenius error of ``y``'s first rows against an fp32 forward with the same dropout mask."""
+def reference_error(t: dict, y: torch.Tensor, grad: bool = False) -> float:
+    """Relative Frobenius error of the first rows of ``y`` (or of dx, ``grad``) against fp32 references with the
+    same dropout mask."""
     from fastlora.ops import reference
 
     rows = min(REFERENCE_ROWS, y.shape[0])
     x = t["x"][:rows].float()
+    args = (x, t["w"].float(), t["b"].float(), t["A"].float(), t["B"].float(), ALPHA / RANK, P, t["seed"].cpu())
     no_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        expected = reference.forward(x, t["w"].float(), t["b"].float(), t["A"].float(), t["B"].float(), ALPHA / RANK,
-                                     P, t["seed"].cpu())
+        if grad:
+            expected = reference.backward(t["dy"][:rows].float(), *args[:2], *args[3:], (True, False, False))[0]
+        else:
+            expected = reference.forward(*args)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = no_tf32
     return ((y[:rows].float() - expected).norm() / expected.norm()).item()
@@ -130,22 +149,27 @@ def check_every_config(device: str) -> list[dict]:
     return rows
 
 
-def routed_to_hopper(t: dict) -> bool:
-    """Whether the forward with ``hopper`` chosen launches the persistent kernel for this layer."""
+def routed_to_hopper(t: dict, saved: tuple) -> dict[str, bool]:
+    """Whether the forward and dx with ``hopper`` chosen launch the persistent kernels for this layer."""
     hopper, launched = triton_backend._hopper, []
-    launch = hopper.gemm
-    hopper.gemm = lambda *args: launched.append(True) or launch(*args)
+    launches = {"gemm": hopper.gemm, "dx": hopper.dx}
+    for name, launch in launches.items():
+        setattr(hopper, name, lambda *args, name=name, launch=launch: launched.append(name) or launch(*args))
     try:
         forward(t, "hopper")
+        dx(t, "hopper", saved)
     finally:
-        hopper.gemm = launch
-    return bool(launched)
+        for name, launch in launches.items():
+            setattr(hopper, name, launch)
+    return {"forward": "gemm" in launched, "dx": "dx" in launched}
 
 
 def bench_shape(t: dict, rounds: int, iters: int, graphs: bool) -> dict:
     fns = contenders(t)
-    routed = routed_to_hopper(t)
+    saved = saved_for_dx(t)
+    routed = routed_to_hopper(t, saved)
     errors = {kind: reference_error(t, forward(t, kind)) for kind in ("tiled", "hopper")}
+    errors.update({f"{kind} dx": reference_error(t, dx(t, kind, saved), grad=True) for kind in ("tiled", "hopper")})
     ms = timed_median(fns, rounds, iters)
     graph_ms = graph_median(fns, rounds, iters) if graphs else dict.fromkeys(fns)
     return {"hopper_route": routed, "ms": ms, "graph_ms": graph_ms, "rel_err": errors}
@@ -167,8 +191,9 @@ def markdown(results: dict) -> str:
     lines += ["", "## Forward", "",
               "| tokens | in->out | cublas ms | cublas graph ms | tiled/cublas | hopper/cublas | "
               "tiled gemm/cublas | hopper gemm/cublas | graph tiled/cublas | graph hopper/cublas | "
-              "graph tiled gemm/cublas | graph hopper gemm/cublas | err tiled | err hopper |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "graph tiled gemm/cublas | graph hopper gemm/cublas | tiled dx/cublas dx | hopper dx/cublas dx | "
+              "graph tiled dx/cublas dx | graph hopper dx/cublas dx | err tiled | err hopper | err tiled dx | "
+              "err hopper dx |", "|" + "---|" * 20]
     for r in results.get("shapes", []):
         ms, graph, err = r["ms"], r["graph_ms"], r["rel_err"]
         cublas_graph = graph["cublas"]
@@ -178,7 +203,10 @@ def markdown(results: dict) -> str:
             + " | ".join(_ratio(ms[k], ms["cublas"]) for k in ("tiled", "hopper", "tiled gemm", "hopper gemm"))
             + " | " + " | ".join(_ratio(graph[k], cublas_graph) for k in ("tiled", "hopper", "tiled gemm",
                                                                            "hopper gemm"))
-            + f" | {err['tiled']:.1e} | {err['hopper']:.1e} |" + ("" if r["hopper_route"] else " (tiled: hopper n/a)"))
+            + " | " + " | ".join(_ratio(ms[f"{k} dx"], ms["cublas dx"]) for k in ("tiled", "hopper"))
+            + " | " + " | ".join(_ratio(graph[f"{k} dx"], graph["cublas dx"]) for k in ("tiled", "hopper"))
+            + " | " + " | ".join(f"{err[k]:.1e}" for k in ("tiled", "hopper", "tiled dx", "hopper dx")) + " |"
+            + "".join(f" ({kind}: hopper n/a)" for kind, taken in r["hopper_route"].items() if not taken))
     if results.get("skipped"):
         lines += ["", f"Not run (budget): {', '.join(results['skipped'])}"]
     lines += ["", "Tuned configs (hopper): " + json.dumps(results.get("tuned_hopper", [])),
@@ -198,7 +226,7 @@ def main() -> None:
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         sys.exit("hopper_bench.py needs an sm_90+ GPU (TMA and wgmma)")
     shapes, tokens, dtype = SHAPES, TOKENS, torch.bfloat16
-    rounds, iters = 5, 3
+    rounds, iters = 5, 2
     if args.dry_run:
         shapes, tokens, dtype, rounds, iters = [(64, 48)], (40,), torch.float16, 2, 1
     start = time.monotonic()

@@ -252,7 +252,7 @@ def test_gradients_through_the_op_with_the_hopper_forward(launches, monkeypatch)
 
 @needs_tma
 def test_benchmark_dry_run_checks_and_times_both_routes(tmp_path):
-    """benchmarks/hopper_bench.py --dry-run: the config check and one tiny shape through both GEMMs."""
+    """benchmarks/hopper_bench.py --dry-run: the config check and one tiny shape through both routes (forward, dx)."""
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hopper_bench.py")
     result = subprocess.run([sys.executable, script, "--dry-run", "--out", str(tmp_path)], capture_output=True,
                             text=True, timeout=600)
@@ -260,7 +260,8 @@ def test_benchmark_dry_run_checks_and_times_both_routes(tmp_path):
     results = json.loads((tmp_path / "hopper_bench.json").read_text())
     assert results["configs"] and all(row["ok"] for row in results["configs"])
     [row] = results["shapes"]
-    assert row["hopper_route"]
-    assert set(row["ms"]) == {"cublas", "tiled", "hopper", "tiled gemm", "hopper gemm"}
+    assert row["hopper_route"] == {"forward": True, "dx": True}
+    assert set(row["ms"]) == {"cublas", "tiled", "hopper", "tiled gemm", "hopper gemm", "cublas dx", "tiled dx",
+                              "hopper dx"}
     assert all(error <= TOLERANCE[torch.float16] for error in row["rel_err"].values())
     assert "| 40 | 64->48 |" in (tmp_path / "hopper_bench.md").read_text()
