@@ -345,8 +345,8 @@ def dx(dy: Tensor, weight: Tensor, lora_A: Tensor, b: Tensor, x: Tensor, out: Te
         _hopper_dx_kernel[grid(INTERPRET_CONFIG)](*args, **meta, **INTERPRET_CONFIG)
         return grid(INTERPRET_CONFIG), args, {**meta, **INTERPRET_CONFIG}
     key = ("dx", _family(M), N, K, *meta.values(), dy.dtype, lora_A.dtype, dy.device.index)
-    meta = _tuned_launch(_hopper_dx_kernel, True, grid, args, meta, key, layout.h_pad, smem_limit,
-                         reset=["da_ptr"] if dA is not None else None)
+    # dA is accumulated atomically: tuning zeroes it before every trial (dx, in its place without dA, is overwritten)
+    meta = _tuned_launch(_hopper_dx_kernel, True, grid, args, meta, key, layout.h_pad, smem_limit, reset=["da_ptr"])
     return grid(meta), args, meta
 
 
