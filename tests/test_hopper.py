@@ -265,3 +265,29 @@ def test_benchmark_dry_run_checks_and_times_both_routes(tmp_path):
                               "hopper dx"}
     assert all(error <= TOLERANCE[torch.float16] for error in row["rel_err"].values())
     assert "| 40 | 64->48 |" in (tmp_path / "hopper_bench.md").read_text()
+
+
+@pytest.mark.skipif(GPU, reason="the launch counter runs under the interpreter")
+@pytest.mark.parametrize("slices", [None, (True, False, True)])
+def test_hopper_route_keeps_the_kernel_budget(launches, monkeypatch, slices):
+    """Forward and backward with the persistent kernels launch no more than the tiled route: the down kernel and
+    the forward GEMM; the dx GEMM (dA fused), dB and the 16-bit gradients' conversion."""
+    from test_kernel_budget import BACKWARD_BUDGET, FORWARD_BUDGET, counted
+
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    rank = 4 * (2 if slices else 1)
+    x, weight, bias, lora_A, lora_B = _layer(40, 32, 48, rank, torch.float16)
+    if slices:
+        lora_B = lora_B[:32, :4].contiguous()
+    for t in (x, lora_A, lora_B):
+        t.requires_grad_()
+    with counted() as forward:
+        y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.1, slices=slices)
+    with counted() as backward:
+        y.backward(torch.ones_like(y))
+    (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = forward, backward
+    assert fwd_launches == ["_lora_down_kernel", "_hopper_forward_kernel"]
+    assert len(fwd_launches) + len(fwd_ops) <= FORWARD_BUDGET, fwd_ops
+    assert len(bwd_launches) + len(bwd_ops) <= BACKWARD_BUDGET, (bwd_launches, bwd_ops)
+    assert {"_hopper_dx_kernel", "_lora_db_kernel"} <= set(bwd_launches)
+    assert launches == [("forward", 40), ("dx", 40)]
