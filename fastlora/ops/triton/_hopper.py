@@ -50,7 +50,7 @@ DX_TILES = {
     "small-m": [(64, 128, 64, 4, 4, 1)],
 }
 SMALL_M = 1024
-REGISTER_BUDGET = 192  # fp32 values a thread may hold at the epilogue (output tile + h), as the tiled kernel's
+REGISTER_BUDGET = 192  # fp32 values a thread may hold at the epilogue (see _fitting), as the tiled kernels' budget
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SUBTILES": 2}
 INTERPRET_SMS = 2
 TMA_ALIGN = 16  # bytes
@@ -235,12 +235,16 @@ def _tma_ready(t: Tensor, unit_dim: int) -> bool:
             and t.data_ptr() % TMA_ALIGN == 0)
 
 
-def _capable(device: torch.device) -> bool:
-    """Whether the device has TMA and wgmma (sm_90 or later); the interpreter emulates any."""
-    return INTERPRET or torch.cuda.get_device_capability(device)[0] >= 9
-
-
 _CAPABLE: dict[int, bool] = {}
+
+
+def _capable(t: Tensor) -> bool:
+    """Whether ``t``'s device has TMA and wgmma (sm_90 or later), asked once per device; the interpreter emulates
+    any."""
+    index = t.device.index or 0
+    if index not in _CAPABLE:
+        _CAPABLE[index] = INTERPRET or torch.cuda.get_device_capability(t.device)[0] >= 9
+    return _CAPABLE[index]
 
 
 def applies(x: Tensor, weight: Tensor, h_pad: int, smem_limit: int) -> bool:
@@ -248,11 +252,8 @@ def applies(x: Tensor, weight: Tensor, h_pad: int, smem_limit: int) -> bool:
     and W (either layout) and y readable by TMA, and some config that fits for this padded rank."""
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         return False
-    index = x.device.index or 0
-    if index not in _CAPABLE:
-        _CAPABLE[index] = _capable(x.device)
     N = weight.shape[0]
-    return (_CAPABLE[index] and _tma_ready(x, 1) and (_tma_ready(weight, 1) or _tma_ready(weight, 0))
+    return (_capable(x) and _tma_ready(x, 1) and (_tma_ready(weight, 1) or _tma_ready(weight, 0))
             and (N * x.element_size()) % TMA_ALIGN == 0 and bool(_fitting(_family(x.shape[0]), h_pad, smem_limit)))
 
 
@@ -266,11 +267,8 @@ def applies_dx(dy: Tensor, weight: Tensor, b: Tensor, h_pad: int, smem_limit: in
     and dx readable and writable by TMA."""
     if dy.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != dy.dtype or b.dtype != dy.dtype:
         return False
-    index = dy.device.index or 0
-    if index not in _CAPABLE:
-        _CAPABLE[index] = _capable(dy.device)
     K = weight.shape[1]
-    return (_CAPABLE[index] and _tma_ready(dy, 1) and (_tma_ready(weight, 1) or _tma_ready(weight, 0))
+    return (_capable(dy) and _tma_ready(dy, 1) and (_tma_ready(weight, 1) or _tma_ready(weight, 0))
             and _tma_ready(b, 1) and (K * dy.element_size()) % TMA_ALIGN == 0
             and bool(_fitting(_family(dy.shape[0]), h_pad, smem_limit, True)))
 
