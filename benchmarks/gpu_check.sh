@@ -8,14 +8,14 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh     # $OUT defaults to benchmarks/results/gpu-<UTC time>
 #
 # The device tool brings back at most 8 files from $OUT: logs are written to a work folder and
-# packed into $OUT/logs.tar.gz at exit; $OUT keeps the card, the step codes and gpu_bench.{md,json}.
+# packed into $OUT/logs.tar.gz at exit; $OUT keeps the card, the step codes, gpu_bench.{md,json} and hopper_bench.md.
 set -u
 cd "$(dirname "$0")/.."
 RESULTS="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}"
 OUT="$(mktemp -d)"
 mkdir -p "$RESULTS"
 pack() {
-    for f in card.txt steps.txt gpu_bench.md gpu_bench.json host_profile.md graph_step.json; do
+    for f in card.txt steps.txt gpu_bench.md gpu_bench.json host_profile.md graph_step.json hopper_bench.md; do
         [ -f "$OUT/$f" ] && cp "$OUT/$f" "$RESULTS/"
     done
     tar czf "$RESULTS/logs.tar.gz" -C "$OUT" .
@@ -74,6 +74,12 @@ step backends 30 "$PY" -m fastlora
 PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # kernel compiles are CPU-bound: spread them
 TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops_triton.py tests/test_ops.py tests/test_autocast.py \
     tests/test_ops_mixed.py -k "triton or cuda or mixed" -q --maxfail=15 -p no:cacheprovider $PARALLEL
+# The persistent TMA forward GEMM (FASTLORA_TRITON_GEMM=hopper; not the default until measured): its tests and the op
+# suite's triton tests with it on (correctness in fp16 and bf16 first), then its forward against the tiled GEMM and
+# cuBLAS (every config checked against a reference, then eager and CUDA-graph times; hopper_bench.md).
+TAIL=30 step pytest_hopper 100 env FASTLORA_TRITON_GEMM=hopper "$PY" -m pytest tests/test_hopper.py tests/test_ops.py \
+    -k "hopper or triton" -q --maxfail=10 -p no:cacheprovider $PARALLEL
+TAIL=45 step hopper_bench 75 "$PY" benchmarks/hopper_bench.py --out "$OUT" --budget-s 45
 TAIL=30 step host_profile 70 "$PY" benchmarks/host_profile.py --out "$OUT"
 TAIL=10 step graph_step 70 "$PY" benchmarks/graph_step.py --out "$OUT"
 TAIL=70 step gpu_bench 200 "$PY" benchmarks/gpu_bench.py --out "$OUT"

@@ -2,22 +2,25 @@
 
 Run by tests/test_ops_triton.py in a subprocess without TRITON_INTERPRET (the interpreter would
 replace the compiler): ``python compile_kernels.py KERNELS_PY < JOBS_JSON``. Each job names a kernel
-of ``KERNELS_PY`` and its constexprs, unit strides, its fp32 and int32 (``i32_ptrs``, optional)
-pointers (``ptr_dtypes``: any other pointer's dtype, e.g. ``i64`` for a seed in memory; a pointer
-given in the constexprs is passed as that constant, e.g. None), whether the layer's sizes and
-strides are multiples of 16 (``odd``: they are not, so no integer argument gets the JIT's
-divisibility hint), pointer dtype, warps, stages and target (``arch``, e.g. 90 for H100/H200, 86 for
-RTX 30xx); the script prints one JSON object per job, in order: the shared memory the compiled
-kernel asks for, ptxas's register and spill counts, facts about its PTX (wgmma or mma.sync tensor-
-core instructions, pipelined copies, global reductions, plain stores) and ``error``, the failure (a
-compile error, a broken pipelining rule, or machine code that reads a uniform register no path has
-written) or None. Run it with an empty TRITON_CACHE_DIR: a cached kernel skips ptxas, whose log
-gives the register counts. It compiles with the triton of the Python that runs it: the test's own,
-or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the release a GPU machine runs, to check
-that release's compiler. Jobs run in a process pool: compiling is single-threaded and CPU-bound.
+of ``KERNELS_PY`` (or of its sibling ``module``, e.g. ``_hopper``) and its constexprs, unit strides,
+its fp32 and int32 (``i32_ptrs``, optional) pointers (``ptr_dtypes``: any other pointer's dtype, e.g.
+``i64`` for a seed in memory; a pointer given in the constexprs is passed as that constant, e.g.
+None), whether the layer's sizes and strides are multiples of 16 (``odd``: they are not, so no
+integer argument gets the JIT's divisibility hint), pointer dtype, warps, stages and target
+(``arch``, e.g. 90 for H100/H200, 86 for RTX 30xx); the script prints one JSON object per job, in
+order: the shared memory the compiled kernel asks for, ptxas's register and spill counts and whether
+it serialized wgmma (its C7515 warning), facts about its PTX (wgmma or mma.sync tensor-core
+instructions, pipelined copies, TMA copies, global reductions, plain stores) and ``error``, the
+failure (a compile error, a broken pipelining rule, or machine code that reads a uniform register
+no path has written) or None. Run it with an empty TRITON_CACHE_DIR: a cached kernel skips ptxas,
+whose log gives the register counts. It compiles with the triton of the Python that runs it: the
+test's own, or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the release a GPU machine runs,
+to check that release's compiler (an environment that can import torch: _hopper.py does). Jobs run
+in a process pool: compiling is single-threaded and CPU-bound.
 """
 
 import contextlib
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -42,6 +45,7 @@ FLOATS = {"scale", "inv_keep"}
 REDUCTION = re.compile(r"\b(red|atom)\.global\.")  # not the "shared.global" of cp.async; Triton 3.6 writes atom
 REGISTERS = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores")
+SERIALIZED = "wgmma.mma_async instructions are serialized"  # ptxas's C7515 performance warning
 # SASS as cuobjdump prints it: "/*0bd0*/  @!P0 UIADD3 UR22, UP0, UR22, 0x20, URZ ;"
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 PREDICATE = re.compile(r"^@!?U?P[T\d]+\s+")
@@ -50,11 +54,15 @@ UNIFORM_REG = re.compile(r"\bUR(\d+)\b")
 WRITES_UNIFORM = ("S2UR", "R2UR", "CS2UR", "LDCU", "VOTEU", "REDUX")  # besides the U... instructions
 
 
-def _kernels(path: str):
-    spec = importlib.util.spec_from_file_location("kernels", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _kernels(path: str, module: str = "_kernels"):
+    """The module ``module`` of the folder of ``path`` (``_kernels`` itself, or a sibling such as ``_hopper``, which
+    imports from it relatively), loaded as part of a stand-in package: the real package's ``__init__`` needs a GPU."""
+    package = "compiled_kernels"
+    if package not in sys.modules:
+        stand_in = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(package, None, is_package=True))
+        stand_in.__path__ = [os.path.dirname(os.path.abspath(path))]
+        sys.modules[package] = stand_in
+    return importlib.import_module(f"{package}.{module}")
 
 
 def pipelining_error(ttgir: str, arch: int) -> str | None:
@@ -198,7 +206,7 @@ def _sass(cubin: bytes) -> str:
 
 
 def compile_job(path: str, job: dict) -> dict:
-    fn = getattr(_kernels(path), job["kernel"])
+    fn = getattr(_kernels(path, job.get("module", "_kernels")), job["kernel"])
     constexprs = {**job["constexprs"], **{name: 1 for name in job["unit_strides"]}}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -232,6 +240,7 @@ def compile_job(path: str, job: dict) -> dict:
             "registers": int(registers.group(1)) if registers else None,
             "spill_stores": int(spills.group(1)) if spills else None,
             "wgmma": "wgmma.mma_async" in ptx, "mma": "mma.sync" in ptx, "cp_async": "cp.async" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx, "wgmma_serialized": SERIALIZED in log.getvalue(),
             "reduction": bool(REDUCTION.search(ptx)), "store": "st.global" in ptx}
 
 

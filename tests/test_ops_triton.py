@@ -380,6 +380,54 @@ def _mixed_jobs() -> list[dict]:
     return jobs
 
 
+def _hopper_job(tile, h_pad=16, dtype="bf16", odd=False, b_dtype=None, **flags) -> dict:
+    """The persistent TMA forward kernel (_hopper.py) for sm_90: an nn.Linear layer with bias, no slices."""
+    rows, cols, step, stages, warps, subtiles = tile
+    constexprs = {"HAS_BIAS": True, "W_T": False, "RS_PAD": h_pad, "H_PAD": h_pad, "GROUPS": 1, "SLICE_MASK": 1,
+                  "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GROUP_M": 8, "SUBTILES": subtiles, **flags}
+    return {"kernel": "_hopper_forward_kernel", "module": "_hopper", "dtype": dtype, "constexprs": constexprs,
+            "fp32_ptrs": ["h_ptr"] + (["b_ptr"] if b_dtype == "fp32" else []), "unit_strides": ["stride_br"],
+            "odd": odd, "num_warps": warps, "num_stages": stages, "arch": 90,
+            "smem_limit": min(H100_SMEM, triton_backend._hopper._smem_bytes(tile, h_pad))}
+
+
+def _hopper_dx_job(tile, h_pad=16, dtype="bf16", a_dtype=None, **flags) -> dict:
+    """The persistent dx kernel (_hopper.py) for sm_90: dx and dA with dropout, an nn.Linear weight, no slices."""
+    rows, cols, step, stages, warps, subtiles = tile
+    constexprs = {"NEED_DA": True, "DROPOUT": True, "SEED_FROM_PTR": False, "W_T": False, "RS_PAD": h_pad,
+                  "H_PAD": h_pad, "ENABLED": 1, "BLOCK_M": rows, "BLOCK_K": cols, "BLOCK_N": step, "GROUP_M": 8,
+                  "SUBTILES": subtiles, **flags}
+    if not constexprs["SEED_FROM_PTR"]:
+        constexprs["seed_ptr"] = None
+    return {"kernel": "_hopper_dx_kernel", "module": "_hopper", "dtype": dtype, "constexprs": constexprs,
+            "fp32_ptrs": ["da_ptr"] + (["a_ptr"] if a_dtype == "fp32" else []), "ptr_dtypes": {"seed_ptr": "i64"},
+            "unit_strides": ["stride_ak", "stride_xk"], "odd": False, "num_warps": warps, "num_stages": stages,
+            "arch": 90, "smem_limit": min(H100_SMEM, triton_backend._hopper._smem_bytes(tile, h_pad, True))}
+
+
+def _hopper_jobs() -> list[dict]:
+    """The persistent forward: every config an H100/H200 may run (bf16, padded rank 16); the first with fp16, a
+    Conv1D weight (W_T) and no bias; with q,v slices at rank 16 and fp32 LoRA parameters; at the largest padded
+    rank it is kept for; and for a layer whose sizes are no multiples of 16 (no divisibility hints). The
+    persistent dx: every config with dA and dropout; the first in fp16 with a Conv1D weight, dx alone, no dropout;
+    and for q,v slices with fp32 LoRA parameters and the seed read from memory."""
+    hopper = triton_backend._hopper
+    tiles = hopper._fitting("large", 16, H100_SMEM) + hopper._fitting("small-m", 16, H100_SMEM)
+    first = tiles[0]
+    largest = max(h_pad for h_pad in (16, 32, 64, 128, 256) if first in hopper._fitting("large", h_pad, H100_SMEM))
+    jobs = [_hopper_job(tile) for tile in tiles]
+    jobs += [_hopper_job(first, dtype="fp16", W_T=True, HAS_BIAS=False),
+             {**_hopper_job(first, h_pad=32, b_dtype="fp32", GROUPS=3, SLICE_MASK=5), "odd": False},
+             _hopper_job(first, h_pad=largest), _hopper_job(first, odd=True)]
+    jobs[-3]["constexprs"]["RS_PAD"] = 16
+    dx_tiles = hopper._fitting("large", 16, H100_SMEM, True) + hopper._fitting("small-m", 16, H100_SMEM, True)
+    jobs += [_hopper_dx_job(tile) for tile in dx_tiles]
+    jobs += [_hopper_dx_job(dx_tiles[0], dtype="fp16", W_T=True, DROPOUT=False, NEED_DA=False),
+             _hopper_dx_job(dx_tiles[0], h_pad=32, a_dtype="fp32", ENABLED=2, SEED_FROM_PTR=True)]
+    jobs[-1]["constexprs"]["RS_PAD"] = 16
+    return jobs
+
+
 def test_fallback_tile_fits_small_cards_up_to_rank_256():
     for backward in (False, True):
         for elem in (2, 4):
@@ -395,7 +443,8 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     bound for dB) or, for the down kernel, than any GPU has; keeps its pipelined loops free of branches and
     (sm_90) of reads of refilled slots; has machine code that reads no uniform register before writing it;
     pipelines its loads (B's tile also when dy's and W's cannot be); runs 16-bit GEMMs on tensor cores (wgmma
-    for sm_90 tiles of 64+ rows, mma.sync on sm_86); writes dx, dA and dB with the stores or reductions the
+    for sm_90 tiles of 64+ rows, mma.sync on sm_86); the persistent kernels (_hopper.py) load through TMA into
+    wgmma that ptxas does not serialize, without spills; writes dx, dA and dB with the stores or reductions the
     launcher expects; reports ptxas's register count; spills as the comments below say.
 
     The compiler is the installed triton's, or the one of the triton in FASTLORA_COMPILE_PYTHON's environment
@@ -407,7 +456,7 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     except ImportError as error:
         pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
     jobs = list({json.dumps(job, sort_keys=True): job
-                 for job in _gemm_jobs() + _thin_jobs() + _variant_jobs() + _mixed_jobs()}.values())
+                 for job in _gemm_jobs() + _thin_jobs() + _variant_jobs() + _mixed_jobs() + _hopper_jobs()}.values())
     kernels_path = os.path.join(os.path.dirname(triton_backend.__file__), "_kernels.py")
     script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -431,6 +480,11 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
         name = f"{job['kernel']} {job['dtype']} {flags} stages={job['num_stages']}{' odd' if job.get('odd') else ''}"
         assert report["error"] is None, f"{name}: {report['error']}"
         assert report["shared"] <= job["smem_limit"], f"{name}: {report['shared']} > {job['smem_limit']} bytes"
+        if job["kernel"].startswith("_hopper"):  # TMA copies feeding wgmma, which ptxas did not serialize
+            assert report["tma"] and report["wgmma"] and not report["wgmma_serialized"], f"{name}: {report}"
+            assert report["spill_stores"] == 0, f"{name}: {report['spill_stores']} bytes spilled"
+            assert report["reduction"] == flags.get("NEED_DA", False), name  # dA's atomic adds, only when asked
+            continue
         if job["kernel"] == "_cast_pair_kernel":  # no loop, nothing to pipeline: plain loads and stores
             assert report["store"] and not report["reduction"], name
             continue

@@ -33,6 +33,7 @@ if not INTERPRET and not torch.cuda.is_available():
 
 from fastlora.ops import reference  # noqa: E402
 from fastlora.ops.reference import TensorCache, dropout_threshold, expand_slices, stack_slices  # noqa: E402
+from fastlora.ops.triton import _hopper  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
     _cast_pair_kernel,
     _lora_backward_kernel,
@@ -43,6 +44,23 @@ from fastlora.ops.triton._kernels import (  # noqa: E402
     _mixed_gemm_kernel,
     _mixed_grad_kernel,
 )
+
+# Which kernels compute the forward's GEMM and the backward's dx GEMM: today's tiled ones, or (``hopper``, not yet
+# measured on a GPU, so not the default) the persistent TMA/wgmma kernels of _hopper.py wherever they apply (sm_90+,
+# 16-bit, TMA-aligned operands).
+GEMM_ENV_VAR = "FASTLORA_TRITON_GEMM"
+GEMMS = ("tiled", "hopper")
+
+
+def set_gemm(name: str) -> None:
+    """Compute the forward's and dx's GEMMs with the ``tiled`` kernels or, where they apply, the ``hopper`` ones."""
+    global _GEMM
+    if name not in GEMMS:
+        raise ValueError(f"unknown {GEMM_ENV_VAR} {name!r}: choose one of {', '.join(GEMMS)}")
+    _GEMM = name
+
+
+set_gemm(os.environ.get(GEMM_ENV_VAR, "tiled").strip().lower() or "tiled")
 
 # Under the interpreter autotuning cannot run: one small fixed config (fewer programs, faster on CPU).
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
@@ -358,6 +376,11 @@ def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora_B: Tensor, h: Ten
     """The forward GEMM with bias and the rank-R term in its epilogue."""
     (M, K), N = x.shape, weight.shape[0]
     out = x.new_empty(M, N)
+    if _GEMM == "hopper":
+        sms, smem = _hopper_limits(x)
+        if _hopper.applies(x, weight, layout.h_pad, smem):
+            _hopper.gemm(x, weight, bias, lora_B, h, scale, layout, out, sms, smem)
+            return out
     args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, layout.rank, layout.group_rows,
             *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
     meta = {"HAS_BIAS": bias is not None, "RS_PAD": layout.rs_pad, "H_PAD": layout.h_pad, "GROUPS": layout.groups,
@@ -366,6 +389,11 @@ def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora_B: Tensor, h: Ten
            x.dtype, weight.dtype, lora_B.dtype, x.device.index)
     _launch(False, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), args, meta, key)
     return out
+
+
+def _hopper_limits(x: Tensor) -> tuple[int, int]:
+    """The SM count and shared memory per program that the persistent kernels size themselves by (interpreter: H100)."""
+    return (INTERPRET_SMS, 232448) if INTERPRET else (_sm_count(x.device.index), _smem_limit(x.device.index))
 
 
 def _dense(lora_B: Tensor, slices: tuple[bool, ...] | None, N: int) -> tuple[Tensor, tuple[bool, ...] | None]:
@@ -426,7 +454,14 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
                     "ENABLED": layout.enabled, "PRECISION": _precision(x.dtype)}
             key = (True, M < SMALL_M, N, K, need_dx, need_dA, drop["DROPOUT"], layout.h_pad, layout.rs_pad,
                    layout.enabled, x.dtype, weight.dtype, lora_A.dtype, x.device.index)
-            _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta, key)
+            sms, smem = _hopper_limits(x) if _GEMM == "hopper" and need_dx else (0, 0)
+            if smem and _hopper.applies_dx(grad_out, weight, b, layout.h_pad, smem):
+                launched = _hopper.dx(grad_out, weight, lora_A, b, x, dx, dA_acc if need_dA else None, layout, scale,
+                                      drop, sms, smem)
+                _compile_seed_variant(_hopper._hopper_dx_kernel, *launched)
+            else:
+                _launch(True, lambda cfg: triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]), args, meta,
+                        key)
         if need_dB:
             dB = dB_acc if dB_acc is not None else torch.empty(lora_B.shape, device=x.device, dtype=lora_B.dtype)
             _lora_db_kernel[(layout.db_blocks, layout.db_splits)](
