@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 # relative: tests/compile_kernels.py loads this file outside the package
-from ._kernels import _col_keys, _kept, _rank_row, _row_keys, _seed_halves, _slice_of
+from ._kernels import _col_keys, _grouped_tile, _kept, _rank_row, _row_keys, _seed_halves, _slice_of
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SUBTILES), after Inductor's persistent TMA configs; below SMALL_M
@@ -55,15 +55,6 @@ INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "
 INTERPRET_SMS = 2
 TMA_ALIGN = 16  # bytes
 BARRIERS = 1024  # bytes of shared memory for the pipeline's mbarriers and alignment, above the tiles
-
-
-@triton.jit
-def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """Tile number ``tile``'s (row block, column block), in groups of GROUP_M row blocks for L2 reuse."""
-    group_size = GROUP_M * num_n
-    first_m = (tile // group_size) * GROUP_M
-    rows_in_group = min(num_m - first_m, GROUP_M)
-    return first_m + (tile % group_size) % rows_in_group, (tile % group_size) // rows_in_group
 
 
 @triton.jit(do_not_specialize=["M", "R", "stride_bn", "GROUP_ROWS"])

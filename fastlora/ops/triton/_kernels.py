@@ -184,14 +184,18 @@ def _lora_down_kernel(
 
 
 @triton.jit
+def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile number ``tile``'s (row block, column block), in groups of GROUP_M row blocks for L2 reuse."""
+    group_size = GROUP_M * num_n
+    first_m = (tile // group_size) * GROUP_M
+    rows_in_group = min(num_m - first_m, GROUP_M)
+    return first_m + (tile % group_size) % rows_in_group, (tile % group_size) // rows_in_group
+
+
+@triton.jit
 def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (row block, column block), in groups of GROUP_M row blocks for L2 reuse."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
+    return _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
 
 @triton.jit
