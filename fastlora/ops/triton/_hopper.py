@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 # relative: tests/compile_kernels.py loads this file outside the package
-from ._kernels import _col_keys, _grouped_tile, _kept, _rank_row, _row_keys, _seed_halves, _slice_of
+from ._kernels import _b_tile, _col_keys, _grouped_tile, _kept, _rank_row, _row_keys, _seed_halves
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SUBTILES), after Inductor's persistent TMA configs; below SMALL_M
@@ -98,15 +98,7 @@ def _hopper_forward_kernel(
         # rows/cols past the end re-read valid ones; the descriptor's store drops them
         safe_m = ((first_m + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
         safe_n = (first_n + tl.arange(0, BLOCK_N)) % N
-        if GROUPS == 1:
-            b_t = tl.load(b_ptr + offs_c[:, None] * stride_br + safe_n[None, :] * stride_bn,
-                          mask=offs_c[:, None] < R, other=0.0)
-        else:
-            piece = offs_c // RS_PAD
-            within = offs_c - piece * RS_PAD
-            enabled, index, b_row = _slice_of(safe_n, GROUP_ROWS, GROUPS, SLICE_MASK)
-            take = enabled[None, :] & (piece[:, None] == index[None, :]) & (within[:, None] < R)
-            b_t = tl.load(b_ptr + within[:, None] * stride_br + b_row[None, :] * stride_bn, mask=take, other=0.0)
+        b_t = _b_tile(b_ptr, offs_c, safe_n, R, stride_br, stride_bn, GROUP_ROWS, GROUPS, SLICE_MASK, RS_PAD)
         h = tl.load(h_ptr + safe_m[:, None] * H_PAD + offs_c[None, :])
         acc = tl.dot((h * scale).to(dtype), b_t.to(dtype), acc)
         if HAS_BIAS:

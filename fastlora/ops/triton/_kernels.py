@@ -184,6 +184,24 @@ def _lora_down_kernel(
 
 
 @triton.jit
+def _b_tile(b_ptr, offs_c, cols, R, stride_br, stride_bn, GROUP_ROWS, GROUPS: tl.constexpr, SLICE_MASK: tl.constexpr,
+            RS_PAD: tl.constexpr):
+    """The ``(H_PAD, len(cols))`` tile of ``B.T`` that h's columns ``offs_c`` meet at output columns ``cols``: B's
+    rows as they are without slices (fewer live address registers at large ranks); with slices each column reads
+    its own group's rows of the stacked B, and a disabled group's columns read zeros."""
+    if GROUPS == 1:
+        b_t = tl.load(b_ptr + offs_c[:, None] * stride_br + cols[None, :] * stride_bn, mask=offs_c[:, None] < R,
+                      other=0.0)
+    else:
+        piece = offs_c // RS_PAD
+        within = offs_c - piece * RS_PAD
+        enabled, index, b_row = _slice_of(cols, GROUP_ROWS, GROUPS, SLICE_MASK)
+        take = enabled[None, :] & (piece[:, None] == index[None, :]) & (within[:, None] < R)
+        b_t = tl.load(b_ptr + within[:, None] * stride_br + b_row[None, :] * stride_bn, mask=take, other=0.0)
+    return b_t
+
+
+@triton.jit
 def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile number ``tile``'s (row block, column block), in groups of GROUP_M row blocks for L2 reuse."""
     group_size = GROUP_M * num_n
@@ -243,15 +261,7 @@ def _lora_forward_kernel(
     acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     offs_c = tl.arange(0, H_PAD)
-    if GROUPS == 1:  # no slices: B's (R, BLOCK_N) tile as it is (fewer live address registers at large ranks)
-        b_t = tl.load(b_ptr + offs_c[:, None] * stride_br + safe_n[None, :] * stride_bn, mask=offs_c[:, None] < R,
-                      other=0.0)
-    else:
-        piece = offs_c // RS_PAD
-        within = offs_c - piece * RS_PAD
-        enabled, index, b_row = _slice_of(safe_n, GROUP_ROWS, GROUPS, SLICE_MASK)
-        take = enabled[None, :] & (piece[:, None] == index[None, :]) & (within[:, None] < R)
-        b_t = tl.load(b_ptr + within[:, None] * stride_br + b_row[None, :] * stride_bn, mask=take, other=0.0)
+    b_t = _b_tile(b_ptr, offs_c, safe_n, R, stride_br, stride_bn, GROUP_ROWS, GROUPS, SLICE_MASK, RS_PAD)
     h = tl.load(h_ptr + safe_m[:, None] * H_PAD + offs_c[None, :])
     acc = tl.dot((h * scale).to(x_ptr.dtype.element_ty), b_t.to(x_ptr.dtype.element_ty), acc,
                  input_precision=PRECISION)
