@@ -8,6 +8,7 @@ no-grad forward (dropout off, as in inference) and forward + backward with dropo
 A and B; W and b frozen) of
 
 - ``F.linear``: the base layer alone, the floor (its forward + backward computes dx);
+- ``nn.Linear``: the same called as the module (what a LoRA layer replaces in a model);
 - ``unfused``: the peft-style sum ``F.linear(x, W, b) + F.linear(F.linear(dropout(x), A), B) * s``;
 - ``peft``: peft's ``lora.Linear`` over an ``nn.Linear``, when peft is installed;
 - ``<backend> op``: :func:`fastlora.lora_linear` with ``FASTLORA_BACKEND=<backend>``;
@@ -23,7 +24,7 @@ device kernels it launches (``torch.profiler``).
 **Decode** (fp32 CPU, the eval layer's no-grad forward, 1, 2, 4 and 8 rows, 768->2304 and 1024->4096,
 r=16, on 1 and 2 threads, ``--decode-threads``): ``F.linear``, the cpu backend's op, layer and backend alone.
 
-Ratios are to ``F.linear`` and to ``unfused`` of the same case. The tables are printed and written
+Ratios are to ``F.linear``, ``nn.Linear`` and ``unfused`` of the same case. The tables are printed and written
 to ``benchmarks/results/<date>_<machine>_overhead.md`` with the command, machine, load and date.
 """
 
@@ -167,6 +168,7 @@ def contenders(t: Tensors, mode: str, backends: list[str]) -> dict[str, tuple[st
             fns[name] = (forced, no_grad)
 
     add("F.linear", None, lambda: F.linear(x, w, b), (x,))
+    add("nn.Linear", None, lambda: t.linear(x), (x,))
     add("unfused", None, lambda: unfused_lora(x, w, b, A, B, SCALE, p), (x, A, B))
     try:
         peft = _peft_layer(t)
@@ -272,7 +274,7 @@ def tiny_cases(device: str, rounds: int, min_sample_s: float, emit: Callable[[li
             rows = measure(contenders(t, mode, backends), dev, rounds, min_sample_s)
             title = (f"Tiny, {mode}{' (dropout 0.1)' if t.dropout else ''}: {dev} {str(dtype)[6:]}, "
                      f"x {rows_}x{n_in}, W {n_out}x{n_in}, r={rank}, {torch.get_num_threads()} thread(s)")
-            emit(table(title, rows, ("F.linear", "unfused")))
+            emit(table(title, rows, ("F.linear", "nn.Linear", "unfused")))
 
 
 def decode_cases(threads: list[int], rows_list: tuple[int, ...], rounds: int, min_sample_s: float,

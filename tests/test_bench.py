@@ -155,7 +155,7 @@ def test_overhead_report_times_every_contender_and_writes_its_table(tmp_path):
     assert "python benchmarks/overhead.py --quick" in text and "load average" in text
     for mode in ("forward", "forward+backward"):
         assert f"Tiny, {mode}" in text
-    names = ["F.linear", "unfused", "peft"] + [f"{b} {kind}" for b, s in fastlora.backends().items()
+    names = ["F.linear", "nn.Linear", "unfused", "peft"] + [f"{b} {kind}" for b, s in fastlora.backends().items()
                                               if s.available and b != "triton" for kind in ("op", "layer", "alone")]
     for name in names:
         rows = [line for line in text.splitlines() if line.startswith(f"| {name} |")]

@@ -58,6 +58,32 @@ def test_forward_matches_formula(kind, slices):
         assert torch.count_nonzero(layer.delta_weight()[12:24]) == 0
 
 
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_forward_reads_swapped_and_parametrized_tensors(kind):
+    """The forward reads parameters from the modules' dicts for speed: a parameter replaced after wrapping, a
+    bias removed, and a parametrized weight or lora_B (a property, no longer in the dict) must all be honoured."""
+    from torch.nn.utils import parametrize
+
+    base = BASES[kind]()
+    layer = random_lora(LoRALinear(base, r=4, alpha=4))
+    x = torch.randn(5, 24)
+    base.weight = nn.Parameter(torch.randn_like(base.weight), requires_grad=False)
+    base.bias = None
+    parametrize.register_parametrization(base, "weight", _Doubled())
+    parametrize.register_parametrization(layer.adapters["default"], "lora_B", _Doubled())
+    assert "weight" not in base._parameters and "lora_B" not in layer.adapters["default"]._parameters
+    x64, A, B = x.double(), layer.lora_A.double(), layer.lora_B.double()
+    expected = x64 @ layer.base_weight().double().t() + lora_update(x64, A, B, 1.0, None, 36)
+    assert torch.equal(layer.base_weight(), 2 * base.parametrizations.weight.original.t()
+                       if kind == "conv1d" else 2 * base.parametrizations.weight.original)
+    assert rel_err(layer(x), expected) < 1e-5
+
+
 def test_rslora_scale():
     assert LoRALinear(nn.Linear(4, 4), r=16, alpha=8, use_rslora=True).scale == pytest.approx(2.0)
     assert LoRALinear(nn.Linear(4, 4), r=16, alpha=8).scale == pytest.approx(0.5)
