@@ -101,10 +101,17 @@ CASES = [  # rank, slices, dtype, LoRA parameters' dtype, dropout, 3-D input, Co
 ]
 
 
+@pytest.mark.parametrize("gemm", ["tiled", "hopper"])
 @pytest.mark.parametrize("rank, slices, dtype, lora_dtype, p, three_d, conv1d, autocast", CASES)
 def test_forward_and_backward_stay_within_the_kernel_budget(monkeypatch, rank, slices, dtype, lora_dtype, p,
-                                                            three_d, conv1d, autocast):
+                                                            three_d, conv1d, autocast, gemm):
+    """Every case, with the tiled GEMMs and with the persistent TMA ones (``FASTLORA_TRITON_GEMM=hopper``: 16-bit
+    operands only, the interpreter standing in for sm_90)."""
+    from fastlora.ops import triton as triton_backend
+
     monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    monkeypatch.setattr(triton_backend, "_GEMM", gemm)
+    hopper = gemm == "hopper" and (autocast or dtype in (torch.float16, torch.bfloat16))
     x, weight, bias, lora_A, lora_B = _case(rank, slices, dtype, lora_dtype, p, three_d, conv1d, autocast)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context, counted(exempt=(x, weight, bias) if autocast else ()) as forward:
@@ -115,8 +122,8 @@ def test_forward_and_backward_stay_within_the_kernel_budget(monkeypatch, rank, s
     (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = forward, backward
     assert len(fwd_launches) + len(fwd_ops) <= FORWARD_BUDGET, (fwd_launches, fwd_ops)
     assert len(bwd_launches) + len(bwd_ops) <= BACKWARD_BUDGET, (bwd_launches, bwd_ops)
-    assert fwd_launches == ["_lora_down_kernel", "_lora_forward_kernel"]
-    assert {"_lora_backward_kernel", "_lora_db_kernel"} <= set(bwd_launches)
+    assert fwd_launches == ["_lora_down_kernel", "_hopper_forward_kernel" if hopper else "_lora_forward_kernel"]
+    assert {"_hopper_dx_kernel" if hopper else "_lora_backward_kernel", "_lora_db_kernel"} <= set(bwd_launches)
     assert x.grad is not None and lora_A.grad.dtype == lora_dtype and lora_B.grad.dtype == lora_dtype
 
 
