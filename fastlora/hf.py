@@ -1,6 +1,7 @@
 """Injected transformers models under ``save_pretrained`` (and so under ``Trainer``): files that load back as expected.
 
-:func:`fastlora.inject` calls :func:`attach` on a ``PreTrainedModel``. Its ``save_pretrained`` then writes
+:func:`fastlora.inject` and :func:`fastlora.load_adapter` call :func:`attach` on a ``PreTrainedModel``. Its
+``save_pretrained`` then writes
 
 - ``model.safetensors``: every wrapped layer's base weights under the layer's own names (``…c_attn.weight``,
   as the model without LoRA has them), so ``from_pretrained`` of the folder restores the base model, plus the

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fastlora.atomic import atomic_dir, recover_dir
 from fastlora.config import ALL_LINEAR, LoraConfig, lora_scale
+from fastlora.hf import attach
 from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, check_adapter_name, is_adaptable, is_conv1d
 from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, name_matches, replace_module
 
@@ -324,6 +325,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
             adapter.lora_A.copy_(item.lora_A)
             adapter.lora_B.copy_(item.lora_B)
     mark_only_lora_trainable(model)
+    attach(model)  # a transformers model's save_pretrained then writes base and adapters loadably, as after inject
     return model
 
 

@@ -56,6 +56,10 @@ def test_from_pretrained_of_the_folder_gives_the_trained_model(tmp_path):
     assert rel_err(logits(loaded), logits(model)) <= FP32
     plain = fastlora.load_adapter(tiny_gpt2(), tmp_path)  # and fastlora reads the adapter into the plain model
     assert rel_err(logits(plain), logits(model)) <= FP32
+    plain.save_pretrained(tmp_path / "again")  # which then saves as an injected model does
+    again, info = GPT2LMHeadModel.from_pretrained(tmp_path / "again", output_loading_info=True)
+    assert not info["missing_keys"] and (tmp_path / "again" / "adapter_config.json").is_file()
+    assert rel_err(logits(again), logits(model)) <= FP32
 
 
 def test_a_plain_checkpoint_loads_into_an_injected_model():
