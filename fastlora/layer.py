@@ -198,16 +198,16 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The base layer's weight as stored (as peft's LoRA layers expose it): model code reads it, e.g. its dtype."""
-        return self.base_layer.weight
+        return _tensor(self._modules["base_layer"], "weight")
 
     @property
     def bias(self) -> Tensor | None:
         """The base layer's bias."""
-        return self.base_layer.bias
+        return _tensor(self._modules["base_layer"], "bias")
 
     def base_weight(self) -> Tensor:
         """The base weight as ``(out, in)``: a transposed view for Conv1D, never a copy."""
-        weight = _tensor(self._modules["base_layer"], "weight")
+        weight = self.weight
         return weight.t() if self.conv1d else weight
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -220,8 +220,8 @@ class LoRALinear(nn.Module):
         # Submodules and parameters are read from their dicts: nn.Module's attribute fallback costs about a
         # microsecond per lookup, as much as the op's own Python at small shapes.
         a = self._modules["adapters"]._modules[self.active_adapter]
-        return lora_linear(x, self.base_weight(), _tensor(self._modules["base_layer"], "bias"), _tensor(a, "lora_A"),
-                           _tensor(a, "lora_B"), a.scale, a.dropout, self.training, slices=a.slices)
+        return lora_linear(x, self.base_weight(), self.bias, _tensor(a, "lora_A"), _tensor(a, "lora_B"), a.scale,
+                           a.dropout, self.training, slices=a.slices)
 
     def _forward_mixed(self, x: Tensor) -> Tensor:
         if self.merged_adapter is not None:
@@ -232,7 +232,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"use_adapters gave {ids.shape[0]} adapter names but this layer's input {tuple(x.shape)} "
                              f"has {x.shape[0] if x.dim() >= 2 else 'no'} sequences (one name per row of the batch)")
         adapters = [self.adapters[n] for n in names]  # ids stay on the CPU: range-checking them needs no GPU sync
-        return lora_linear_mixed(x, self.base_weight(), self.base_layer.bias, [a.lora_A for a in adapters],
+        return lora_linear_mixed(x, self.base_weight(), self.bias, [a.lora_A for a in adapters],
                                  [a.lora_B for a in adapters], [a.scale for a in adapters],
                                  ids, [a.dropout for a in adapters], self.training,
                                  slices=[a.slices for a in adapters])
