@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fastlora.config import INITS, lora_scale
 from fastlora.ops import expand_slices, lora_linear
 from fastlora.ops.mixed import lora_linear_mixed
+from fastlora.ops.routing import AdapterRouting
 
 DEFAULT_ADAPTER = "default"
 MAX_NAME_BYTES = 200  # adapter names become folder names: common file systems allow 255 bytes
@@ -138,7 +139,7 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.register_buffer("_premerge_weight", None, persistent=False)  # the exact base weight while merged
-        self.mixed: tuple[Tensor, list[str]] | None = None  # (row ids, adapter names) of a mixed batch
+        self.mixed: tuple[AdapterRouting, list[str]] | None = None  # (routing, adapter names) of a mixed batch
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, slices)
         self.active_adapter = adapter_name
         for p in base.parameters():
@@ -227,21 +228,22 @@ class LoRALinear(nn.Module):
         if self.merged_adapter is not None:
             raise ValueError(f"adapter {self.merged_adapter!r} is merged into the base weight: unmerge it before "
                              "running a mixed batch")
-        ids, names = self.mixed
-        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
-            raise ValueError(f"use_adapters gave {ids.shape[0]} adapter names but this layer's input {tuple(x.shape)} "
+        routing, names = self.mixed
+        sequences = routing.ids.shape[0]
+        if x.dim() < 2 or x.shape[0] != sequences:
+            raise ValueError(f"use_adapters gave {sequences} adapter names but this layer's input {tuple(x.shape)} "
                              f"has {x.shape[0] if x.dim() >= 2 else 'no'} sequences (one name per row of the batch)")
-        adapters = [self.adapters[n] for n in names]  # ids stay on the CPU: range-checking them needs no GPU sync
-        return lora_linear_mixed(x, self.base_weight(), self.bias, [a.lora_A for a in adapters],
-                                 [a.lora_B for a in adapters], [a.scale for a in adapters],
-                                 ids, [a.dropout for a in adapters], self.training,
+        adapters = [self.adapters[n] for n in names]
+        return lora_linear_mixed(x, self.base_weight(), self.bias, [_tensor(a, "lora_A") for a in adapters],
+                                 [_tensor(a, "lora_B") for a in adapters], [a.scale for a in adapters],
+                                 routing, [a.dropout for a in adapters], self.training,
                                  slices=[a.slices for a in adapters])
 
     def set_mixed(self, names: Sequence[str | None] | None, shared: dict | None = None) -> None:
         """Give row i of the batch the adapter ``names[i]`` (None, or a name this layer lacks: the base alone);
         None ends the mixed batch. Only the adapters the batch names are passed to the op. Layers given the same
-        ``shared`` dict share one ids tensor where their ids are equal, so that the op routes the rows (moves the
-        ids to the device, sorts them) once per batch for all of them."""
+        ``shared`` dict share one :class:`~fastlora.ops.routing.AdapterRouting` where their ids are equal, so that
+        the rows are routed (grouped by adapter, moved to the device) once per batch for all of them."""
         if names is None:
             self.mixed = None
             return
@@ -249,9 +251,10 @@ class LoRALinear(nn.Module):
         index = {n: i for i, n in enumerate(used)}
         ids = tuple(index.get(n, -1) for n in names)
         shared = {} if shared is None else shared
-        if ids not in shared:
-            shared[ids] = torch.tensor(ids, dtype=torch.int64)
-        self.mixed = shared[ids], used
+        key = (ids, len(used))
+        if key not in shared:
+            shared[key] = AdapterRouting(ids, len(used))
+        self.mixed = shared[key], used
 
     # -- merging ----------------------------------------------------------------------------------------------
 

@@ -181,23 +181,27 @@ def test_mixed_batch_of_the_wrong_size_is_an_error_and_leaves_no_state():
 
 
 def test_a_mixed_batch_routes_its_rows_once_for_every_layer(monkeypatch):
-    """Every LoRA layer with the same adapters gets the same ids tensor, so the op moves and checks the ids once
-    per batch for each set of adapters (here two: c_attn has both, c_fc only "b"), not once per layer; the same
-    tensor changed in place is routed anew."""
-    from fastlora.ops import mixed
+    """Every LoRA layer with the same adapters gets the same routing, so the rows are grouped by adapter and moved
+    to the device once per batch for each set of adapters (here two: c_attn has both, c_fc only "b"), not once per
+    layer; the next batch is routed anew."""
+    from fastlora.ops import routing
     model = two_adapters()
     routed = []
-    original = mixed._row_ids
-    monkeypatch.setattr(mixed, "_row_ids", lambda *args: routed.append(1) or original(*args))
+
+    class Counted(routing.Rows):
+        def __init__(self, *args):
+            routed.append(1)
+            super().__init__(*args)
+    monkeypatch.setattr(routing, "Rows", Counted)
     names = ["b", None, "default", "b", "default"]
     with fastlora.use_adapters(model, names):
         first = logits(model, tokens(batch=5))
         layers = [layer for _, layer in fastlora.model.lora_layers(model)]
         assert len(routed) == len({id(layer.mixed[0]) for layer in layers}) == 2 < len(layers)
         assert torch.equal(logits(model, tokens(batch=5)), first) and len(routed) == 2
-        layers[0].mixed[0][0] = layers[0].mixed[0][1]  # c_attn's row 0 now names what row 1 does (the base alone)
+    with fastlora.use_adapters(model, [None, *names[1:]]):  # row 0 now gets the base alone
         changed = logits(model, tokens(batch=5))
-    assert len(routed) == 3
+    assert len(routed) == 4
     assert rel_err(changed[0], first[0]) > 1e-3 and rel_err(changed[1:], first[1:]) <= 1e-5  # only row 0 moved
 
 

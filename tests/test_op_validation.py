@@ -25,7 +25,7 @@ def good():
     ({"lora_B": torch.randn(12, 2, dtype=torch.float64)}, "lora_B is torch.float64 on cpu but x is torch.float32"),
     ({"x": torch.ones(3, 8, dtype=torch.int64), "weight": torch.ones(12, 8, dtype=torch.int64),
       "bias": None, "lora_A": torch.ones(2, 8, dtype=torch.int64), "lora_B": torch.ones(12, 2, dtype=torch.int64)},
-     "x must be floating point"),
+     "x must be one of float64, float32, float16, bfloat16, got torch.int64"),
     ({"dropout_p": 1.0}, r"dropout_p must be in \[0, 1\), got 1.0"),
     ({"dropout_p": -0.5}, r"dropout_p must be in \[0, 1\), got -0.5"),
     ({"scale": float("nan")}, "scale must be a finite number, got nan"),
@@ -52,8 +52,8 @@ def test_an_inference_call_on_the_cpu_backend_leaves_the_checks_to_the_extension
     pytest.importorskip("fastlora.ops.cpu", reason="the cpu backend is unavailable", exc_type=ImportError)
     import fastlora.ops as ops
     calls = []
-    validate = ops._validate
-    monkeypatch.setattr(ops, "_validate", lambda *a: calls.append(1) or validate(*a))
+    check = ops.args.check
+    monkeypatch.setattr(ops.args, "check", lambda *a: calls.append(1) or check(*a))
     args = good()
     with torch.no_grad():
         want = ops.lora_linear(**args, dropout_p=0.1, training=False)
@@ -124,14 +124,14 @@ def test_a_backend_that_breaks_on_import_is_reported_not_fatal(monkeypatch):
     def broken(name):
         raise AttributeError("module 'fastlora._C' has no attribute 'cpu_vendor'")
 
-    dispatch._load.cache_clear()
+    dispatch.load.cache_clear()
     monkeypatch.setattr(dispatch.importlib, "import_module", broken)
     try:
         table = dispatch.backends()
         assert not table["cpu"].available and "AttributeError" in table["cpu"].reason
     finally:
         monkeypatch.undo()
-        dispatch._load.cache_clear()
+        dispatch.load.cache_clear()
 
 
 @pytest.mark.parametrize(("seed", "message"), [

@@ -13,6 +13,7 @@ from conftest import TOLERANCE, float64_reference, rel_err
 
 from fastlora.ops import reference
 from fastlora.ops.reference import dropout_keep_mask
+from fastlora.ops.routing import AdapterRouting
 
 cpu = pytest.importorskip("fastlora.ops.cpu", reason="the cpu backend is unavailable", exc_type=ImportError)
 
@@ -69,7 +70,7 @@ def make(m, n_in, n_out, rank, conv1d=False, seed=0):
 def check_forward_backward(x, weight, bias, lora_A, lora_B, scale, p, seed, tol=TOLERANCE[torch.float32]):
     """The backend's forward and backward against the float64 reference with its explicit mask."""
     seed_t = torch.tensor(seed)
-    y = cpu.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t)
+    y = cpu.forward(x, weight, bias, lora_A, lora_B, scale, p, seed_t)[0]
     grad = torch.randn_like(y)
     dx, dA, dB = cpu.backward(grad, x, weight, lora_A, lora_B, scale, p, seed_t, (True, True, True))
     y_ref, (x64, a64, b64) = float64_reference(x.requires_grad_(), weight, bias, lora_A.requires_grad_(),
@@ -108,7 +109,7 @@ def test_dropout_mask_is_the_reference_mask_bit_for_bit(isa):
     n, p, seed = 75, 0.3, (5 << 32) + 17
     x = torch.rand(301, n) + 0.5  # no zeros of its own
     eye = torch.eye(n)
-    y = cpu.forward(x, torch.zeros(n, n), None, eye, eye, 1.0, p, torch.tensor(seed))
+    y = cpu.forward(x, torch.zeros(n, n), None, eye, eye, 1.0, p, torch.tensor(seed))[0]
     keep = dropout_keep_mask(torch.tensor(seed), 301, n, p, torch.device("cpu"))
     assert torch.equal(y != 0, keep)
     torch.testing.assert_close(y, x * keep / (1 - p), rtol=1e-6, atol=0)
@@ -132,12 +133,12 @@ def test_missing_extension_is_an_import_error_naming_it(monkeypatch):
 
 def test_concurrent_python_threads_get_correct_results(two_threads, gemm):
     cases = [make(150 + 40 * i, 64, 96, 4, conv1d=i % 2 == 1, seed=i) for i in range(4)]
-    expected = [reference.forward(*c, 2.0, 0.2, torch.tensor(i)) for i, c in enumerate(cases)]
+    expected = [reference.forward(*c, 2.0, 0.2, torch.tensor(i))[0] for i, c in enumerate(cases)]
     errors = []
 
     def worker(i):
         for _ in range(30):
-            y = cpu.forward(*cases[i], 2.0, 0.2, torch.tensor(i))
+            y = cpu.forward(*cases[i], 2.0, 0.2, torch.tensor(i))[0]
             if rel_err(y, expected[i]) > 1e-5:
                 errors.append(i)
 
@@ -162,7 +163,7 @@ def test_repeated_calls_do_not_grow_memory(one_thread):
 
     def calls(n):
         for _ in range(n):
-            cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)
+            cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)[0]
             cpu.backward(grad, x, weight, lora_A, lora_B, 1.0, 0.1, seed, (True, True, True))
 
     calls(500)  # allocator and pool warm-up
@@ -178,9 +179,9 @@ def test_nan_and_inf_propagate_as_in_the_reference(two_threads, gemm):
     grad = torch.randn(140, 24)
     grad[10, 2] = float("nan")
     for p in (0.0, 0.5):
-        got = (cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed),
+        got = (cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)[0],
                *cpu.backward(grad, x, weight, lora_A, lora_B, 1.0, p, seed, (True, True, True)))
-        want = (reference.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed),
+        want = (reference.forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)[0],
                 *reference.backward(grad, x, weight, lora_A, lora_B, 1.0, p, seed, (True, True, True)))
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.isposinf(), w.isposinf())
@@ -226,10 +227,10 @@ BAD_FORWARD_ARGS = {  # (the bad arguments, what the error must say)
 def test_outputs_are_made_on_the_cpu_whatever_the_default_device():
     x, weight, bias, lora_A, lora_B = make(5, 6, 7, 2)
     seed = torch.tensor(1)
-    want = cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)
+    want = cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)[0]
     want_grads = cpu.backward(want, x, weight, lora_A, lora_B, 1.0, 0.1, seed, (True, True, True))
     with torch.device("meta"):
-        y = cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)
+        y = cpu.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.1, seed)[0]
         grads = cpu.backward(want, x, weight, lora_A, lora_B, 1.0, 0.1, seed, (True, True, True))
     assert torch.equal(y, want)
     for got, expected in zip(grads, want_grads, strict=True):
@@ -295,19 +296,25 @@ def make_mixed(m, n_in, n_out, ranks, conv1d=False, lora_col_major=False, seed=0
     return x, weight, bias, As, Bs
 
 
+def routed(ids, adapters, x):
+    """The routing of a mixed batch, as the op hands it to the backends."""
+    return AdapterRouting(ids, adapters).rows(x.shape[:-1], x.device)
+
+
 def check_mixed(x, weight, bias, As, Bs, ids, scales, ps, seed=11, need_dx=True, need_lora=None,
                 tol=TOLERANCE[torch.float32]):
     """The backend's forward_mixed and backward_mixed against the reference's in float64."""
     need_lora = [True] * len(As) if need_lora is None else need_lora
     seed_t = torch.tensor(seed)
-    y = cpu.forward_mixed(x, weight, bias, As, Bs, scales, ps, ids, seed_t)
+    rows = routed(ids, len(As), x)
+    y = cpu.forward_mixed(x, weight, bias, As, Bs, scales, ps, rows, seed_t)
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
-    dx, dAs, dBs = cpu.backward_mixed(grad, x, weight, As, Bs, scales, ps, ids, seed_t, need_dx, need_lora)
+    dx, dAs, dBs = cpu.backward_mixed(grad, x, weight, As, Bs, scales, ps, rows, seed_t, need_dx, need_lora)
     f64 = [t.double() for t in As], [t.double() for t in Bs]
     y_ref = reference.forward_mixed(x.double(), weight.double(), bias.double() if bias is not None else None, *f64,
-                                    scales, ps, ids, seed_t)
+                                    scales, ps, rows, seed_t)
     dx_ref, dAs_ref, dBs_ref = reference.backward_mixed(grad.double(), x.double(), weight.double(), *f64, scales, ps,
-                                                        ids, seed_t, need_dx, need_lora)
+                                                        rows, seed_t, need_dx, need_lora)
     pairs = [("y", y, y_ref)] + ([("dx", dx, dx_ref)] if need_dx else [])
     assert (dx is None) == (not need_dx)
     for a, (dA, dB, dA_ref, dB_ref) in enumerate(zip(dAs, dBs, dAs_ref, dBs_ref, strict=True)):
@@ -379,7 +386,8 @@ def test_mixed_dropout_mask_is_the_reference_mask_bit_for_bit(isa):
     eye = torch.eye(n)
     ps = [0.3, 0.0, 0.6]
     ids = torch.arange(m) % 3
-    y = cpu.forward_mixed(x, torch.zeros(n, n), None, [eye] * 3, [eye] * 3, [1.0] * 3, ps, ids, torch.tensor(seed))
+    y = cpu.forward_mixed(x, torch.zeros(n, n), None, [eye] * 3, [eye] * 3, [1.0] * 3, ps, routed(ids, 3, x),
+                          torch.tensor(seed))
     for a, p in enumerate(ps):
         rows = ids == a
         keep = dropout_keep_mask(torch.tensor(seed), m, n, p, torch.device("cpu"))[rows] if p else torch.ones(1)
@@ -474,8 +482,9 @@ def test_repeated_mixed_calls_do_not_grow_memory(one_thread):
 
     def calls(n):
         for _ in range(n):
-            cpu.forward_mixed(x, weight, bias, As, Bs, [1.0] * 3, [0.1] * 3, ids, seed)
-            cpu.backward_mixed(grad, x, weight, As, Bs, [1.0] * 3, [0.1] * 3, ids, seed, True, [True] * 3)
+            rows = routed(ids, 3, x)
+            cpu.forward_mixed(x, weight, bias, As, Bs, [1.0] * 3, [0.1] * 3, rows, seed)
+            cpu.backward_mixed(grad, x, weight, As, Bs, [1.0] * 3, [0.1] * 3, rows, seed, True, [True] * 3)
 
     calls(500)
     before = _rss_bytes()

@@ -29,8 +29,12 @@ import torch
 from torch import Tensor
 
 from fastlora.ops.reference import expand_slices, stack_slices
+from fastlora.ops.routing import Rows
 
-CHECKS_ARGUMENTS = True  # the extension checks every argument before it computes (see fastlora.ops.lora_linear)
+NAME = "cpu"
+DEVICES = frozenset({"cpu"})
+DTYPES = frozenset({torch.float32})
+CHECKS_ARGUMENTS = True  # the extension checks every argument before it computes
 ISA_ENV_VAR = "FASTLORA_CPU_ISA"
 GEMM_ENV_VAR = "FASTLORA_CPU_GEMM"
 GEMMS = ("torch", "openblas")
@@ -102,16 +106,17 @@ def _seed(seed: Tensor, dropout_p: float) -> int:
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-            scale: float, dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None) -> Tensor:
-    """``(M, out)`` output: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM. Slices
-    run over the block-structured B (:func:`~fastlora.ops.reference.expand_slices`)."""
+            scale: float, dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None,
+            needs: tuple[bool, bool, bool] | None = None) -> tuple[Tensor, tuple]:
+    """``((M, out) output, ())``: :func:`fastlora._C.forward`, then ``+= x W^T`` if torch does the GEMM. Slices
+    run over the block-structured B (:func:`~fastlora.ops.reference.expand_slices`); backward needs nothing saved."""
     if slices is not None:
         lora_B = expand_slices(lora_B, slices, weight.shape[0])
     out, base_done = _C.forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, _seed(seed, dropout_p),
                                 torch.get_num_threads(), _gemm == "openblas")
     if not base_done:
         out.addmm_(x.detach(), weight.detach().t())
-    return out
+    return out, ()
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
@@ -133,10 +138,10 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
 
 
 def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
+                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> Tensor:
     """``(M, out)`` mixed-batch output: :func:`fastlora._C.forward_mixed` (which groups the rows by adapter and
     checks every argument), then ``+= x W^T`` if torch does the GEMM."""
-    out, base_done = _C.forward_mixed(x, weight, bias, lora_As, lora_Bs, scales, dropout_ps, adapter_ids,
+    out, base_done = _C.forward_mixed(x, weight, bias, lora_As, lora_Bs, scales, dropout_ps, rows.ids,
                                       _seed(seed, max(dropout_ps, default=0.0)), torch.get_num_threads(),
                                       _gemm == "openblas")
     if not base_done:
@@ -145,13 +150,13 @@ def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[
 
 
 def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor, need_dx: bool,
+                   scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor, need_dx: bool,
                    need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
     """``(dx, dAs, dBs)`` of :func:`forward_mixed`: :func:`fastlora._C.backward_mixed` (which makes dA, dB for
     each adapter that ``need_lora`` asks for and some row names, None otherwise), then ``dx += dy W`` if torch
     does the GEMM."""
     in_extension = _gemm == "openblas"
-    dx, dAs, dBs = _C.backward_mixed(grad_out, x, weight, lora_As, lora_Bs, scales, dropout_ps, adapter_ids,
+    dx, dAs, dBs = _C.backward_mixed(grad_out, x, weight, lora_As, lora_Bs, scales, dropout_ps, rows.ids,
                                      _seed(seed, max(dropout_ps, default=0.0)), need_dx, need_lora,
                                      torch.get_num_threads(), in_extension)
     if dx is not None and not in_extension:

@@ -22,50 +22,24 @@ Kept elements are scaled by ``1 / (1 - p)`` (inverted dropout).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from fastlora.ops.args import FLOAT_DTYPES
+from fastlora.ops.routing import Rows
+
+NAME = "reference"
+DEVICES = None  # any device torch runs on
+DTYPES = frozenset(FLOAT_DTYPES)
+CHECKS_ARGUMENTS = False
 
 _U32 = 0xFFFFFFFF
 MIX_MUL_1 = 0x21F0AAAD
 MIX_MUL_2 = 0x735A2D97
 COL_MUL = 0x9E3779B9
 ELEMENT_MUL = 0x9E3779B1
-
-
-def version_stamp(t: Tensor) -> int | tuple | None:
-    """What tells a tensor's contents apart over time, for caches keyed on its identity: its version counter
-    (bumped by every in-place change); a CPU inference tensor, which has none, by its values (small id tensors);
-    None (do not cache) for other inference tensors."""
-    if not t.is_inference():
-        return t._version
-    return tuple(t.reshape(-1).tolist()) if t.device.type == "cpu" and t.numel() <= 4096 else None
-
-
-class TensorCache:
-    """Values computed from tensors, kept while each of those tensors is the same object at the same
-    :func:`version_stamp`; at most ``size`` entries, the oldest dropped first. ``owned``: tensors the caller made
-    itself and never changes in place, so an inference one (no stamp) is kept by its identity alone."""
-
-    def __init__(self, size: int) -> None:
-        self.size, self.entries = size, {}
-
-    def get(self, tensors: Sequence[Tensor], make, extra: tuple = (), owned: bool = False):
-        """``make()``'s value for ``tensors`` (and the hashable ``extra``), from the cache when it holds it."""
-        stamps = [version_stamp(t) for t in tensors]
-        if None in stamps and not owned:
-            return make()
-        key = (*((id(t), stamp) for t, stamp in zip(tensors, stamps, strict=True)), *extra)
-        kept = self.entries.get(key)
-        if kept is not None and all(ref() is t for ref, t in zip(kept[0], tensors, strict=True)):
-            return kept[1]
-        value = make()
-        while len(self.entries) >= self.size:
-            self.entries.pop(next(iter(self.entries)))
-        self.entries[key] = ([weakref.ref(t) for t in tensors], value)
-        return value
 
 
 def dropout_threshold(p: float) -> int:
@@ -133,110 +107,127 @@ def stack_slices(full: Tensor, slices: Sequence[bool]) -> Tensor:
     return blocks[enabled, :, range(len(enabled)), :].reshape(-1, rank)
 
 
-def _compute_operands(x: Tensor, lora_A: Tensor, lora_B: Tensor, slices) -> tuple[Tensor, Tensor]:
-    """A and the dense ``(out, R)`` B in x's dtype (LoRA parameters may be fp32 over a 16-bit x)."""
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    if slices is not None:
-        lora_B = expand_slices(lora_B, slices, lora_B.shape[0] // sum(slices) * len(slices))
-    return lora_A, lora_B
+def _dense_B(lora_B: Tensor, slices: Sequence[bool] | None) -> Tensor:
+    """The ``(out, R)`` B: block-structured for slices."""
+    if slices is None:
+        return lora_B
+    return expand_slices(lora_B, slices, lora_B.shape[0] // sum(slices) * len(slices))
 
 
-def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-            scale: float, dropout_p: float, seed: Tensor, slices: Sequence[bool] | None = None) -> Tensor:
-    """``(M, out)`` output: base product, bias and rank-R update accumulated in one buffer."""
-    lora_A, lora_B = _compute_operands(x, lora_A, lora_B, slices)
-    out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+def _base(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+
+
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
+            dropout_p: float, seed: Tensor, slices: Sequence[bool] | None = None,
+            needs: tuple[bool, bool, bool] | None = None) -> tuple[Tensor, tuple]:
+    """``((M, out) output, ())``. The LoRA branch computes in the LoRA parameters' dtype (fp32 ones over a 16-bit x:
+    in fp32, added to the base output in fp32 and rounded once, as peft does); with x's dtype throughout, base,
+    bias and update accumulate in one buffer."""
+    lora_B = _dense_B(lora_B, slices)
+    out = _base(x, weight, bias)
+    x_lora = x.to(lora_A.dtype)
     if dropout_p > 0:  # the 1 / (1 - p) of inverted dropout is folded into the scale
-        x = x.masked_fill(_drop_mask(seed, x, dropout_p), 0)
+        x_lora = x_lora.masked_fill(_drop_mask(seed, x, dropout_p), 0)
         scale = scale / (1.0 - dropout_p)
-    out.addmm_(x @ lora_A.t(), lora_B.t(), alpha=scale)
-    return out
+    if lora_A.dtype == x.dtype:
+        return out.addmm_(x_lora @ lora_A.t(), lora_B.t(), alpha=scale), ()
+    return torch.addmm(out.to(lora_A.dtype), x_lora @ lora_A.t(), lora_B.t(), alpha=scale).to(x.dtype), ()
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
              scale: float, dropout_p: float, seed: Tensor, needs: tuple[bool, bool, bool],
              slices: Sequence[bool] | None = None, saved: tuple = ()
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dA, dB)``, each computed only when ``needs`` asks for it, dA and dB in the LoRA parameters' own
-    dtype and layout (stacked per slice); W and b are frozen."""
+    """``(dx, dA, dB)``, each computed only when ``needs`` asks for it, dA and dB in the LoRA parameters' own dtype
+    and layout (stacked per slice); W and b are frozen. Never in place on its inputs, so that with grad mode on it is
+    itself differentiable (second-order gradients)."""
     need_dx, need_dA, need_dB = needs
-    param_A, param_B = lora_A, lora_B
-    lora_A, lora_B = _compute_operands(x, lora_A, lora_B, slices)
-    grad_h = grad_out @ lora_B  # (M, R): the gradient reaching x @ A.T, before the scale
+    dense_B = _dense_B(lora_B, slices)
+    dy = grad_out.to(lora_A.dtype)
+    grad_h = dy @ dense_B  # (M, R): the gradient reaching x @ A.T, before the scale
     drop = _drop_mask(seed, x, dropout_p) if dropout_p > 0 else None
     if drop is not None:
         scale = scale / (1.0 - dropout_p)
     dx = dA = dB = None
-    if need_dx:
+    if need_dx:  # in-place only on results made here (which autograd saves for nothing)
         dx = grad_out @ weight
-        if drop is None:
+        if drop is None and dx.dtype == grad_h.dtype:
             dx.addmm_(grad_h, lora_A, alpha=scale)
         else:
-            dx.add_((grad_h @ lora_A).masked_fill_(drop, 0), alpha=scale)
+            dx_lora = grad_h @ lora_A
+            if drop is not None:
+                dx_lora.masked_fill_(drop, 0)
+            dx = torch.add(dx.to(dx_lora.dtype), dx_lora, alpha=scale).to(x.dtype)
     if need_dA or need_dB:
-        x_lora = x.masked_fill(drop, 0) if drop is not None else x
+        x_lora = x.to(lora_A.dtype)
+        if drop is not None:
+            x_lora = x_lora.masked_fill(drop, 0)
         if need_dA:
-            dA = (grad_h.t() @ x_lora).mul_(scale).to(param_A.dtype)
+            dA = (grad_h.t() @ x_lora) * scale
         if need_dB:
-            dB = (grad_out.t() @ (x_lora @ lora_A.t())).mul_(scale)
-            dB = (stack_slices(dB, slices) if slices is not None else dB).to(param_B.dtype)
+            dB = (dy.t() @ (x_lora @ lora_A.t())) * scale
+            dB = stack_slices(dB, slices) if slices is not None else dB
     return dx, dA, dB
 
 
-def adapter_rows(adapter_ids: Tensor, adapters: int) -> list[Tensor | None]:
-    """For each adapter, the (ascending) indices of the rows that name it, or None when no row does."""
-    order = torch.argsort(adapter_ids, stable=True)
-    counts = torch.bincount(adapter_ids + 1, minlength=adapters + 1).tolist()
-    segments = order.split(counts)[1:]  # segment 0: the rows of the base model alone (-1)
-    return [rows if rows.numel() else None for rows in segments]
-
-
-def _lora_input(x: Tensor, rows: Tensor, seed: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
-    """The adapter's rows of x with dropout applied (not yet scaled by 1/(1-p)), and the drop mask."""
-    x_rows = x.index_select(0, rows)
+def _lora_input(x: Tensor, rows: Tensor, seed: Tensor, p: float, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The adapter's rows of x in ``dtype`` with dropout applied (not yet scaled by 1/(1-p)), and the drop mask."""
+    x_rows = x.index_select(0, rows).to(dtype)
     if p == 0:
         return x_rows, None
     drop = _drop_mask(seed, x, p, rows)
-    return x_rows.masked_fill_(drop, 0), drop
+    return x_rows.masked_fill(drop, 0), drop
+
+
+def _accumulator(t: Tensor, lora: list[Tensor]) -> Tensor:
+    """``t`` in the widest of its and the LoRA parameters' dtypes (fp32 LoRA over a 16-bit x: updates add in fp32)."""
+    wide = t.dtype
+    for p in lora:
+        wide = torch.promote_types(wide, p.dtype)
+    return t if wide == t.dtype else t.to(wide)
 
 
 def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
-    """``(M, out)``: row i gets ``x_i W^T + b`` plus the update of adapter ``adapter_ids[i]`` (none for -1).
+                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> Tensor:
+    """``(M, out)``: row i gets ``x_i W^T + b`` plus the update of its adapter (none for -1).
 
     A row's dropout mask is the single-adapter op's for the same row, so every row equals the
     single-adapter result of its adapter.
     """
-    out = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    for a, rows in enumerate(adapter_rows(adapter_ids, len(lora_As))):
-        if rows is None:
+    out = _accumulator(_base(x, weight, bias), lora_As)
+    for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+        picked = rows.rows_of(a)
+        if picked is None:
             continue
-        x_rows, _ = _lora_input(x, rows, seed, dropout_ps[a])
-        update = (x_rows @ lora_As[a].t()) @ lora_Bs[a].t()
-        out.index_add_(0, rows, update, alpha=scales[a] / (1.0 - dropout_ps[a]))
-    return out
+        x_rows, _ = _lora_input(x, picked, seed, dropout_ps[a], A.dtype)
+        update = (x_rows @ A.t()) @ B.t()
+        out.index_add_(0, picked, update.to(out.dtype), alpha=scales[a] / (1.0 - dropout_ps[a]))
+    return out.to(x.dtype)
 
 
 def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor,
+                   scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor,
                    need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
                                                                    list[Tensor | None]]:
-    """``(dx, dAs, dBs)``: each adapter's gradients come from its own rows only; an adapter no row
-    names (or whose ``need_lora`` is False) gets None."""
-    dx = grad_out @ weight if need_dx else None
+    """``(dx, dAs, dBs)``: each adapter's gradients come from its own rows only; an adapter no row names (or whose
+    ``need_lora`` is False) gets None. Differentiable with grad mode on (second-order gradients)."""
+    dx = _accumulator(grad_out @ weight, lora_As) if need_dx else None
     dAs: list[Tensor | None] = [None] * len(lora_As)
     dBs: list[Tensor | None] = [None] * len(lora_As)
-    for a, rows in enumerate(adapter_rows(adapter_ids, len(lora_As))):
-        if rows is None or not (need_dx or need_lora[a]):
+    for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+        picked = rows.rows_of(a)
+        if picked is None or not (need_dx or need_lora[a]):
             continue
         scale = scales[a] / (1.0 - dropout_ps[a])
-        x_rows, drop = _lora_input(x, rows, seed, dropout_ps[a])
-        dy_rows = grad_out.index_select(0, rows)
-        grad_h = dy_rows @ lora_Bs[a]
+        x_rows, drop = _lora_input(x, picked, seed, dropout_ps[a], A.dtype)
+        dy_rows = grad_out.index_select(0, picked).to(A.dtype)
+        grad_h = dy_rows @ B
         if need_dx:
-            dx_rows = grad_h @ lora_As[a]
-            dx.index_add_(0, rows, dx_rows if drop is None else dx_rows.masked_fill_(drop, 0), alpha=scale)
+            dx_rows = grad_h @ A
+            dx.index_add_(0, picked, (dx_rows if drop is None else dx_rows.masked_fill_(drop, 0)).to(dx.dtype),
+                          alpha=scale)
         if need_lora[a]:
-            dAs[a] = (grad_h.t() @ x_rows).mul_(scale)
-            dBs[a] = (dy_rows.t() @ (x_rows @ lora_As[a].t())).mul_(scale)
-    return dx, dAs, dBs
+            dAs[a] = (grad_h.t() @ x_rows) * scale
+            dBs[a] = (dy_rows.t() @ (x_rows @ A.t())) * scale
+    return (dx.to(x.dtype) if dx is not None else None), dAs, dBs

@@ -27,12 +27,16 @@ except ImportError as error:
     raise ImportError(f"the triton backend needs the triton package ({error})") from error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TAKES_FP32_LORA = True  # fp32 LoRA parameters over a 16-bit x are read as they are (the op need not cast them)
+NAME = "triton"
+DEVICES = frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"})  # the interpreter runs the kernels on CPU tensors
+DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+CHECKS_ARGUMENTS = False
 if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
 from fastlora.ops import reference  # noqa: E402
-from fastlora.ops.reference import TensorCache, dropout_threshold, expand_slices, stack_slices  # noqa: E402
+from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices  # noqa: E402
+from fastlora.ops.routing import Rows  # noqa: E402
 from fastlora.ops.triton import _hopper  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
     _cast_pair_kernel,
@@ -402,21 +406,16 @@ def _dense(lora_B: Tensor, slices: tuple[bool, ...] | None, N: int) -> tuple[Ten
 
 
 def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-            dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None) -> Tensor:
-    """``(M, out)`` output of the fused LoRA linear; see :func:`fastlora.ops.reference.forward`. Two launches."""
-    return forward_for_backward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices,
-                                (False, False, False))[0]
-
-
-def forward_for_backward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                         scale: float, dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None,
-                         needs: tuple[bool, bool, bool]) -> tuple[Tensor, tuple]:
-    """The forward and what :func:`backward` takes as ``saved`` for gradients ``needs`` (dx, dA, dB): h (so the
-    backward need not read x to rebuild it), B laid out for the backward GEMM and the zeroed fp32 gradient
-    buffers, all from the forward's first launch."""
+            dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None,
+            needs: tuple[bool, bool, bool] | None = None) -> tuple[Tensor, tuple]:
+    """``(out, saved)``: the fused LoRA linear (see :func:`fastlora.ops.reference.forward`) in two launches, and what
+    :func:`backward` takes as ``saved`` for gradients ``needs`` (dx, dA, dB): h (so the backward need not read x to
+    rebuild it), B laid out for the backward GEMM and the zeroed fp32 gradient buffers, all from the forward's first
+    launch."""
+    needs = needs or (False, False, False)
     (M, K), N = x.shape, weight.shape[0]
     if M == 0 or N == 0 or K == 0:  # nothing for the kernels to do: the reference's few ops
-        return reference.forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices), ()
+        return reference.forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, slices)
     lora_B, slices = _dense(lora_B, slices, N)
     layout = _layout(M, N, lora_A.shape[0], slices, x.device.index or 0)
     with _on_device(x):
@@ -429,7 +428,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
              slices: tuple[bool, ...] | None = None, saved: tuple = ()
              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dA, dB)`` as asked by ``needs``, dA and dB in the LoRA parameters' own dtype and layout; see
-    :func:`fastlora.ops.reference.backward`. ``saved``: what :func:`forward_for_backward` prepared (else
+    :func:`fastlora.ops.reference.backward`. ``saved``: what :func:`forward` prepared (else
     prepared here, one more launch). Then one launch for dx and dA, one for dB, and one more only for
     16-bit LoRA parameters (their fp32 accumulation buffers converted)."""
     need_dx, need_dA, need_dB = needs
@@ -535,9 +534,9 @@ class _MixedBatch:
     tables are built once per set of adapters and kept until one of them changes (:func:`_adapter_stacks`)."""
 
     def __init__(self, x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                 scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> None:
+                 scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> None:
         self.r_pad = _rank_pad(max((A.shape[0] for A in lora_As), default=1))
-        self.sorted_ids, self.ids, self.order = _sorted_rows(adapter_ids)
+        self.ids, self.order, self.starts = rows.sorted_ids32, rows.order32, rows.starts32
         self.a_stack, self.b_stack, self.factor, self.thr = _adapter_stacks(
             x, out_features, lora_As, lora_Bs, scales, dropout_ps, self.r_pad)
         self.dropout = any(p > 0 for p in dropout_ps)
@@ -551,19 +550,6 @@ class _MixedBatch:
         """B's stack as the forward GEMM's ``(R_PAD, out)`` U, and as g's ``(n, R_PAD, out)`` down operand."""
         stride_a, stride_n, stride_r = self.b_stack.stride()
         return stride_a, stride_r, stride_n
-
-
-_SORTED = TensorCache(64)  # per batch: the rows sorted by adapter
-_STACKS = TensorCache(1024)  # adapters' stacks and tables: one set per layer of a model serving a mixed batch
-
-
-def _sorted_rows(adapter_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(sorted ids, the same as int32, each sorted position's row as int32)``, sorted once for an ids tensor (the
-    op gives every layer of a batch the same one, its own) and kept while it is unchanged."""
-    def sort():
-        sorted_ids, order = torch.sort(adapter_ids, stable=True)
-        return sorted_ids, sorted_ids.to(torch.int32), order.to(torch.int32)
-    return _SORTED.get([adapter_ids], sort, owned=True)
 
 
 def _adapter_stacks(x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor], scales: list[float],
@@ -584,8 +570,7 @@ def _adapter_stacks(x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs
                               dtype=torch.float32, device=x.device)
         thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32, device=x.device)
         return a_stack, b_stack, factor, thr
-    return _STACKS.get([*lora_As, *lora_Bs], stack,
-                       (x.dtype, x.device, out_features, r_pad, tuple(scales), tuple(dropout_ps)))
+    return stack()
 
 
 def _mixed_down(src: Tensor, stack: Tensor, strides: tuple, batch: _MixedBatch, dropout: bool) -> Tensor:
@@ -651,14 +636,14 @@ def _mixed_grad(left: Tensor, right: Tensor, dA: bool, batch: _MixedBatch, segme
 
 
 def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                  scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor) -> Tensor:
+                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> Tensor:
     """``(M, out)``, each row with its own adapter's update; see :func:`fastlora.ops.reference.forward_mixed`."""
     M, N = x.shape[0], weight.shape[0]
     out = x.new_empty(M, N)
     if M == 0:
         return out
     with _on_device(x):
-        batch = _MixedBatch(x, N, lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed)
+        batch = _MixedBatch(x, N, lora_As, lora_Bs, scales, dropout_ps, rows, seed)
         h = _mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
         _mixed_gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), bias, out,
                     batch, dropout=False)
@@ -666,7 +651,7 @@ def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[
 
 
 def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                   scales: list[float], dropout_ps: list[float], adapter_ids: Tensor, seed: Tensor,
+                   scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor,
                    need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
                                                                    list[Tensor | None]]:
     """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. Nothing is read back to the host:
@@ -682,7 +667,7 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
     if not (need_dx or wanted):
         return dx, dAs, dBs
     with _on_device(x):
-        batch = _MixedBatch(x, N, lora_As, lora_Bs, scales, dropout_ps, adapter_ids, seed)
+        batch = _MixedBatch(x, N, lora_As, lora_Bs, scales, dropout_ps, rows, seed)
         b_stack, b_strides = batch.b_stack, batch.b_as_u()
         g = _mixed_down(grad_out, b_stack, b_strides, batch, dropout=False)  # factor_a * dy_i @ B_a
         if need_dx:
@@ -690,7 +675,7 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
                         dropout=batch.dropout)
         if wanted:
             h = _mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
-            segments = torch.searchsorted(batch.sorted_ids, torch.arange(n + 1, device=x.device)).to(torch.int32)
+            segments = batch.starts
             dA = _mixed_grad(g, x, True, batch, segments, wanted, M)  # row splits sized for M: no count read back
             dB = _mixed_grad(grad_out, h, False, batch, segments, wanted, M)
             for i, a in enumerate(wanted):
