@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from fastlora.atomic import atomic_dir, recover_dir
 from fastlora.config import ALL_LINEAR, LoraConfig, lora_scale
-from fastlora.hf import attach
 from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, check_adapter_name, is_adaptable, is_conv1d
-from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, name_matches, replace_module
+from fastlora.model import adapter_names
+from fastlora.targets import lora_layers, name_matches, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -284,17 +284,10 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER) -> nn.Module:
-    """Load a LoRA adapter saved by fastlora or peft as adapter ``name``.
-
-    Modules without LoRA get a LoRA layer (with this adapter active); LoRA layers that lack the
-    adapter get it added beside their others (their active adapter does not change: see
-    :func:`fastlora.set_adapter`); an adapter of the same name is overwritten. Before anything changes,
-    the config (r, ``rank_pattern``, ``alpha_pattern``, target modules), fastlora's slices metadata and the
-    tensors' keys, shapes, dtypes and values are checked against each other and the model: on error the model
-    is left as it was. A folder that a save interrupted between its two renames is recovered first
-    (:func:`fastlora.atomic.recover_dir`).
-    """
+def load_layers(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """The layers of :func:`fastlora.load_adapter`: the adapter in ``directory``, checked, into ``model`` (unwrapped,
+    which is returned) as adapter ``name``. A folder that a save interrupted between its two renames is recovered
+    first (:func:`fastlora.atomic.recover_dir`)."""
     model = unwrap(model)
     check_adapter_name(name)
     directory = Path(directory)
@@ -324,8 +317,6 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         with torch.no_grad():
             adapter.lora_A.copy_(item.lora_A)
             adapter.lora_B.copy_(item.lora_B)
-    mark_only_lora_trainable(model)
-    attach(model)  # a transformers model's save_pretrained then writes base and adapters loadably, as after inject
     return model
 
 
