@@ -39,8 +39,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
     :func:`fastlora.set_adapter`); an adapter of the same name is overwritten. Before anything changes,
     the config (r, ``rank_pattern``, ``alpha_pattern``, target modules), fastlora's slices metadata and the
     tensors' keys, shapes, dtypes and values are checked against each other and the model: on error the model
-    is left as it was. A folder that a save interrupted between its two renames is recovered first
-    (:func:`fastlora.atomic.recover_dir`). A transformers model's ``save_pretrained`` then writes base and adapters
+    is left as it was. A save of the folder that a kill interrupted after its commit point is finished first
+    (:mod:`fastlora.atomic`). A transformers model's ``save_pretrained`` then writes base and adapters
     loadably, as after :func:`inject`.
     """
     model = load_layers(model, directory, name)
