@@ -1,13 +1,13 @@
 """fastlora: fused LoRA for PyTorch — one op, several backends, a drop-in layer."""
 
 from fastlora.accelerate import AccelerateReport, accelerate, restore
+from fastlora.api import inject, load_adapter
 from fastlora.config import LoraConfig
-from fastlora.io import load_adapter, save_adapter
+from fastlora.io import save_adapter
 from fastlora.layer import LoRAAdapter, LoRALinear
 from fastlora.model import (
     adapter_names,
     delete_adapter,
-    inject,
     mark_only_lora_trainable,
     merge,
     set_adapter,

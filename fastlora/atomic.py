@@ -1,31 +1,67 @@
-"""Atomic writes of files and folders: after an exception, a full disk or a kill at any moment, readers see
-either the complete previous version or the complete new one.
+"""Atomic writes of a file, or of several files of a folder at once: readers see the old version or the new one.
 
-A file is written beside its target, fsynced and renamed over it. A folder is built beside its target (entries
-of the old folder that the new one does not write are carried over as hard links), fsynced, and swapped in with
-one ``renameat2(RENAME_EXCHANGE)`` on Linux. Where that call is missing (other systems, some network file
-systems) the old folder is renamed aside and the new one renamed in; a kill between those two renames leaves
-the target missing with both versions beside it, and :func:`recover_dir` (called by ``load_adapter``) renames
-the new one in.
+After an exception, a full disk or a kill at any moment, the files hold either the complete previous version or
+the complete new one. A single file (:func:`atomic_file`) is written beside its target, fsynced and renamed over it.
+
+Files of a folder and its subfolders (:func:`transaction`, behind :func:`fastlora.save_adapter`) change in place, as
+a database commits, so that the folder itself (a mount point, a process's working directory) stays, with its owner
+and mode:
+
+1. each new file is written to a hidden temporary name beside its target (``.fastlora-<pid>-<hex>.tmp``), fsynced;
+2. a manifest listing the renames (temporary name -> target) and the files to delete is written and fsynced, then
+   renamed to ``.fastlora-manifest`` in the folder: that rename is the commit point;
+3. the renames and deletions are applied, and the manifest is removed.
+
+Whoever opens the folder next through this module (:func:`reading` or :func:`transaction`: every fastlora load and
+save, also of a subfolder) first finishes a commit that a kill interrupted there (a temporary file that is gone was
+renamed already), then removes the temporary files of saves that never committed once their process is gone. A
+save holds an exclusive ``flock`` on the folder's ``.fastlora-lock`` file and a load a shared one, so two saves of
+a folder run one after the other and a load never sees half a commit (where the file system has no locks, they run
+unlocked).
+
+A reader that knows nothing of the manifest (peft) sees the previous files until the commit point and the new ones
+once the commit is applied; in between (a few renames; after a kill there, until the next fastlora load or save of
+the folder) it may see some files of each version, e.g. new weights beside the previous config.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import hashlib
+import json
 import os
+import re
 import secrets
-import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-_NEW, _OLD = "new", "old"
-_NO_LINKS = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
-_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, saves are not serialised
+    fcntl = None
+
+MANIFEST = ".fastlora-manifest"
+LOCK = ".fastlora-lock"
+_PREFIX = ".fastlora-"
+_TEMP = re.compile(r"\.fastlora-(\d+)-[0-9a-f]{8}\.tmp")
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EINVAL, errno.ENOSYS}
+_WRITING: set[Path] = set()  # the temporary files of this process's transactions in progress
+_HELD: set[int] = set()  # this process's open lock files
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, say): close the copies of the parent's lock files, which would
+    otherwise hold its locks until the child exits."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -71,144 +107,214 @@ def write_atomic(path: str | Path, data: bytes | str) -> None:
         handle.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+class Transaction:
+    """New contents for files of a folder (``name`` or ``subfolder/name``) and files to delete there, made current
+    together by :meth:`commit`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.renames: list[tuple[Path, Path]] = []  # (temporary file, target)
+        self.deletes: list[Path] = []
+        self.temps: list[Path] = []  # every temporary file written, the manifest's too: an abort removes them
+
+    def write(self, name: str) -> Path:
+        """A temporary path to write the new ``folder/name`` to (a missing subfolder is created)."""
+        target = _inside(self.folder, name)
+        if target.is_dir() and not target.is_symlink():
+            raise IsADirectoryError(f"{target} is a folder")
+        target.parent.mkdir(exist_ok=True)
+        temp = self._temp(target.parent)
+        self.renames.append((temp, target))
+        return temp
+
+    def delete(self, name: str) -> None:
+        """Delete file ``folder/name`` in the commit."""
+        target = _inside(self.folder, name)
+        if target.is_dir() and not target.is_symlink():
+            raise IsADirectoryError(f"{target} is a folder")
+        self.deletes.append(target)
+
+    def commit(self) -> None:
+        """Make the written files durable, commit (the manifest's rename) and apply."""
+        for temp, target in self.renames:
+            if target.exists():
+                os.chmod(temp, stat.S_IMODE(target.stat().st_mode))  # the file keeps its mode, as when overwritten
+            fsync_file(temp)
+        for folder in dict.fromkeys([self.folder, *(temp.parent for temp, _ in self.renames)]):
+            fsync_dir(folder)
+        manifest = {"renames": [[self._relative(t), self._relative(f)] for t, f in self.renames],
+                    "deletes": [self._relative(path) for path in self.deletes]}
+        temp = self._temp(self.folder)
+        temp.write_text(json.dumps(manifest, indent=1) + "\n")
+        fsync_file(temp)
+        os.replace(temp, self.folder / MANIFEST)  # the commit point
+        fsync_dir(self.folder)
+        _apply(self.folder, self.renames, self.deletes)
+
+    def abort(self) -> None:
+        """Remove what was written, unless the commit point has passed (then the next load or save finishes it)."""
+        if (self.folder / MANIFEST).exists():  # ours: recover() removed any other before this transaction began
+            return
+        for temp in self.temps:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+    def _temp(self, folder: Path) -> Path:
+        temp = folder / f"{_PREFIX}{_token()}.tmp"
+        self.temps.append(temp)
+        _WRITING.add(temp)
+        return temp
+
+    def _relative(self, path: Path) -> str:
+        return path.relative_to(self.folder).as_posix()
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, keep_existing: bool = True) -> Iterator[Path]:
-    """Yield a new empty folder beside ``path`` to fill; on success its files are fsynced and it replaces folder
-    ``path`` as a unit.
-
-    With ``keep_existing``, entries of the old folder that the new one lacks (recursively) are kept (hard
-    links, or copies where links fail). On error the new folder is removed and ``path`` is untouched.
-    """
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(target)
-    token = _token()
-    new = _aside(target, _NEW, token)
-    try:
-        os.mkdir(new)
-        yield new
-        if target.is_dir():
-            os.chmod(new, stat.S_IMODE(target.stat().st_mode))
-            if keep_existing:
-                _carry_over(target, new)
-        _fsync_tree(new)
-        _swap(new, target, token)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-
-
-def recover_dir(path: str | Path) -> None:
-    """Finish a folder swap that a kill interrupted between its two renames (``path`` or a parent missing),
-    and remove what interrupted swaps of ``path`` left beside it in processes that no longer run."""
-    target = Path(os.path.realpath(path))
-    missing = []
-    for folder in (target, *target.parents):
-        if folder.exists():
-            break
-        missing.append(folder)
-    for folder in reversed(missing):  # outermost first: the others' asides are inside it
-        _restore(folder)
-    _remove_stale(target)
-
-
-def _restore(target: Path) -> None:
-    """Put back a missing folder from beside it: the new version if the swap got that far, else the old one."""
-    for token in _asides(target, _OLD):
-        new, old = _aside(target, _NEW, token), _aside(target, _OLD, token)
-        # The old folder goes aside only once the new one is complete, so a new folder beside it is whole.
-        with contextlib.suppress(OSError):  # another process got there first
-            os.rename(new if new.is_dir() else old, target)
-            fsync_dir(target.parent)
-        return
-
-
-def _remove_stale(target: Path) -> None:
-    if not target.parent.is_dir():
-        return
-    for kind in (_NEW, _OLD):
-        for token in _asides(target, kind):
-            pid = int(token.split("-")[0])
-            if target.exists() and not _alive(pid) and (kind == _OLD or not _aside(target, _OLD, token).exists()):
-                shutil.rmtree(_aside(target, kind, token), ignore_errors=True)
-
-
-def _swap(new: Path, target: Path, token: str) -> None:
-    if not os.path.lexists(target):
-        os.rename(new, target)
-        fsync_dir(target.parent)
-        return
-    try:
-        _exchange(new, target)
-        old = new  # the exchange put the old folder where the new one was
-    except OSError as error:
-        if error.errno not in _UNSUPPORTED:
-            raise
-        old = _aside(target, _OLD, token)
-        os.rename(target, old)
+def transaction(folder: str | Path) -> Iterator[Transaction]:
+    """A :class:`Transaction` on ``folder`` (created if missing) that commits when the block ends without error;
+    on error what it wrote is removed. Other saves of the folder wait until it is done."""
+    folder = Path(os.path.realpath(folder))
+    if not folder.is_dir():
+        if os.path.lexists(folder):
+            raise NotADirectoryError(f"{folder} exists and is not a folder")
+        folder.mkdir(parents=True)
+        fsync_dir(folder.parent)
+    with _opened(folder, exclusive=True):
+        changes = Transaction(folder)
         try:
-            os.rename(new, target)
-        except BaseException:  # e.g. KeyboardInterrupt just after the rename: only a missing target goes back
-            if os.path.lexists(target):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(old, target)  # should this fail too, recover_dir puts the old folder back
+            yield changes
+            changes.commit()
+        except BaseException:
+            changes.abort()
             raise
+        finally:
+            _WRITING.difference_update(changes.temps)
+
+
+@contextlib.contextmanager
+def reading(folder: str | Path) -> Iterator[None]:
+    """Hold ``folder`` steady for the block: an interrupted commit there is finished first (see :func:`recover`),
+    and no save of the folder starts until the block ends."""
+    with _opened(Path(os.path.realpath(folder)), exclusive=False):
+        yield
+
+
+def recover(folder: str | Path) -> None:
+    """Finish a commit that a kill interrupted in ``folder``, or in its parent folder (whose commits write into
+    its subfolders), and remove the temporary files that saves of ``folder`` which never committed left there and
+    in its subfolders, once their process is gone."""
+    folder = Path(os.path.realpath(folder))
+    for where in dict.fromkeys([folder.parent, folder]):
+        try:
+            text = (where / MANIFEST).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        renames, deletes = _parse(where, text)
+        _apply(where, renames, deletes)
+    with contextlib.suppress(OSError):  # nothing to clean in a folder that cannot be listed
+        subfolders = [Path(e.path) for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+        for where in (folder, *subfolders):
+            for entry in os.scandir(where):
+                match = _TEMP.fullmatch(entry.name)
+                if match and _abandoned(Path(entry.path), int(match[1])):
+                    with contextlib.suppress(OSError):  # cleaning up is best effort (a read-only folder)
+                        os.unlink(entry.path)
+
+
+def _apply(folder: Path, renames: list[tuple[Path, Path]], deletes: list[Path]) -> None:
+    """Carry out a committed manifest of ``folder`` and remove it; running it again, or in two processes at once,
+    does no harm: a temporary file that is gone was renamed already."""
+    for temp, target in renames:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(temp, target)
+    for path in deletes:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    for parent in dict.fromkeys(path.parent for path in [*(target for _, target in renames), *deletes]):
+        if parent.is_dir():
+            fsync_dir(parent)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / MANIFEST)
+    fsync_dir(folder)
+
+
+def _parse(folder: Path, text: str) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """A manifest's renames and deletions, each inside ``folder`` (a manifest is read from disk: it may come from
+    anywhere, so what it names is checked)."""
     try:
-        fsync_dir(target.parent)
+        manifest = json.loads(text)
+        renames = [(_inside(folder, temp, temporary=True), _inside(folder, target)) for temp, target in
+                   manifest["renames"]]
+        deletes = [_inside(folder, path) for path in manifest["deletes"]]
+        if any(temp.parent != target.parent for temp, target in renames):
+            raise ValueError("a temporary file is not beside its target")
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{folder / MANIFEST} is not a manifest of a fastlora save: {error}") from None
+    return renames, deletes
+
+
+def _inside(folder: Path, name: str, temporary: bool = False) -> Path:
+    """``folder/name`` for ``name`` a file name or ``subfolder/file name``, the subfolder not a link (so that the path
+    stays inside ``folder``); a temporary name of this module's if ``temporary``, else a name not of its files."""
+    parts = name.split("/") if isinstance(name, str) else []
+    valid = 1 <= len(parts) <= 2 and all(p not in ("", ".", "..") and os.sep not in p for p in parts)
+    if valid:
+        valid = bool(_TEMP.fullmatch(parts[-1])) if temporary else not parts[-1].startswith(_PREFIX)
+    if not valid:
+        raise ValueError(f"{name!r} is not a {'temporary ' if temporary else ''}file name of {folder} or of a "
+                         "subfolder of it")
+    if len(parts) == 2 and (folder / parts[0]).is_symlink():
+        raise ValueError(f"{folder / parts[0]} is a link: fastlora writes only into the folder's own subfolders")
+    return folder.joinpath(*parts)
+
+
+@contextlib.contextmanager
+def _opened(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Lock ``folder`` and, shared, its parent (a save of the parent writes into the folder's subfolders) for the
+    block, and :func:`recover` the folder first."""
+    with contextlib.ExitStack() as locks:
+        if folder.parent != folder:
+            locks.enter_context(_locked(folder.parent, exclusive=False))
+        locks.enter_context(_locked(folder, exclusive))
+        recover(folder)
+        yield
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Hold the lock of ``folder`` for the block: exclusive (a save, which creates the lock file) or shared. Shared
+    without a lock file (a folder no fastlora save wrote, a missing one), or where the file system has no locks,
+    the block runs unlocked."""
+    fd = _open_lock(folder / LOCK, exclusive)
+    if fd is not None:
+        _HELD.add(fd)
+    try:
+        if fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            except OSError as error:
+                if error.errno not in _NO_LOCKS:
+                    raise
+        yield
     finally:
-        shutil.rmtree(old, ignore_errors=True)
+        if fd in _HELD:  # else a forked child's copy, closed already
+            _HELD.discard(fd)
+            os.close(fd)  # releases the lock
 
 
-def _exchange(a: Path, b: Path) -> None:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``)."""
-    function = getattr(_libc(), "renameat2", None) if _libc() is not None else None
-    if function is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
-    at_fdcwd, rename_exchange = -100, 2
-    if function(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), str(b))
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
+def _open_lock(path: Path, exclusive: bool) -> int | None:
+    """The lock file open: created for a save; None for a load where there is none it can open."""
+    if not exclusive:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
     try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # Windows
-        return None
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    for entry in os.scandir(old):
-        source, destination = Path(entry.path), new / entry.name
-        if entry.is_dir(follow_symlinks=False):
-            if not os.path.lexists(destination):
-                os.mkdir(destination)
-                os.chmod(destination, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode))
-                _carry_over(source, destination)
-            elif destination.is_dir() and not destination.is_symlink():
-                _carry_over(source, destination)
-        elif not os.path.lexists(destination):
-            if entry.is_symlink():
-                os.symlink(os.readlink(source), destination)
-            elif entry.is_file(follow_symlinks=False):
-                try:
-                    os.link(source, destination, follow_symlinks=False)
-                except OSError as error:
-                    if error.errno not in _NO_LINKS:
-                        raise
-                    shutil.copy2(source, destination)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root, topdown=False):
-        for name in files:
-            if not os.path.islink(os.path.join(folder, name)):
-                fsync_file(os.path.join(folder, name))
-        fsync_dir(folder)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if not path.exists():
+            raise
+        return os.open(path, os.O_RDONLY)  # another user's lock file: flock needs no write access (but on NFS)
 
 
 def _digest(name: str) -> str:
@@ -219,27 +325,16 @@ def _token() -> str:
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _aside(target: Path, kind: str, token: str) -> Path:
-    """A sibling of ``target`` named for it (a digest, so any name fits) with a fixed-length suffix."""
-    return target.parent / f".fastlora-{_digest(target.name)}-{kind}-{token}"
-
-
-def _asides(target: Path, kind: str) -> list[str]:
-    prefix = f".fastlora-{_digest(target.name)}-{kind}-"
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return []
-    return [name[len(prefix):] for name in names if name.startswith(prefix)]
-
-
-def _alive(pid: int) -> bool:
+def _abandoned(temp: Path, pid: int) -> bool:
+    """Whether the transaction that wrote ``temp`` in process ``pid`` has ended without committing it."""
     if pid == os.getpid():
-        return True
+        return temp not in _WRITING
+    if os.name == "nt":  # os.kill would end the process there
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except OSError:  # exists, another user's
         return True
-    return True
+    except OSError:  # exists, another user's
+        return False
+    return False

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from fastlora.model import lora_layers
+from fastlora.io import save_adapter
+from fastlora.targets import lora_layers
 
 _BASE = ".base_layer"
 
@@ -38,8 +39,6 @@ class SavePretrained:
         self.model = model
 
     def __call__(self, save_directory: str | Path, *args, state_dict: dict[str, Tensor] | None = None, **kwargs):
-        from fastlora.io import save_adapter  # io imports model, which calls attach: import on use
-
         model = self.model
         save = type(model).save_pretrained
         layers = dict(lora_layers(model))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +20,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fastlora.atomic import atomic_dir, recover_dir
+from fastlora.atomic import reading, transaction
 from fastlora.config import ALL_LINEAR, LoraConfig, lora_scale
-from fastlora.hf import attach
 from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, check_adapter_name, is_adaptable, is_conv1d
-from fastlora.model import adapter_names, lora_layers, mark_only_lora_trainable, name_matches, replace_module
+from fastlora.model import adapter_names
+from fastlora.targets import lora_layers, name_matches, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 SLICES_METADATA = "fastlora_slices"
+SUBFOLDER_METADATA = "fastlora_subfolder"  # the adapter a full save wrote to <dir>/<name>
 
 
 def _peft_alpha(adapter: LoRAAdapter, peft_rank: int) -> float:
@@ -52,10 +54,14 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | N
                  name: str | None = None) -> None:
     """Write LoRA adapters in peft's format (loadable by ``PeftModel.from_pretrained``).
 
-    With ``name``, that adapter alone, in ``directory``. Without, every adapter in peft's multi-adapter
-    layout: ``default`` in ``directory`` itself and each other adapter in ``directory/<name>``.
-    The folder is replaced as a unit (:func:`fastlora.atomic.atomic_dir`): whatever happens during the save,
-    it holds the complete previous adapters or the complete new ones; other files in it are kept.
+    With ``name``, that adapter alone, in ``directory``. Without, exactly the model's adapters, in peft's
+    multi-adapter layout: ``default`` in ``directory`` itself and each other adapter in ``directory/<name>``;
+    the adapter files of earlier saves that this one does not write are removed (the folder's own when the model
+    has no ``default``, and those an earlier full save wrote to ``directory/<name>`` for an adapter the model no
+    longer has). Other files are kept. The files change in place as one commit
+    (:func:`fastlora.atomic.transaction`): whatever happens during the save, the folder holds the complete
+    previous adapters or the complete new ones, and stays itself (a mount point, a working directory, its owner
+    and mode).
     """
     model = unwrap(model)
     held = adapter_names(model)
@@ -67,12 +73,35 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig | N
     for adapter_name in names:
         check_adapter_name(adapter_name)
     files = {adapter_name: _serialize(model, adapter_name, config) for adapter_name in names}
-    with atomic_dir(directory) as new:
+    with transaction(directory) as changes:
         for adapter_name, (tensors, metadata, peft_config) in files.items():
-            folder = new if name is not None or adapter_name == DEFAULT_ADAPTER else new / adapter_name
-            folder.mkdir(exist_ok=True)
-            save_file(tensors, str(folder / WEIGHTS_NAME), metadata=metadata)
-            (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+            where = "" if name is not None or adapter_name == DEFAULT_ADAPTER else f"{adapter_name}/"
+            if where:  # recorded, so that a later full save of a model without this adapter removes it
+                metadata = {**metadata, SUBFOLDER_METADATA: adapter_name}
+            save_file(tensors, str(changes.write(where + WEIGHTS_NAME)), metadata=metadata)
+            changes.write(where + CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+        if name is None:
+            for stale in _stale_files(changes.folder, held):
+                changes.delete(stale)
+
+
+def _stale_files(folder: Path, held: list[str]) -> list[str]:
+    """The adapter files in ``folder`` that a full save of adapters ``held`` does not write: the folder's own
+    without a default adapter, and those of each subfolder an earlier full save wrote for an adapter not held."""
+    places = [""] if DEFAULT_ADAPTER not in held else []
+    places += [f"{entry.name}/" for entry in os.scandir(folder) if entry.name not in held
+               and entry.is_dir(follow_symlinks=False) and _saved_as(Path(entry.path)) == entry.name]
+    return [place + file for place in places for file in (WEIGHTS_NAME, CONFIG_NAME)
+            if os.path.lexists(folder / place / file)]
+
+
+def _saved_as(folder: Path) -> str | None:
+    """The adapter that a full save wrote to ``folder`` as a subfolder of its own folder, or None."""
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+            return (f.metadata() or {}).get(SUBFOLDER_METADATA)
+    except (OSError, SafetensorError):
+        return None
 
 
 def _serialize(model: nn.Module, adapter_name: str,
@@ -284,22 +313,14 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER) -> nn.Module:
-    """Load a LoRA adapter saved by fastlora or peft as adapter ``name``.
-
-    Modules without LoRA get a LoRA layer (with this adapter active); LoRA layers that lack the
-    adapter get it added beside their others (their active adapter does not change: see
-    :func:`fastlora.set_adapter`); an adapter of the same name is overwritten. Before anything changes,
-    the config (r, ``rank_pattern``, ``alpha_pattern``, target modules), fastlora's slices metadata and the
-    tensors' keys, shapes, dtypes and values are checked against each other and the model: on error the model
-    is left as it was. A folder that a save interrupted between its two renames is recovered first
-    (:func:`fastlora.atomic.recover_dir`).
-    """
+def load_layers(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """The layers of :func:`fastlora.load_adapter`: the adapter in ``directory``, checked, into ``model`` (unwrapped,
+    which is returned) as adapter ``name``."""
     model = unwrap(model)
     check_adapter_name(name)
     directory = Path(directory)
-    recover_dir(directory)
-    peft_config, tensors, saved_slices = _read(directory)
+    with reading(directory):
+        peft_config, tensors, saved_slices = _read(directory)
     try:
         plan = _plan(model, peft_config, tensors, saved_slices, name)
     except ValueError as error:
@@ -324,8 +345,6 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         with torch.no_grad():
             adapter.lora_A.copy_(item.lora_A)
             adapter.lora_B.copy_(item.lora_B)
-    mark_only_lora_trainable(model)
-    attach(model)  # a transformers model's save_pretrained then writes base and adapters loadably, as after inject
     return model
 
 

@@ -1,6 +1,7 @@
-"""Saving never loses the previous adapter (faults at every write, a full disk, SIGKILL at random moments);
-loads check the config, the slices metadata and the tensors against each other; adapter names are checked
-before anything changes."""
+"""Saving never loses the previous adapter (faults at every write, a full disk, SIGKILL at random moments, two
+processes saving at once), works in place (a working directory inside the folder, a mount point, the folder's owner
+and mode) and leaves exactly the model's adapters; loads check the config, the slices metadata and the tensors
+against each other; adapter names are checked before anything changes."""
 
 import errno
 import functools
@@ -20,9 +21,11 @@ import fastlora
 import fastlora.atomic
 import fastlora.io
 from fastlora import LoraConfig, LoRALinear
-from fastlora.atomic import atomic_file, recover_dir, write_atomic
+from fastlora.atomic import atomic_file, write_atomic
 
 TARGETS = ["0", "1", "2"]
+MANIFEST, LOCK = ".fastlora-manifest", ".fastlora-lock"
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
 def base(width: int = 32) -> nn.Module:
@@ -61,16 +64,27 @@ def which_version(folder, versions, name: str = "default", width: int = 32) -> i
     return found[0]
 
 
-def leftovers(parent: pathlib.Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".fastlora-")]
+def versions_held(folder, versions, names, width: int = 32) -> set[int]:
+    """The versions of the adapters in peft's layout in ``folder``, the subfolders' loaded first (each load of a
+    subfolder must finish an interrupted save of the folder above it)."""
+    return {which_version(folder if n == "default" else folder / n, versions, n, width)
+            for n in sorted(names, key=lambda n: n == "default")}
+
+
+def leftovers(folder: pathlib.Path) -> list[str]:
+    """What saves left in ``folder``, its subfolders and beside it, but for the lock file: temporary files, a
+    manifest."""
+    places = [folder.parent, folder, *(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink())]
+    return sorted(str(p) for place in places for p in place.iterdir() if p.name.startswith(".fastlora-")
+                  and p.name != LOCK)
 
 
 class Faults:
     """Counts the calls that write to disk during a save, and fails call number ``at`` with ENOSPC (before the
     call, or after it has done its work)."""
 
-    WRITES = ((os, "mkdir"), (os, "rename"), (os, "replace"), (os, "link"), (os, "symlink"), (os, "fsync"),
-              (os, "chmod"), (fastlora.atomic, "_exchange"), (fastlora.io, "save_file"), (pathlib.Path, "write_text"))
+    WRITES = ((os, "mkdir"), (os, "rename"), (os, "replace"), (os, "unlink"), (os, "fsync"), (os, "chmod"),
+              (fastlora.io, "save_file"), (pathlib.Path, "write_text"))
 
     def __init__(self, monkeypatch, at: int | None = None, after: bool = False):
         self.calls, self.at, self.after, self.log = 0, at, after, []
@@ -91,28 +105,19 @@ class Faults:
         return write
 
 
-def no_exchange(monkeypatch):
-    """The fallback for file systems without renameat2(RENAME_EXCHANGE): two renames."""
-    def unsupported(a, b):
-        raise OSError(errno.EINVAL, "not supported (test)")
-    monkeypatch.setattr(fastlora.atomic, "_exchange", unsupported)
-
-
-@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
 @pytest.mark.parametrize("names", [("default",), ("default", "b")], ids=["one-adapter", "peft-layout"])
-def test_a_fault_at_any_write_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, exchange, names):
+def test_a_fault_at_any_write_leaves_the_old_or_the_new_adapter(tmp_path, monkeypatch, names):
     versions = [version(0, names=names), version(1, names=names)]
     folder = tmp_path / "adapter"
     (tmp_path / "adapter").mkdir()
     (folder / "README.md").write_text("the user's notes")
-    if not exchange:
-        no_exchange(monkeypatch)
+    fastlora.save_adapter(versions[0], folder)
     with monkeypatch.context() as counting:
         counter = Faults(counting)
-        fastlora.save_adapter(versions[0], folder)
-    assert counter.calls >= 8
-    swap = next(i for i, (name, args) in enumerate(counter.log)  # the call that puts the new folder in place
-                if (name == "_exchange" and exchange) or (name == "rename" and pathlib.Path(args[1]) == folder))
+        fastlora.save_adapter(versions[1], folder)
+    assert counter.calls >= 12
+    commit = next(i for i, (name, args) in enumerate(counter.log)  # the manifest's rename
+                  if name == "replace" and pathlib.Path(args[1]).name == MANIFEST)
     outcomes = set()
     for at in range(counter.calls):
         for after in (False, True):
@@ -125,73 +130,279 @@ def test_a_fault_at_any_write_leaves_the_old_or_the_new_adapter(tmp_path, monkey
                 except OSError as error:
                     assert error.errno == errno.ENOSPC
                     failed = True
-            found = {which_version(folder if n == "default" else folder / n, versions, n) for n in names}
+            found = versions_held(folder, versions, names)
             assert len(found) == 1, f"fault at write {at} (after={after}): the adapters are of different versions"
             if failed and found == {1}:
-                assert at > swap or (at == swap and after), f"fault at write {at}: a failed save left the new version"
+                assert at > commit or (at == commit and after), f"fault at write {at}: a failed save left the new one"
             outcomes |= found
             assert (folder / "README.md").read_text() == "the user's notes"
-            assert leftovers(tmp_path) == []
+            assert leftovers(folder) == [], f"fault at write {at} (after={after})"
     assert outcomes == {0, 1}
 
 
+def saving_child(folder, models, done_w: int, seed: int) -> int:
+    """Fork a process that saves ``models`` in turn into ``folder`` until killed, one byte down ``done_w`` per
+    completed save; its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for i in range(seed, 10**6):
+                fastlora.save_adapter(models[i % len(models)], folder)
+                os.write(done_w, b".")
+        finally:
+            os._exit(1)
+    return pid
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status), "a saving child stopped before it was killed"
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
-def test_sigkill_at_random_moments_leaves_exactly_one_whole_version(tmp_path, exchange):
-    """A child process saves two versions of a ~1.5 MB adapter in turn (about 30 ms a save here) and is killed at random
-    moments. (The two-rename window is too short for a kill to hit: the next test makes that state.)"""
-    versions = [version(0, width=512, times=16), version(1, width=512, times=16)]
+def test_sigkill_at_random_moments_leaves_exactly_one_whole_version(tmp_path):
+    """A child process saves two versions of two ~1.5 MB adapters (peft's layout) in turn (about 40 ms a save
+    here) and is killed at random moments; each load of the folder then finishes or discards what it left."""
+    names = ("default", "b")
+    versions = [version(i, width=512, times=16, names=names) for i in (0, 1)]
     folder = tmp_path / "adapter"
     fastlora.save_adapter(versions[0], folder)
     rng, saves, deadline = random.Random(0), 0, time.monotonic() + 3.0
-    for kill in range(8):
+    for killed in range(8):
         done_r, done_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: save in a loop until killed, one byte down the pipe per completed save
-            try:
-                if not exchange:
-                    fastlora.atomic._exchange = lambda a, b: (_ for _ in ()).throw(OSError(errno.EINVAL, "test"))
-                for i in range(10**6):
-                    fastlora.save_adapter(versions[(i + 1) % 2], folder)
-                    os.write(done_w, b".")
-            finally:
-                os._exit(1)
+        pid = saving_child(folder, versions[::-1], done_w, seed=0)
         os.close(done_w)
         time.sleep(rng.uniform(0.0, 0.25))
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status), "the saving child stopped before it was killed"
+        kill(pid)
         saves += len(os.read(done_r, 1 << 16))
         os.close(done_r)
-        which_version(folder, versions, width=512)  # load recovers an interrupted swap first
-        assert leftovers(tmp_path) == [], f"kill {kill}: what the killed save left beside the folder was not removed"
+        assert len(versions_held(folder, versions, names, width=512)) == 1, f"kill {killed}: a mix of versions"
+        assert leftovers(folder) == [], f"kill {killed}: what the killed save left was not removed"
         if time.monotonic() > deadline:
             break
     assert saves > 0, "the child never completed a save: the kills tested nothing"
 
 
-def test_an_interrupted_two_rename_swap_is_recovered_to_the_new_version(tmp_path, monkeypatch):
-    """The state a kill between the two renames leaves: the folder missing, both versions beside it."""
-    versions = [version(0), version(1)]
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_two_processes_saving_at_once_and_a_reader_see_whole_versions(tmp_path):
+    """Two children save different versions into one folder at once while this process loads it; every load
+    sees one whole adapter, and after both are killed the folder holds one version."""
+    names = ("default", "b")
+    versions = [version(i, width=256, times=4, names=names) for i in (0, 1)]
     folder = tmp_path / "adapter"
     fastlora.save_adapter(versions[0], folder)
-    no_exchange(monkeypatch)
-    real_rename = os.rename
+    done_r, done_w = os.pipe()
+    children = [saving_child(folder, [versions[i]], done_w, seed=0) for i in (0, 1)]
+    os.close(done_w)
+    try:
+        deadline, loads = time.monotonic() + 1.5, 0
+        while time.monotonic() < deadline:
+            for name in names:  # each load is of one whole adapter (the other may be of another save by then)
+                which_version(folder if name == "default" else folder / name, versions, name, width=256)
+                loads += 1
+        time.sleep(random.Random(1).uniform(0.0, 0.05))
+    finally:
+        for pid in children:
+            kill(pid)
+    saves = len(os.read(done_r, 1 << 16))
+    os.close(done_r)
+    assert saves >= 2 and loads >= 2, (saves, loads)
+    assert len(versions_held(folder, versions, names, width=256)) == 1
+    assert leftovers(folder) == []
 
-    def killed_before_the_second_rename(source, destination):
-        if pathlib.Path(destination) == folder:
-            raise KeyboardInterrupt  # no clean-up runs past this point for a real kill; see below
-        real_rename(source, destination)
 
-    monkeypatch.setattr(os, "rename", killed_before_the_second_rename)
-    monkeypatch.setattr(fastlora.atomic.shutil, "rmtree", lambda *a, **k: None)  # a kill runs no clean-up
+def test_a_manifest_left_by_a_kill_is_rolled_forward_by_load_adapter(tmp_path, monkeypatch):
+    """The state of a kill after the commit point, once the first rename is done: the manifest, default's new
+    weights beside its old config (what peft, which knows nothing of the manifest, would read now), b all old.
+    Loading b (a subfolder: the manifest is in the folder above) finishes the save."""
+    names = ("default", "b")
+    versions = [version(0, names=names), version(1, names=names)]
+    folder = tmp_path / "adapter"
+    fastlora.save_adapter(versions[0], folder)
+    real_replace, renames = os.replace, []
+
+    def killed_after_the_first_rename(source, destination):
+        if renames and renames[-1] != MANIFEST:
+            raise KeyboardInterrupt  # a kill runs no clean-up at all; an interrupt runs the save's, which keeps it
+        real_replace(source, destination)
+        renames.append(pathlib.Path(destination).name)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_first_rename)
     with pytest.raises(KeyboardInterrupt):
         fastlora.save_adapter(versions[1], folder)
     monkeypatch.undo()
-    # the rollback rename failed too (same patch), so the state is what a kill leaves
-    assert not folder.exists() and len(leftovers(tmp_path)) == 2
+    assert renames == [MANIFEST, WEIGHTS] and (folder / MANIFEST).is_file()
+    assert load_file(folder / WEIGHTS)[KEY].shape[0] == 8  # the new rank
+    assert json.loads((folder / CONFIG).read_text())["r"] == 4  # the old config
+    assert which_version(folder / "b", versions, "b") == 1
+    assert not (folder / MANIFEST).exists() and leftovers(folder) == []
     assert which_version(folder, versions) == 1
-    assert [name.split("-")[2] for name in leftovers(tmp_path)] == ["old"]  # removed once this process is gone
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_files_of_a_save_killed_before_its_commit_are_removed(tmp_path):
+    names = ("default", "b")
+    versions = [version(0, names=names), version(1, names=names)]
+    folder = tmp_path / "adapter"
+    fastlora.save_adapter(versions[0], folder)
+    pid = os.fork()
+    if pid == 0:  # killed at its first fsync: every new file is written, nothing committed
+        fastlora.atomic.fsync_file = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            fastlora.save_adapter(versions[1], folder)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    left = leftovers(folder)
+    assert len(left) == 4 and all(name.endswith(".tmp") for name in left), left  # two files for each adapter
+    assert any("/b/" in name for name in left)
+    assert versions_held(folder, versions, names) == {0}
+    assert leftovers(folder) == []
+
+
+def test_temporary_files_of_a_live_save_are_kept(tmp_path):
+    fastlora.save_adapter(version(0), tmp_path)
+    live = tmp_path / f".fastlora-{os.getppid()}-0123abcd.tmp"  # another process's, still running
+    live.write_text("being written")
+    ours = tmp_path / f".fastlora-{os.getpid()}-0123abcd.tmp"  # this process's, of no save in progress
+    ours.write_text("abandoned")
+    fastlora.load_adapter(base(), tmp_path)
+    assert live.exists() and not ours.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_during_a_save_does_not_keep_the_folder_locked(tmp_path):
+    """A child forked while a save holds the folder's lock (a DataLoader worker, say) does not hold it after."""
+    fcntl = pytest.importorskip("fcntl")
+    with fastlora.atomic.transaction(tmp_path) as changes:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        changes.write("notes.txt").write_text("saved")
+    fd = os.open(tmp_path / LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        kill(pid)
+    assert (tmp_path / "notes.txt").read_text() == "saved"
+
+
+def test_a_manifest_that_names_paths_out_of_the_folder_is_refused(tmp_path):
+    fastlora.save_adapter(version(0), tmp_path / "adapter")
+    (tmp_path / "outside").write_text("keep")
+    for manifest in ({"renames": [], "deletes": ["../outside"]}, {"renames": [[".fastlora-1-0123abcd.tmp", "/x"]],
+                                                                  "deletes": []}, ["not", "a", "manifest"]):
+        (tmp_path / "adapter" / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="is not a manifest of a fastlora save"):
+            fastlora.load_adapter(base(), tmp_path / "adapter")
+    assert (tmp_path / "outside").read_text() == "keep"
+
+
+# -- saving in place -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cwd", [".", "logs"], ids=["save-into-cwd", "save-into-cwds-parent"])
+def test_saving_where_the_process_stands_keeps_its_working_directory(tmp_path, cwd):
+    folder = tmp_path / "out"
+    fastlora.save_adapter(version(0, names=("default", "b")), folder)
+    (folder / "logs").mkdir()
+    here = (folder / cwd).resolve()
+    start = os.getcwd()
+    os.chdir(here)
+    try:
+        fastlora.save_adapter(version(1, names=("default", "b")), "." if cwd == "." else "..")
+        assert os.getcwd() == str(here)
+        pathlib.Path("after.txt").write_text("written after the save")  # a relative write, e.g. Trainer's logs
+    finally:
+        os.chdir(start)
+    assert (here / "after.txt").read_text() == "written after the save"
+    assert versions_held(folder, [version(0, names=("default", "b")), version(1, names=("default", "b"))],
+                         ("default", "b")) == {1}
+
+
+def test_saving_into_a_mount_point_changes_files_not_the_folder(tmp_path, monkeypatch):
+    """A mount point (a container volume, a PVC's root) cannot be renamed or replaced: EBUSY."""
+    folder = tmp_path / "volume"
+    fastlora.save_adapter(version(0), folder)
+    inode = folder.stat().st_ino
+
+    def busy(function):
+        def call(source, destination, *args, **kwargs):
+            if folder in (pathlib.Path(os.path.realpath(source)), pathlib.Path(os.path.realpath(destination))):
+                raise OSError(errno.EBUSY, "Device or resource busy (a mount point)", str(source))
+            return function(source, destination, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "rename", busy(os.rename))
+    monkeypatch.setattr(os, "replace", busy(os.replace))
+    fastlora.save_adapter(version(1), folder)
+    assert folder.stat().st_ino == inode
+    assert which_version(folder, [version(0), version(1)]) == 1
+
+
+def test_saving_keeps_the_modes_of_the_folder_and_its_files(tmp_path):
+    folder = tmp_path / "adapter"
+    fastlora.save_adapter(version(0), folder)
+    modes = {folder: 0o750, folder / WEIGHTS: 0o640, folder / CONFIG: 0o600}  # none what a new file would get
+    for path, mode in modes.items():
+        path.chmod(mode)
+    fastlora.save_adapter(version(1), folder)
+    assert {path: path.stat().st_mode & 0o7777 for path in modes} == modes
+    assert which_version(folder, [version(0), version(1)]) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give the folder away")
+def test_saving_keeps_the_folders_owner(tmp_path):
+    folder = tmp_path / "adapter"
+    fastlora.save_adapter(version(0), folder)
+    os.chown(folder, 4321, 8765)
+    fastlora.save_adapter(version(1), folder)
+    assert (folder.stat().st_uid, folder.stat().st_gid) == (4321, 8765)
+    assert which_version(folder, [version(0), version(1)]) == 1
+
+
+# -- a full save holds exactly the model's adapters ------------------------------------------------------------
+
+def test_a_deleted_default_adapter_is_not_loaded_back_from_an_earlier_save(tmp_path):
+    model = version(0, names=("default", "b"))
+    fastlora.save_adapter(model, tmp_path)
+    (tmp_path / "README.md").write_text("the user's notes")
+    fastlora.delete_adapter(model, "default")
+    fastlora.save_adapter(model, tmp_path)
+    assert not (tmp_path / WEIGHTS).exists() and not (tmp_path / CONFIG).exists()
+    with pytest.raises(FileNotFoundError, match=r"no adapter_model\.safetensors"):
+        fastlora.load_adapter(base(), tmp_path)
+    assert which_version(tmp_path / "b", [model], "b") == 0
+    assert (tmp_path / "README.md").read_text() == "the user's notes"
+
+
+def test_a_deleted_adapter_leaves_its_subfolder_without_adapter_files(tmp_path):
+    model = version(0, names=("default", "b", "c"))
+    fastlora.save_adapter(model, tmp_path)
+    (tmp_path / "c" / "notes.txt").write_text("kept")
+    fastlora.delete_adapter(model, "c")
+    fastlora.save_adapter(model, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["notes.txt"]
+    assert versions_held(tmp_path, [model], ("default", "b")) == {0}
+
+
+def test_a_full_save_removes_no_adapter_it_did_not_write_itself(tmp_path):
+    """An adapter in a subfolder that no full save of this folder wrote there (a Trainer's checkpoint-N: a save
+    into the subfolder itself) stays, and a save of one adapter by name removes nothing."""
+    fastlora.save_adapter(version(0), tmp_path / "checkpoint-2")
+    earlier = version(0, names=("default", "c"))
+    fastlora.save_adapter(earlier, tmp_path)
+    model = version(1, names=("b",))
+    fastlora.save_adapter(model, tmp_path, name="b")  # into the folder itself, as in peft
+    assert which_version(tmp_path / "c", [earlier], "c") == 0
+    assert which_version(tmp_path, [model], "b") == 0
+    fastlora.save_adapter(model, tmp_path)  # the model has no default and no c
+    assert not (tmp_path / WEIGHTS).exists() and not (tmp_path / "c" / WEIGHTS).exists()
+    assert which_version(tmp_path / "checkpoint-2", [version(0)]) == 0
+    assert which_version(tmp_path / "b", [model], "b") == 0
 
 
 def test_saving_keeps_other_files_and_adapters_in_the_folder_and_follows_a_symlink(tmp_path):
@@ -225,15 +436,6 @@ def test_atomic_file_writes_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="full"), atomic_file(path) as temp:
         temp.write_text("new")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
-
-
-def test_recover_dir_leaves_a_live_save_alone(tmp_path):
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    live = fastlora.atomic._aside(folder, "new", fastlora.atomic._token())  # this process: still saving
-    live.mkdir()
-    recover_dir(folder)
-    assert live.is_dir()
 
 
 # -- loads check that the files agree --------------------------------------------------------------------------
