@@ -54,7 +54,8 @@ def _fused_class() -> type:
             out = _fused_forward(self, x, args, kwargs)
             return super().forward(x, *args, **kwargs) if out is None else out
 
-    FusedLinear.__module__, FusedLinear.__qualname__ = __name__, "FusedLinear"
+    # repr and peft's get_layer_status show peft's name ("Linear"); pickle finds the class by its qualified name.
+    FusedLinear.__module__, FusedLinear.__qualname__, FusedLinear.__name__ = __name__, "FusedLinear", "Linear"
     return FusedLinear
 
 
@@ -97,12 +98,37 @@ def _layer_problem(layer: nn.Module) -> str | None:
     weight = base.weight
     if type(weight.data) is not Tensor or not weight.dtype.is_floating_point or weight.is_meta:
         return f"base weight is a {type(weight.data).__name__} of {weight.dtype} on {weight.device}, not a plain tensor"
-    if base._forward_hooks or base._forward_pre_hooks or "forward" in vars(base):
-        return "base layer has forward hooks (e.g. offloading) that fastlora would bypass"
+    hooked = _hooked(layer)
+    if hooked is not None:
+        return f"{hooked} has hooks (or a replaced forward) that fastlora's op would bypass; peft's forward runs"
     for name in layer.lora_A:
         problem = _adapter_problem(layer, name)
         if problem is not None:
             return problem
+    return None
+
+
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _module_hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _hooked(layer: nn.Module) -> str | None:
+    """Which module that peft's forward calls (the base layer, an adapter's lora_A, lora_B or dropout) has hooks
+    or a replaced forward, which the op would skip; None when none has. Cheap: checked on every call, since
+    hooks come and go (offloading, activation statistics) after :func:`accelerate`."""
+    if any(_GLOBAL_HOOKS):
+        return "every module (global module hooks)"
+    if _module_hooked(layer.base_layer):
+        return "the base layer"
+    for kind in ("lora_A", "lora_B", "lora_dropout"):
+        for name, module in getattr(layer, kind).items():
+            if _module_hooked(module):
+                return f"{kind}[{name!r}]"
     return None
 
 
@@ -131,7 +157,7 @@ def _fused_forward(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Te
     adapter_names = kwargs.get("adapter_names")
     if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
         return None
-    if layer.disable_adapters or layer.merged:
+    if layer.disable_adapters or layer.merged or _hooked(layer) is not None:
         return None
     base = layer.base_layer
     weight, bias = base.weight, base.bias
@@ -189,7 +215,9 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     ``merge_and_unload``, ``set_adapter``, ``disable_adapter``, ``adapter_names=``) stay as they are.
     Layers fastlora cannot run (DoRA and other variants, ``lora_bias``, quantized or hooked base layers,
     embeddings, convolutions) keep peft's forward. With ``strict``, any such layer is an error raised
-    before anything changes. Calling it again is harmless (and picks up layers added since).
+    before anything changes. Calling it again is harmless: it picks up layers added since and puts layers that
+    can no longer be fused back on peft's forward. A fused layer also checks on every call for hooks added since
+    (on its base layer, its adapters' modules, or every module) and runs peft's forward while they are there.
 
     Returns:
         An :class:`AccelerateReport`: the fused layers' names, and each unfused layer's reason.
@@ -202,10 +230,12 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
     if strict and unfused:
         listed = "; ".join(f"{name}: {why}" for name, why in list(unfused.items())[:5])
         raise ValueError(f"strict=True: {len(unfused)} peft LoRA layers cannot be fused ({listed})")
-    fused_class = _fused_class()
+    lora, fused_class = _lora(), _fused_class()
     for name, module in layers:
         if problems[name] is None:
             module.__class__ = fused_class
+        elif type(module) is fused_class:  # fused before, unfusable now (e.g. hooks added since): say what is true
+            module.__class__ = lora.Linear
     return AccelerateReport(fused=[name for name, why in problems.items() if why is None], unfused=unfused)
 
 

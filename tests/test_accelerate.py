@@ -299,7 +299,7 @@ def test_custom_and_hooked_base_layers_stay_on_peft():
     report = fastlora.accelerate(holder)
     assert report.fused == ["plain"]
     assert "CustomLinear (fastlora needs a plain nn.Linear" in report.unfused["custom"]
-    assert "forward hooks" in report.unfused["hooked"]
+    assert "the base layer has hooks" in report.unfused["hooked"]
 
 
 def test_an_unsupported_adapter_added_after_accelerate_runs_on_peft(op_calls):
@@ -380,3 +380,99 @@ def test_torch_compile_traces_an_accelerated_model_without_graph_breaks(op_calls
     assert op_calls["single"] == lora_layers(fast)  # traced through fastlora's op
     assert rel_err(out.logits, logits) <= FP32
     assert_close({n: p.grad for n, p in fast.named_parameters() if p.requires_grad}, grads)
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
+def test_hooks_added_after_accelerate_run_as_in_peft(hook, op_calls):
+    """A hook registered on a base layer after accelerate is honoured on every call (peft's forward runs while it
+    is there); a second accelerate then reports that layer unfused and truly puts it back on peft's class."""
+    model, fast = peft_pair("llama")
+    seen = {id(model): 0, id(fast): 0}
+    for m in (model, fast):
+        base = m.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+        owner = id(m)
+        if hook == "forward":
+            base.register_forward_hook(lambda module, args, out: out * 2)
+        elif hook == "forward_pre":
+            base.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+        else:
+            base.register_full_backward_hook(lambda module, gin, gout, owner=owner: seen.__setitem__(owner, 1))
+    logits, grads = loss_and_grads(model.train())
+    fast_logits, fast_grads = loss_and_grads(fast.train())
+    assert rel_err(fast_logits, logits) <= FP32
+    assert_close(fast_grads, grads)
+    assert seen[id(fast)] == seen[id(model)]
+    assert op_calls["single"] == lora_layers(fast) - 1
+    report = fastlora.accelerate(fast)
+    assert list(report.unfused) == ["base_model.model.model.layers.0.self_attn.q_proj"]
+    q_proj = fast.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is peft.tuners.lora.Linear and "the base layer has hooks" in str(report)
+    with pytest.raises(ValueError, match="strict=True: 1 peft LoRA layers cannot be fused"):
+        fastlora.accelerate(fast, strict=True)
+
+
+def test_a_hook_on_an_adapter_module_or_every_module_runs_as_in_peft(op_calls):
+    model, fast = peft_pair("gpt2")
+    for m in (model, fast):
+        m.base_model.model.transformer.h[0].attn.c_attn.lora_A["default"].register_forward_hook(
+            lambda module, args, out: out * 3)
+    with torch.no_grad():
+        assert rel_err(fast(IDS).logits, model(IDS).logits) <= FP32
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+        try:
+            calls = op_calls["single"]
+            assert rel_err(fast(IDS).logits, model(IDS).logits) <= FP32
+            assert op_calls["single"] == calls  # a global hook: every layer on peft's forward
+        finally:
+            handle.remove()
+
+
+def test_the_fused_class_keeps_peft_name_in_repr_and_layer_status():
+    model, fast = peft_pair("gpt2")
+    assert repr(fast) == repr(model)
+    assert [s.module_type for s in fast.get_layer_status()] == [s.module_type for s in model.get_layer_status()]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_gradient_penalty_gives_peft_second_order_gradients(backend, monkeypatch):
+    """torch.autograd.grad(create_graph=True) through accelerated layers, then backward: peft's LoRA gradients
+    (an MLP: torch's CPU attention kernels have no second derivative)."""
+    monkeypatch.setenv("FASTLORA_BACKEND", backend)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 1))
+    model = randomize(peft.get_peft_model(mlp, peft.LoraConfig(r=4, target_modules=["0", "2", "4"])))
+    fast = copy.deepcopy(model)
+    assert len(fastlora.accelerate(fast, strict=True).fused) == 3
+    x = torch.randn(5, 12)
+    grads = []
+    for m in (model, fast):
+        inputs = x.clone().requires_grad_()
+        out = m(inputs).sum()
+        (g,) = torch.autograd.grad(out, inputs, create_graph=True)
+        (out + g.pow(2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_compiled_rescale_and_mixed_adapter_names_equal_eager(fullgraph):
+    """torch.compile'd accelerated model: a changed scale (peft's rescale_adapter_scale) gives eager peft's logits
+    with and without fullgraph, and so do adapter_names= batches (without: peft's own forward cannot be traced
+    whole there)."""
+    from peft.helpers import rescale_adapter_scale
+
+    model, fast = two_adapter_pair("llama")
+    model.eval(), fast.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=fullgraph)
+    with torch.no_grad():
+        for step in range(3):
+            if step == 1:
+                with rescale_adapter_scale(model, 0.5), rescale_adapter_scale(fast, 0.5):
+                    assert rel_err(compiled(IDS).logits, model(IDS).logits) <= FP32
+            else:
+                assert rel_err(compiled(IDS).logits, model(IDS).logits) <= FP32
+        if not fullgraph:  # peft registers hooks inside its forward for adapter_names=, which fullgraph refuses
+            names = ["default", "other", "__base__"]
+            got = compiled(IDS, adapter_names=names).logits
+            assert rel_err(got, model(IDS, adapter_names=names).logits) <= FP32

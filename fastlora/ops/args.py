@@ -73,9 +73,9 @@ def problem(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
 
 
 def _finite(scale) -> bool:
-    """Whether a scale is finite; a symbolic one (torch.compile traces a scale that changes between calls as a
-    SymFloat) is taken as it is: checking it would put Python math on it, which the trace cannot hold."""
-    return not isinstance(scale, (float, int)) or math.isfinite(scale)
+    """Whether a scale is finite. While torch.compile traces, a scale that changes between calls is symbolic and
+    is taken as it is: Python math on it cannot be traced."""
+    return torch.compiler.is_compiling() or math.isfinite(scale)
 
 
 def check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
