@@ -219,3 +219,29 @@ def test_a_mixed_batch_under_inference_mode_equals_one_under_no_grad():
         for names, want in [*zip(orders, expected, strict=True), (orders[0], expected[0])]:
             with fastlora.use_adapters(model, names):
                 assert rel_err(model(tokens(batch=5)).logits, want) <= 1e-6
+
+
+@pytest.mark.parametrize("change", ["copy_", "assign", "add_"])
+def test_a_mixed_batch_reads_adapter_weights_changed_through_data(backend, change):
+    """Loaders, weight averaging and older training code write through ``.data``, which bumps no version counter:
+    the next mixed batch still gives every row its adapter's current weights (q,v slices included)."""
+    model = two_adapters()
+    ids = tokens(batch=4)
+    names = ["b", "default", None, "default"]
+    with fastlora.use_adapters(model, names):
+        logits(model, ids)  # a batch before the change
+    gen = torch.Generator().manual_seed(7)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            new = torch.randn(param.shape, generator=gen) * 0.1
+            if change == "copy_":
+                param.data.copy_(new)
+            elif change == "assign":
+                param.data = new
+            else:
+                param.data.add_(new)
+    with fastlora.use_adapters(model, names):
+        mixed = logits(model, ids)
+    for row, name in enumerate(names):
+        fastlora.set_adapter(model, name)
+        assert rel_err(mixed[row], logits(model, ids[row:row + 1])[0]) <= 1e-5, (row, name)

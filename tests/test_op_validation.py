@@ -149,3 +149,42 @@ def test_bad_dropout_seed_is_a_clear_error(seed, message):
 @pytest.mark.parametrize("seed", [2**63 - 1, -2**63, torch.tensor([5]), torch.tensor(5, dtype=torch.int32)])
 def test_any_int64_seed_is_accepted(seed):
     assert lora_linear(**good(), dropout_p=0.1, seed=seed).shape == (3, 12)
+
+
+def test_dispatch_asks_each_backend_which_devices_and_dtypes_it_takes():
+    """One rule list: fp64 on a CUDA device goes to the reference (the triton backend takes fp32/fp16/bf16 only),
+    fp16 on the CPU to the reference, fp32 on the CPU to the cpu backend where it is available."""
+    from fastlora.ops import dispatch
+    assert dispatch._choose(torch.device("cuda"), torch.float64).NAME == "reference"
+    assert dispatch._choose(torch.device("cpu"), torch.float16).NAME == "reference"
+    expected = "cpu" if fastlora.backends()["cpu"].available else "reference"
+    assert dispatch._choose(torch.device("cpu"), torch.float32).NAME == expected
+    for name, status in fastlora.backends().items():
+        if status.available:
+            module = dispatch.load(name)
+            assert isinstance(module, dispatch.Backend) and module.NAME == name
+            assert torch.float64 not in module.DTYPES or name == "reference"
+
+
+def test_a_forced_backend_names_what_it_takes(monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "reference")
+    from fastlora.ops import dispatch
+    monkeypatch.setenv("FASTLORA_BACKEND", "cpu")
+    if fastlora.backends()["cpu"].available:
+        with pytest.raises(RuntimeError, match=r"FASTLORA_BACKEND=cpu: the cpu backend takes float32 tensors on cpu, "
+                                               r"got torch.float64 on cpu"):
+            dispatch._choose(torch.device("cpu"), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64])
+@pytest.mark.parametrize("mode", ["train", "no_grad"])
+def test_float_dtypes_no_backend_takes_are_refused_up_front(dtype, mode):
+    """The same rule for the fast path and the checked one: an fp8 (or complex) x is a ValueError naming x's dtype,
+    raised before any backend runs, single-adapter and mixed alike."""
+    args = {k: (v.detach().to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in good().items()}
+    with pytest.raises(ValueError, match=f"x must be one of float64, float32, float16, bfloat16, got {dtype}"), \
+            torch.set_grad_enabled(mode == "train"):
+        lora_linear(**args)
+    with pytest.raises(ValueError, match=f"adapter 0: x must be one of .* got {dtype}"):
+        fastlora.lora_linear_mixed(args["x"], args["weight"], args["bias"], [args["lora_A"]], [args["lora_B"]], [1.0],
+                                   torch.zeros(3, dtype=torch.int64))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOLERANCE, backend_device, float64_reference, rel_err
+from conftest import TOLERANCE, backend_device, float64_reference, lora_update, rel_err
 
 from fastlora import lora_linear
 from fastlora.ops.reference import COL_MUL, ELEMENT_MUL, MIX_MUL_1, MIX_MUL_2, dropout_keep_mask
@@ -186,3 +186,70 @@ def test_zero_tokens(backend):
     y.sum().backward()
     assert y.shape == (0, 8) and x.grad.shape == (0, 16)
     assert torch.count_nonzero(lora_A.grad) == 0
+
+
+def penalized_grads(forward, x, params):
+    """Gradients of ``sum(y) + |d sum(y) / dx|^2`` (a gradient penalty: second order) for ``params``."""
+    y = forward(x)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    return torch.autograd.grad(y.sum() + gx.pow(2).sum(), params)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("slices", [None, (True, False, True)])
+def test_second_order_gradients_match_float64(backend, dropout_p, slices):
+    """torch.autograd.grad(create_graph=True) through the op, then the penalty's gradients: exact, not silently
+    those of a backward that autograd cannot differentiate."""
+    device = backend_device(backend)
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 5), 24, 30, 3, torch.float32, device, slices=slices)
+    got = penalized_grads(lambda t: torch.tanh(lora_linear(t, weight, bias, lora_A, lora_B, 1.5, dropout_p,
+                                                           seed=9, slices=slices)), x, (lora_A, lora_B))
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, lora_A, lora_B))
+
+    def composed(t):  # the op written in float64 torch ops
+        flat = t.reshape(-1, t.shape[-1])
+        keep = dropout_keep_mask(torch.tensor(9), flat.shape[0], flat.shape[1], dropout_p, flat.device)
+        dropped = flat * keep / (1 - dropout_p) if dropout_p else flat
+        y = flat @ weight.double().t() + bias.double() + lora_update(dropped, A64, B64, 1.5, slices, weight.shape[0])
+        return torch.tanh(y)
+    want = penalized_grads(composed, x64, (A64, B64))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= 1e-5
+
+
+def test_second_order_gradients_of_a_mixed_batch_match_each_adapter_alone(backend):
+    from fastlora import lora_linear_mixed
+    device = backend_device(backend)
+    x, weight, bias, A0, B0 = make_inputs((4, 3), 16, 20, 2, torch.float32, device, seed=1)
+    _, _, _, A1, B1 = make_inputs((4, 3), 16, 20, 5, torch.float32, device, seed=2)
+    ids = torch.tensor([0, 1, 1, 0])
+
+    def mixed(t):
+        return torch.tanh(lora_linear_mixed(t, weight, bias, [A0, A1], [B0, B1], [1.0, 2.0], ids, 0.2, seed=3))
+    got = penalized_grads(mixed, x, (A0, B0, A1, B1))
+    rows = [ids == 0, ids == 1]
+
+    def alone(t):
+        ys = [torch.tanh(lora_linear(t, weight, bias, A, B, s, 0.2, seed=3)) for A, B, s in ((A0, B0, 1.0),
+                                                                                              (A1, B1, 2.0))]
+        return torch.where(rows[0][:, None, None], ys[0], ys[1])
+    want = penalized_grads(alone, x, (A0, B0, A1, B1))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_lora_over_a_16_bit_input_keeps_fp32_precision_on_the_reference(dtype, monkeypatch):
+    """As peft: the LoRA branch of fp32 parameters computes in fp32 over the 16-bit x, so dA and dB are as exact as
+    fp32 allows against float64 of the same 16-bit inputs (not rounded to 16 bits)."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "reference")
+    x, weight, bias, lora_A, lora_B = make_inputs((33,), 48, 40, 4, torch.float32, "cpu")
+    x, weight, bias = (t.detach().to(dtype) for t in (x, weight, bias))
+    y = lora_linear(x, weight, bias, lora_A, lora_B, 0.5)
+    grad = torch.randn(y.shape).to(dtype)
+    y.backward(grad)
+    x64, A64, B64, dy64 = x.double(), lora_A.detach().double(), lora_B.detach().double(), grad.double()
+    assert rel_err(lora_A.grad, 0.5 * (dy64 @ B64).t() @ x64) <= 1e-6
+    assert rel_err(lora_B.grad, 0.5 * dy64.t() @ (x64 @ A64.t())) <= 1e-6
+    y64 = x64 @ weight.double().t() + bias.double() + 0.5 * (x64 @ A64.t()) @ B64.t()
+    assert y.dtype == dtype and rel_err(y, y64) <= TOLERANCE[dtype]
