@@ -43,16 +43,17 @@ DECODE_ROWS = (1, 2, 4, 8)
 DECODE_RANK = 16
 DROPOUT, SCALE = 0.1, 2.0
 MODES = ("forward", "forward+backward")
+OTHERS = ("F.linear", "nn.Linear", "unfused", "peft")
 Fn = tuple[str | None, Callable[[], object]]  # (the backend to force, one call)
 
 
-def contenders(spec: Spec, mode: str, backends: list[str], baselines: tuple[str, ...] = ("F.linear", "nn.Linear",
-               "unfused", "peft")) -> dict[str, Fn]:
-    """name -> (the backend to force, one call of the contender on the spec's x) for ``mode``."""
+def contenders(spec: Spec, mode: str, backends: list[str], others: tuple[str, ...] = OTHERS) -> dict[str, Fn]:
+    """name -> (the backend to force, one call of the contender on the spec's x) for ``mode``: ``others`` and,
+    per backend, its op, layer and backend alone."""
     train = mode == "forward+backward"
     t = make_tensors(spec, train)
     x, dy = t.x, t.grads[0] if train else None
-    names = [*baselines, *(f"{b} {kind}" for b in backends for kind in ("op", "layer"))]
+    names = [*others, *(f"{b} {kind}" for b in backends for kind in ("op", "layer"))]
     pool, _ = pick(spec, names)
     fns: dict[str, Fn] = {}
 
@@ -73,7 +74,7 @@ def contenders(spec: Spec, mode: str, backends: list[str], baselines: tuple[str,
     for contender in pool:
         with contender.active():
             built = contender.build(t)
-        if built.module is not None and contender.name != "peft":
+        if built.module is not None:
             built.module.train(train)  # the no-grad forward runs as in inference
         add(contender.name, contender.backend, built)
         if contender.name.endswith(" layer"):
@@ -185,7 +186,7 @@ def decode_cases(run: Run, threads: list[int], rows_list: tuple[int, ...], round
             for n_in, n_out in DECODE_SHAPES:
                 for m in rows_list:
                     spec = Spec(m, n_in, n_out, DECODE_RANK, 0.0, scale=SCALE)
-                    fns = contenders(spec, "forward", ["cpu"], baselines=("F.linear",))
+                    fns = contenders(spec, "forward", ["cpu"], others=("F.linear",))
                     r = measure(fns, "cpu", rounds, min_sample_s)
                     record(run, f"decode {spec.label}", {**spec.params(), "mode": "forward"}, r, "cpu")
                     f = r["F.linear"]["us"]
