@@ -5,6 +5,7 @@ On CPU the kernel runs under the Triton interpreter (fp16 only: the interpreter 
 GPU without TMA (before sm_90) the tests that need the kernel skip.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -251,20 +252,23 @@ def test_gradients_through_the_op_with_the_hopper_forward(launches, monkeypatch)
 
 
 @needs_tma
-def test_benchmark_dry_run_checks_and_times_both_routes(tmp_path):
-    """benchmarks/hopper_bench.py --dry-run: the config check and one tiny shape through both routes (forward, dx)."""
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hopper_bench.py")
-    result = subprocess.run([sys.executable, script, "--dry-run", "--out", str(tmp_path)], capture_output=True,
+def test_benchmark_dry_run_times_both_routes(tmp_path):
+    """benchmarks/bench_hopper.py --dry-run: one tiny shape through both routes (forward, dx), its rows appended to
+    the CSV it is given."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_hopper.py")
+    results = tmp_path / "all.csv"
+    result = subprocess.run([sys.executable, script, "--dry-run", "--csv", str(results)], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "hopper_bench.json").read_text())
-    assert results["configs"] and all(row["ok"] for row in results["configs"])
-    [row] = results["shapes"]
-    assert row["hopper_route"] == {"forward": True, "dx": True}
-    assert set(row["ms"]) == {"cublas", "tiled", "hopper", "tiled gemm", "hopper gemm", "cublas dx", "tiled dx",
-                              "hopper dx"}
-    assert all(error <= TOLERANCE[torch.float16] for error in row["rel_err"].values())
-    assert "| 40 | 64->48 |" in (tmp_path / "hopper_bench.md").read_text()
+    with results.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["case"] for row in rows} == {"64->48 M=40 r=16 p=0.1 float16"}
+    assert json.loads(rows[0]["params"])["hopper_route"] == {"forward": True, "dx": True}
+    assert {row["contender"] for row in rows if row["metric"] == "time"} == {
+        "cublas", "tiled", "hopper", "tiled gemm", "hopper gemm", "cublas dx", "tiled dx", "hopper dx"}
+    errors = {row["contender"]: float(row["value"]) for row in rows if row["metric"] == "rel err"}
+    assert set(errors) == {"tiled", "hopper", "tiled dx", "hopper dx"}
+    assert all(error <= TOLERANCE[torch.float16] for error in errors.values()), errors
 
 
 @pytest.mark.skipif(GPU, reason="the launch counter runs under the interpreter")
