@@ -86,7 +86,7 @@ def _backend_call(t: Tensors, backward: bool) -> Callable[[], None]:
     dy, s, p, seed = t.grads[0] if backward else None, t.spec.scale, t.spec.dropout, torch.tensor(1234)
 
     def call() -> None:
-        cpu.forward(x, w, b, A, B, s, p, seed)
+        cpu.forward(x, w, b, A, B, s, p, seed, None, None)
         if backward:
             cpu.backward(dy, x, w, A, B, s, p, seed, (True, True, True))
     return call

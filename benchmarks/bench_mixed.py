@@ -76,6 +76,7 @@ def contenders(n_in: int, n_out: int, k: int, seqs: int, tokens: int, device: st
     dropout_ps, seed = [0.0] * k, torch.zeros((), dtype=torch.int64)
     members = [torch.nonzero(ids == a).flatten() for a in range(k)]
     backend, base = internals.backend_for(x), f_linear(t).fn
+    rows = internals.routing(flat_ids, k, flat_x)  # routed once, as use_adapters does per batch
 
     def separate():
         out = torch.empty(seqs, tokens, n_out, device=device, dtype=x.dtype)
@@ -86,8 +87,7 @@ def contenders(n_in: int, n_out: int, k: int, seqs: int, tokens: int, device: st
     fns = {
         "F.linear": lambda: base(x),
         "fastlora mixed": lambda: fastlora.lora_linear_mixed(x, weight, bias, As, Bs, scales, ids),
-        "backend mixed": lambda: backend.forward_mixed(flat_x, weight, bias, As, Bs, scales, dropout_ps, flat_ids,
-                                                       seed),
+        "backend mixed": lambda: backend.forward_mixed(flat_x, weight, bias, As, Bs, scales, dropout_ps, rows, seed),
         "peft mixed": lambda: layer(x, adapter_names=names),
         "separate ops": separate,
     }

@@ -88,11 +88,11 @@ def _alone(name: str, t, train: bool) -> Callable[[], object]:
     x, w, b, A, B, s = t.x.detach(), t.weight, t.bias, t.lora_A.detach(), t.lora_B.detach(), t.spec.scale
     seed, needs = torch.zeros((), dtype=torch.int64), (True, True, True)
     if not train:
-        return lambda: module.forward(x, w, b, A, B, s, 0.0, seed)
+        return lambda: module.forward(x, w, b, A, B, s, 0.0, seed, None, None)
     dy, p = t.grads[0], t.spec.dropout
 
     def forward_backward() -> object:
-        y = module.forward(x, w, b, A, B, s, p, seed)
+        y = module.forward(x, w, b, A, B, s, p, seed, None, None)
         module.backward(dy, x, w, A, B, s, p, seed, needs)
         return y
     return forward_backward

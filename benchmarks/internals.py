@@ -25,6 +25,13 @@ def backend_for(x: Tensor) -> ModuleType:
     return select(x)
 
 
+def routing(ids: Tensor, adapters: int, x: Tensor):
+    """A mixed batch's routing for 2-D ``x``, as the backends' ``forward_mixed`` takes it."""
+    from fastlora.ops.routing import AdapterRouting
+
+    return AdapterRouting(ids, adapters).rows(x.shape[:-1], x.device)
+
+
 # ---------------------------------------------------------------- the cpu backend's switches
 
 
@@ -65,13 +72,13 @@ def triton_forward(gemm: str, x: Tensor, w: Tensor, b: Tensor, A: Tensor, B: Ten
     """The triton backend's forward (down kernel and GEMM) with GEMM route ``gemm`` (``tiled`` or ``hopper``)."""
     triton = backend("triton")
     triton.set_gemm(gemm)
-    return triton.forward(x, w, b, A, B, scale, p, seed)
+    return triton.forward(x, w, b, A, B, scale, p, seed, None, None)[0]
 
 
 def triton_saved_for_dx(x: Tensor, w: Tensor, b: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
                         seed: Tensor) -> tuple:
     """What the forward prepares for a backward that asks for dx alone."""
-    return backend("triton").forward_for_backward(x, w, b, A, B, scale, p, seed, None, (True, False, False))[1]
+    return backend("triton").forward(x, w, b, A, B, scale, p, seed, None, (True, False, False))[1]
 
 
 def triton_dx(gemm: str, dy: Tensor, x: Tensor, w: Tensor, A: Tensor, B: Tensor, scale: float, p: float,

@@ -160,7 +160,7 @@ def main() -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         losses, weights = train_parallel(args, device)
     if rank == 0:
-        backend = select(torch.empty(0, device=device)).__name__.rpartition(".")[2]
+        backend = select(torch.empty(0, device=device)).NAME
         torch.save({"losses": losses, "adapter": weights, "backend": backend}, args.out)
     if args.mode != "single":
         dist.destroy_process_group()
