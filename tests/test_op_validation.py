@@ -53,7 +53,7 @@ def test_an_inference_call_on_the_cpu_backend_leaves_the_checks_to_the_extension
     import fastlora.ops as ops
     calls = []
     check = ops.args.check
-    monkeypatch.setattr(ops.args, "check", lambda *a: calls.append(1) or check(*a))
+    monkeypatch.setattr(ops.args, "check", lambda *a, **k: calls.append(1) or check(*a, **k))
     args = good()
     with torch.no_grad():
         want = ops.lora_linear(**args, dropout_p=0.1, training=False)

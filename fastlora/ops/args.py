@@ -31,7 +31,7 @@ def _where(t: Tensor) -> str:
 
 
 def problem(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-            dropout_p: float, slices: Sequence[bool] | None) -> str | None:
+            dropout_p: float, slices: Sequence[bool] | None, magnitude: Tensor | None = None) -> str | None:
     """What is wrong with these arguments, naming the argument and the shapes; None when nothing is."""
     if not isinstance(x, Tensor) or x.dim() < 1:
         return f"x must be a tensor of shape (..., in), got {x!r:.60}"
@@ -61,7 +61,12 @@ def problem(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.device != x.device or t.dtype != x.dtype):
             return f"{name} is {_where(t)} but x is {_where(x)} (all must match)"
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+    if magnitude is not None and (magnitude.dim() != 1 or magnitude.shape[0] != expected_B[0]):
+        return (f"magnitude must have shape ({expected_B[0]},), one per output feature of lora_B {shape_of(lora_B)}, "
+                f"got {shape_of(magnitude)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
+        if t is None:
+            continue
         if t.device != x.device or (t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in HALF_DTYPES)):
             return (f"{name} is {_where(t)} but x is {_where(x)} (LoRA parameters must be on x's device, in x's "
                     "dtype or float32 over a 16-bit x)")
@@ -79,9 +84,9 @@ def _finite(scale) -> bool:
 
 
 def check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-          dropout_p: float, slices: Sequence[bool] | None, who: str = "") -> None:
+          dropout_p: float, slices: Sequence[bool] | None, who: str = "", magnitude: Tensor | None = None) -> None:
     """Raise ValueError with :func:`problem`'s words (after ``who``, e.g. "adapter 2: ") when there is one."""
-    found = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices)
+    found = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, slices, magnitude)
     if found is not None:
         raise ValueError(who + found)
 

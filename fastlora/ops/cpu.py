@@ -28,7 +28,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastlora.ops.reference import expand_slices, stack_slices
+from fastlora.ops.reference import dora_backward, dora_forward, expand_slices, stack_slices  # noqa: F401 (DoRA: torch ops, not fused yet)
 from fastlora.ops.routing import Rows
 
 NAME = "cpu"

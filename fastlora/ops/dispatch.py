@@ -28,6 +28,7 @@ PREFERRED = {"cuda": "triton", "cpu": "cpu"}  # device type -> the backend tried
 ENV_VAR = "FASTLORA_BACKEND"
 Slices = tuple[bool, ...] | None
 Needs = tuple[bool, bool, bool]  # (dx, dA, dB) wanted
+DoraNeeds = tuple[bool, bool, bool, bool]  # (dx, dA, dB, dm) wanted
 
 
 @runtime_checkable
@@ -50,6 +51,17 @@ class Backend(Protocol):
                  dropout_p: float, seed: Tensor, needs: Needs, slices: Slices, saved: tuple
                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(dx, dA, dB)``, each only when ``needs`` asks for it; ``saved``: forward's, or () to prepare anew."""
+
+    def dora_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                     magnitude: Tensor, scale: float, dropout_p: float, seed: Tensor, slices: Slices,
+                     needs: DoraNeeds | None) -> tuple[Tensor, tuple]:
+        """``(out, saved)`` of DoRA (see :func:`fastlora.ops.reference.dora_forward` for the semantics)."""
+
+    def dora_backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                      magnitude: Tensor, scale: float, dropout_p: float, seed: Tensor, needs: DoraNeeds,
+                      slices: Slices, saved: tuple
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dA, dB, dm)``, each only when ``needs`` asks for it; ``saved``: dora_forward's, or () for anew."""
 
     def forward_mixed(self, x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor],
                       lora_Bs: list[Tensor], scales: list[float], dropout_ps: list[float], rows: Rows,

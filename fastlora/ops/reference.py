@@ -231,3 +231,98 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
             dAs[a] = (grad_h.t() @ x_rows) * scale
             dBs[a] = (dy_rows.t() @ (x_rows @ A.t())) * scale
     return (dx.to(x.dtype) if dx is not None else None), dAs, dBs
+
+
+# DoRA (weight-decomposed LoRA, as peft computes it): per output feature i, ``n_i = |W_i + scale B_i A|`` (detached),
+# ``c_i = m_i / n_i``; ``y = x W^T + b + (c - 1) (x_d W^T) + c (scale x_d A^T B^T)`` with ``x_d`` the dropped-out
+# input, which without dropout is ``y = c (x W^T + scale x A^T B^T) + b``. With slices, m covers the enabled groups'
+# features (stacked as B's rows) and a disabled group's c is 1: its output stays the base's.
+
+def dora_norm(weight: Tensor, lora_A: Tensor, dense_B: Tensor, scale: float) -> Tensor:
+    """``|W_i + scale B_i A|`` for every output feature, in fp32, without the (out, in) matrix:
+    ``|W_i|^2 + 2 scale B_i (W A^T)_i + scale^2 B_i (A A^T) B_i^T`` (clamped at 0 against rounding)."""
+    A, B = lora_A.float(), dense_B.float()
+    WA = (weight @ lora_A.t().to(weight.dtype)).float()  # (out, R), accumulated in fp32
+    squared = (torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+               + (2.0 * scale) * (B * WA).sum(1) + scale * scale * ((B @ (A @ A.t())) * B).sum(1))
+    return squared.clamp_min(0.0).sqrt()
+
+
+def _enabled_rows(full: Tensor, slices: Sequence[bool] | None) -> Tensor:
+    """The entries of an ``(out,)`` vector that belong to enabled slices, stacked (as B's rows and m are)."""
+    if slices is None:
+        return full
+    rows = full.shape[0] // len(slices)
+    return full.view(len(slices), rows)[[g for g, on in enumerate(slices) if on]].reshape(-1)
+
+
+def dora_factor(norm: Tensor, magnitude: Tensor, slices: Sequence[bool] | None) -> Tensor:
+    """``c = m / n`` per output feature (fp32, ``(out,)``); 1 for the features of disabled slices."""
+    if slices is None:
+        return magnitude.float() / norm
+    rows = norm.shape[0] // len(slices)
+    enabled = torch.tensor(slices, device=norm.device).repeat_interleave(rows)
+    full = norm.new_ones(norm.shape).masked_scatter(enabled, magnitude.float())
+    return torch.where(enabled, full / norm, 1.0)
+
+
+def dora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                 magnitude: Tensor, scale: float, dropout_p: float, seed: Tensor, slices: Sequence[bool] | None,
+                 needs: tuple[bool, bool, bool, bool] | None) -> tuple[Tensor, tuple]:
+    """``(out, saved)``: DoRA's output, and (``needs`` given) the norms n and the pre-scale output
+    ``u = x_d W^T + scale x_d A^T B^T`` of the dropped-out path (fp32, ``(M, out)``), which dm reduces against."""
+    dense_B = _dense_B(lora_B, slices)
+    norm = dora_norm(weight, lora_A, dense_B, scale).detach()  # a constant for the gradients (DoRA section 4.3)
+    c = dora_factor(norm, magnitude, slices)
+    x_lora = x.to(lora_A.dtype)
+    if dropout_p > 0:
+        x_lora = x_lora.masked_fill(_drop_mask(seed, x, dropout_p), 0) / (1.0 - dropout_p)
+    lora = ((x_lora @ lora_A.t()) @ dense_B.t() * scale).float()
+    base = _base(x, weight, bias)  # the base layer's output: a disabled slice's c = 1 leaves it as it is
+    if dropout_p > 0:
+        dropped = (x_lora.to(x.dtype) @ weight.t()).float()
+    else:
+        dropped = base.float() - bias.float() if bias is not None else base.float()
+    out = base.float() + (c - 1.0) * dropped + c * lora
+    return out.to(x.dtype), (() if needs is None else (norm, dropped + lora))
+
+
+def dora_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                  scale: float, dropout_p: float, seed: Tensor, needs: tuple[bool, bool, bool, bool],
+                  slices: Sequence[bool] | None, saved: tuple = ()
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dA, dB, dm)`` of :func:`dora_forward`, each only when ``needs`` asks for it; ``saved``: the forward's
+    ``(n, u)`` (recomputed when empty). Never in place on its inputs: differentiable with grad mode on."""
+    need_dx, need_dA, need_dB, need_dm = needs
+    norm, u = saved if saved else dora_forward(x, weight, None, lora_A, lora_B, magnitude, scale, dropout_p, seed,
+                                               slices, needs)[1]
+    c = dora_factor(norm, magnitude, slices)
+    dense_B = _dense_B(lora_B, slices)
+    dy = grad_out.float()
+    scaled = dy * c  # the gradient reaching u
+    drop = _drop_mask(seed, x, dropout_p) if dropout_p > 0 else None
+    keep = 1.0 / (1.0 - dropout_p)
+    grad_h = scaled.to(lora_A.dtype) @ dense_B  # reaching x_d A^T, before the scale
+    dx = dA = dB = dm = None
+    if need_dx:
+        if drop is None:
+            dx = scaled.to(x.dtype) @ weight
+            dx = torch.add(dx.float(), (grad_h @ lora_A).float(), alpha=scale)
+        else:
+            through_base = grad_out @ weight
+            through_drop = ((dy * (c - 1.0)).to(x.dtype) @ weight).float() \
+                + scale * (grad_h @ lora_A).float()
+            dx = through_base.float() + through_drop.masked_fill(drop, 0) * keep
+        dx = dx.to(x.dtype)
+    if need_dA or need_dB:
+        x_lora = x.to(lora_A.dtype)
+        if drop is not None:
+            x_lora = x_lora.masked_fill(drop, 0) * keep
+        if need_dA:
+            dA = (grad_h.t() @ x_lora) * scale
+        if need_dB:
+            dB = (scaled.to(lora_A.dtype).t() @ (x_lora @ lora_A.t())) * scale
+            dB = stack_slices(dB, slices) if slices is not None else dB
+    if need_dm:
+        dm = _enabled_rows((dy * u).sum(0) / norm, slices).to(magnitude.dtype)
+    return dx, dA, dB, dm

@@ -35,7 +35,7 @@ if not INTERPRET and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
 from fastlora.ops import reference  # noqa: E402
-from fastlora.ops.reference import dropout_threshold, expand_slices, stack_slices  # noqa: E402
+from fastlora.ops.reference import dora_backward, dora_forward, dropout_threshold, expand_slices, stack_slices  # noqa: E402, F401 (DoRA: torch ops, not fused yet)  # noqa: E402
 from fastlora.ops.routing import Rows  # noqa: E402
 from fastlora.ops.triton import _hopper  # noqa: E402
 from fastlora.ops.triton._kernels import (  # noqa: E402
