@@ -67,11 +67,24 @@ def __getattr__(name: str):
 
 # -- what can be fused --------------------------------------------------------------------------------------------
 
+def _plain_dora(layer: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` is peft's DoRA on a linear layer, as the op computes it (``magnitude=``)."""
+    variant = layer.lora_variant.get(name)
+    magnitude = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
+    return bool(layer.use_dora.get(name)) and type(variant).__name__ == "DoraLinearVariant" \
+        and type(magnitude).__name__ == "DoraLinearLayer" and isinstance(magnitude.weight, Tensor)
+
+
+def _magnitude(layer: nn.Module, name: str) -> Tensor | None:
+    return layer.lora_magnitude_vector[name].weight if layer.use_dora.get(name) else None
+
+
 def _adapter_problem(layer: nn.Module, name: str) -> str | None:
     """Why adapter ``name`` of a peft lora.Linear cannot run through the op, or None. Cheap: runs on every call."""
-    if name in layer.lora_variant or layer.use_dora.get(name) or name in layer.lora_magnitude_vector:
+    if (name in layer.lora_variant or layer.use_dora.get(name) or name in layer.lora_magnitude_vector) \
+            and not _plain_dora(layer, name):
         variant = layer.lora_variant.get(name)
-        return f"adapter {name!r} is a LoRA variant ({type(variant).__name__ if variant else 'DoRA'})"
+        return f"adapter {name!r} is a LoRA variant fastlora does not fuse ({type(variant).__name__})"
     if layer.lora_bias.get(name):
         return f"adapter {name!r} has lora_bias"
     A, B, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
@@ -144,6 +157,7 @@ def _dtypes_fit(layer: nn.Module, names: Sequence[str], x: Tensor, base: nn.Modu
     fp32 LoRA parameters over a 16-bit layer (as peft keeps them)."""
     frozen = [t.dtype for t in (base.weight, base.bias) if t is not None]
     lora = [t.weight.dtype for n in names for t in (layer.lora_A[n], layer.lora_B[n])]
+    lora += [_magnitude(layer, n).dtype for n in names if layer.use_dora.get(n)]
     if torch.is_autocast_enabled(x.device.type):
         return all(d in _CASTABLE for d in (x.dtype, *frozen, *lora))
     fp32_allowed = x.dtype in _CASTABLE[1:]
@@ -171,9 +185,11 @@ def _fused_forward(layer: nn.Module, x: Tensor, args: tuple, kwargs: dict) -> Te
         return None
     if not _dtypes_fit(layer, active[:1], x, base):
         return None  # peft's forward decides (an error, or its own casts)
+    if any(layer.use_dora.get(name) for name in active[1:]):
+        return None  # several adapters, DoRA beyond the first: peft's forward adds them
     first = active[0]
     result = lora_linear(x, W, bias, layer.lora_A[first].weight, layer.lora_B[first].weight, layer.scaling[first],
-                         _dropout_p(layer, first), True)
+                         _dropout_p(layer, first), True, magnitude=_magnitude(layer, first))
     dtype = result.dtype
     for name in active[1:]:  # further active adapters add their update as peft does
         lora_x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
@@ -213,9 +229,9 @@ def accelerate(model: nn.Module, strict: bool = False) -> AccelerateReport:
 
     In place: the module tree, parameter objects, adapters and peft's API (``save_pretrained``,
     ``merge_and_unload``, ``set_adapter``, ``disable_adapter``, ``adapter_names=``) stay as they are.
-    Layers fastlora cannot run (DoRA and other variants, ``lora_bias``, quantized or hooked base layers,
-    embeddings, convolutions) keep peft's forward. With ``strict``, any such layer is an error raised
-    before anything changes. Calling it again is harmless: it picks up layers added since and puts layers that
+    DoRA adapters run through the op too. Layers fastlora cannot run (other variants, ``lora_bias``, quantized or
+    hooked base layers, embeddings, convolutions) keep peft's forward. With ``strict``, any such layer is an error
+    raised before anything changes. Calling it again is harmless: it picks up layers added since and puts layers that
     can no longer be fused back on peft's forward. A fused layer also checks on every call for hooks added since
     (on its base layer, its adapters' modules, or every module) and runs peft's forward while they are there.
 

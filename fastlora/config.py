@@ -23,6 +23,7 @@ class LoraConfig:
     against the whole name, or ``"all-linear"`` (every Linear/Conv1D except the output head).
     ``slices``: per-target output groups to adapt, e.g. ``{"c_attn": [True, False, True]}``
     for q and v of GPT-2's fused attention projection; keys match like list targets.
+    ``use_dora``: DoRA (weight-decomposed LoRA, Liu et al. 2024) as peft computes it.
     """
 
     r: int = 8
@@ -32,6 +33,7 @@ class LoraConfig:
     slices: dict[str, list[bool]] = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "default"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
@@ -41,6 +43,7 @@ class LoraConfig:
         _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                  f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         _require(self.init in INITS, f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        _require(isinstance(self.use_dora, bool), f"LoraConfig.use_dora must be a bool, got {self.use_dora!r}")
         targets = self.target_modules
         _require((isinstance(targets, str) and targets != "") or
                  (isinstance(targets, (list, tuple)) and len(targets) > 0 and all(isinstance(t, str) for t in targets)),
@@ -69,7 +72,7 @@ class LoraConfig:
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "init_lora_weights": True if self.init == "default" else "gaussian",
             "modules_to_save": None,
             "inference_mode": True,
@@ -80,8 +83,7 @@ class LoraConfig:
         """The config of a peft LoRA ``adapter_config.json``; other adapter kinds are errors."""
         peft_type = data.get("peft_type")
         _require(peft_type == "LORA", f"adapter_config.json: peft_type must be 'LORA', got {peft_type!r}")
-        for unsupported in ("use_dora", "use_qalora"):
-            _require(not data.get(unsupported), f"adapter_config.json: {unsupported}=true is not supported")
+        _require(not data.get("use_qalora"), "adapter_config.json: use_qalora=true is not supported")
         _require(data.get("bias", "none") == "none",
                  f"adapter_config.json: bias={data.get('bias')!r} is not supported (only 'none')")
         _require(not data.get("modules_to_save"),
@@ -96,7 +98,7 @@ class LoraConfig:
         except (TypeError, ValueError) as error:
             raise ValueError(f"adapter_config.json: r, lora_alpha and lora_dropout must be numbers ({error})") from None
         return cls(r=r, alpha=alpha, dropout=dropout, target_modules=targets,
-                   use_rslora=bool(data.get("use_rslora", False)),
+                   use_rslora=bool(data.get("use_rslora", False)), use_dora=bool(data.get("use_dora", False)),
                    init="gaussian" if init == "gaussian" else "default")
 
 

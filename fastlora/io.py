@@ -24,12 +24,14 @@ from fastlora.atomic import reading, transaction
 from fastlora.config import ALL_LINEAR, LoraConfig, lora_scale
 from fastlora.layer import DEFAULT_ADAPTER, LoRAAdapter, LoRALinear, check_adapter_name, is_adaptable, is_conv1d
 from fastlora.model import adapter_names
+from fastlora.ops.reference import enabled_rows
 from fastlora.targets import lora_layers, name_matches, replace_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 SLICES_METADATA = "fastlora_slices"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's key, after the module's name (peft's: no ".weight")
 SUBFOLDER_METADATA = "fastlora_subfolder"  # the adapter a full save wrote to <dir>/<name>
 
 
@@ -110,20 +112,37 @@ def _serialize(model: nn.Module, adapter_name: str,
     adapters = {n: (layer, layer.adapter(adapter_name)) for n, layer in lora_layers(model)
                 if adapter_name in layer.adapters}
     first = next(iter(adapters.values()))[1]
+    dora = {name for name, (_, adapter) in adapters.items() if adapter.use_dora}
+    if dora and len(dora) != len(adapters):
+        raise ValueError(f"adapter {adapter_name!r} is DoRA on {sorted(dora)[:3]} but LoRA on "
+                         f"{sorted(adapters.keys() - dora)[:3]}: peft's format has one use_dora per adapter")
     config = config or LoraConfig(r=first.r, alpha=first.alpha, dropout=first.dropout,
-                                  target_modules=sorted(adapters), use_rslora=first.use_rslora)
+                                  target_modules=sorted(adapters), use_rslora=first.use_rslora, use_dora=bool(dora))
     tensors, ranks, alphas, slices = {}, {}, {}, {}
     for module_name, (layer, adapter) in adapters.items():
         if adapter.slices is not None:
             slices[module_name] = adapter.slices
         tensors[f"{PREFIX}{module_name}.lora_A.weight"] = adapter.lora_A.detach().contiguous()
         tensors[f"{PREFIX}{module_name}.lora_B.weight"] = adapter.full_B(layer.out_features).detach().contiguous()
+        if adapter.use_dora:
+            tensors[f"{PREFIX}{module_name}.{MAGNITUDE}"] = _full_magnitude(layer, adapter)
         ranks[module_name] = adapter.lora_A.shape[0]
         alphas[module_name] = _peft_alpha(adapter, ranks[module_name])
     fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer, _ in adapters.values())
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = config.to_peft(ranks, alphas, fan_in_fan_out, base_name)
     return tensors, {"format": "pt", SLICES_METADATA: json.dumps(slices)}, peft_config
+
+
+def _full_magnitude(layer: LoRALinear, adapter: LoRAAdapter) -> Tensor:
+    """DoRA's magnitude over every output feature, as peft holds it: a disabled slice's features get their norms
+    (B is zero there), so that their factor m / n is 1 in peft too."""
+    magnitude = adapter.magnitude.detach()
+    if adapter.slices is None:
+        return magnitude.contiguous()
+    full = adapter.norms(layer.base_weight()).to(magnitude.dtype)
+    rows = layer.out_features // len(adapter.slices)
+    return full.masked_scatter(torch.tensor(adapter.slices, device=full.device).repeat_interleave(rows), magnitude)
 
 
 @dataclass
@@ -135,6 +154,7 @@ class _Planned:
     lora_B: Tensor  # compact (stacked per-slice) when slices is set
     alpha: float
     slices: list[bool] | None
+    magnitude: Tensor | None  # DoRA's, compact as B
 
 
 def _read(directory: Path) -> tuple[dict, dict[str, Tensor], dict[str, list[bool]]]:
@@ -165,12 +185,12 @@ def _group_by_module(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]
     modules: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         name, dot, part = key.removeprefix(PREFIX).rpartition(".lora_")
-        if not key.startswith(PREFIX) or not dot or part not in ("A.weight", "B.weight"):
-            raise ValueError(f"unexpected key {key!r} in the adapter: expected "
-                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+        if not key.startswith(PREFIX) or not dot or part not in ("A.weight", "B.weight", "magnitude_vector"):
+            raise ValueError(f"unexpected key {key!r} in the adapter: expected '{PREFIX}<module>.lora_A.weight' / "
+                             f"'.lora_B.weight' (and DoRA's '.{MAGNITUDE}')")
         modules.setdefault(name, {})[part[0]] = value
     for name, parts in modules.items():
-        for missing in {"A", "B"} - parts.keys():
+        for missing in sorted({"A", "B"} - parts.keys()):
             raise ValueError(f"missing key {PREFIX}{name}.lora_{missing}.weight in the adapter")
     return modules
 
@@ -208,7 +228,7 @@ def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
     for name, parts in sorted(modules.items()):
         A, B = parts["A"], parts["B"]
         for part, tensor in parts.items():
-            key = f"{PREFIX}{name}.lora_{part}.weight"
+            key = f"{PREFIX}{name}." + (MAGNITUDE if part == "m" else f"lora_{part}.weight")
             if not tensor.is_floating_point():
                 raise ValueError(f"{WEIGHTS_NAME}: {key} is {tensor.dtype}; LoRA weights are floating point")
             if not torch.isfinite(tensor).all():
@@ -251,13 +271,32 @@ def _plan(model: nn.Module, peft_config: dict, tensors: dict[str, Tensor],
         if own is not None and tuple(own.lora_A.shape) != tuple(A.shape):
             raise ValueError(f"adapter lora_A for {name!r} has shape {tuple(A.shape)} but the model's "
                              f"LoRA layer has {tuple(own.lora_A.shape)} for adapter {adapter_name!r}")
-        plan.append(_Planned(name, A, B, alpha, slices))
+        magnitude = _planned_magnitude(name, parts.get("m"), config.use_dora, out_features, slices)
+        if own is not None and own.use_dora != config.use_dora:
+            raise ValueError(f"{CONFIG_NAME} has use_dora={config.use_dora} but the model's adapter {adapter_name!r} "
+                             f"at {name!r} is {'DoRA' if own.use_dora else 'LoRA'}")
+        plan.append(_Planned(name, A, B, alpha, slices, magnitude))
     _check_targets(model, peft_config, config, modules)
     missing = sorted(existing.keys() - modules.keys())
     if missing:
         raise ValueError(f"the adapter has no weights for the model's LoRA layers {missing} "
                          f"(which have adapter {adapter_name!r})")
     return plan
+
+
+def _planned_magnitude(name: str, magnitude: Tensor | None, use_dora: bool, out_features: int,
+                       slices: list[bool] | None) -> Tensor | None:
+    """DoRA's magnitude for module ``name`` checked against the config and the module (compact for slices)."""
+    key = f"{PREFIX}{name}.{MAGNITUDE}"
+    if not use_dora:
+        if magnitude is not None:
+            raise ValueError(f"{WEIGHTS_NAME} holds {key} but {CONFIG_NAME} has use_dora=false")
+        return None
+    if magnitude is None:
+        raise ValueError(f"{CONFIG_NAME} has use_dora=true but {WEIGHTS_NAME} has no {key}")
+    if tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"{key} has shape {tuple(magnitude.shape)}; the module has {out_features} output features")
+    return enabled_rows(magnitude, slices)
 
 
 def _pattern(peft_config: dict, key: str, valid, what: str) -> dict:
@@ -331,7 +370,7 @@ def load_layers(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADA
         enabled = sum(item.slices) if item.slices else 1
         rank = item.lora_A.shape[0] // enabled
         settings = {"r": rank, "alpha": _alpha_for(item, rank, config), "dropout": config.dropout,
-                    "use_rslora": config.use_rslora, "slices": item.slices}
+                    "use_rslora": config.use_rslora, "slices": item.slices, "use_dora": config.use_dora}
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, adapter_name=name, **settings)
             replace_module(model, item.name, module)
@@ -345,6 +384,8 @@ def load_layers(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADA
         with torch.no_grad():
             adapter.lora_A.copy_(item.lora_A)
             adapter.lora_B.copy_(item.lora_B)
+            if item.magnitude is not None:
+                adapter.lora_magnitude_vector.copy_(item.magnitude)
     return model
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fastlora.config import INITS, lora_scale
 from fastlora.ops import expand_slices, lora_linear
 from fastlora.ops.mixed import lora_linear_mixed
+from fastlora.ops.reference import dora_factor, dora_norm, enabled_rows
 from fastlora.ops.routing import AdapterRouting
 
 DEFAULT_ADAPTER = "default"
@@ -57,12 +58,14 @@ def is_adaptable(module: nn.Module) -> bool:
 
 class LoRAAdapter(nn.Module):
     """One adapter of a LoRALinear: ``lora_A`` ``(r * enabled, in)``, ``lora_B`` ``(out / groups * enabled, r)``
-    and its hyper-parameters. With ``slices`` only the enabled output groups are adapted; the others'
-    update is exactly zero by construction."""
+    and its hyper-parameters; with ``use_dora``, DoRA's magnitude ``lora_magnitude_vector`` (one per adapted output
+    feature). With ``slices`` only the enabled output groups are adapted; the others' update is exactly zero by
+    construction."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, use_rslora: bool,
-                 init: str, slices: Sequence[bool] | None, like: Tensor) -> None:
+    def __init__(self, base_weight: Tensor, r: int, alpha: float, dropout: float, use_rslora: bool, init: str,
+                 slices: Sequence[bool] | None, use_dora: bool = False) -> None:
         super().__init__()
+        out_features, in_features = base_weight.shape
         if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
             raise ValueError(f"r must be an integer >= 1, got {r!r}")
         if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
@@ -80,16 +83,20 @@ class LoRAAdapter(nn.Module):
         rows = out_features // len(slices) * enabled if slices else out_features
         self.r, self.alpha, self.dropout, self.use_rslora, self.slices = r, float(alpha), float(dropout), use_rslora, \
             slices
+        self.use_dora = bool(use_dora)
         self.scale = lora_scale(r, alpha, use_rslora)
         # fp32 over a 16-bit base layer (as peft): optimizer updates keep their precision; the op computes in
         # the layer's dtype.
-        dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-        self.lora_A = nn.Parameter(torch.empty(r * enabled, in_features, dtype=dtype, device=like.device))
-        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=like.device))
-        self.reset_parameters(init)
+        dtype = torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r * enabled, in_features, dtype=dtype, device=base_weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, r, dtype=dtype, device=base_weight.device))
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(rows, dtype=dtype, device=base_weight.device))
+        self.reset_parameters(init, base_weight)
 
-    def reset_parameters(self, init: str = "default") -> None:
-        """A: kaiming-uniform (``"default"``, as nn.Linear) or normal with std 1/r; B: zeros."""
+    def reset_parameters(self, init: str = "default", base_weight: Tensor | None = None) -> None:
+        """A: kaiming-uniform (``"default"``, as nn.Linear) or normal with std 1/r; B: zeros; DoRA's magnitude:
+        the norms of ``base_weight``'s adapted rows (B is zero), so that the layer's output does not change."""
         with torch.no_grad():
             for a in self.lora_A.split(self.r):  # each slice's A initialised as its own matrix
                 if init == "gaussian":
@@ -97,13 +104,28 @@ class LoRAAdapter(nn.Module):
                 else:
                     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_B.zero_()
+            if self.use_dora:
+                if base_weight is None:
+                    raise ValueError("a DoRA adapter resets with the base weight: its magnitude starts at its norms")
+                self.lora_magnitude_vector.copy_(enabled_rows(self.norms(base_weight), self.slices))
+
+    @property
+    def magnitude(self) -> Tensor | None:
+        """DoRA's magnitude, or None for a LoRA adapter."""
+        return self._parameters["lora_magnitude_vector"] if self.use_dora else None
+
+    def norms(self, base_weight: Tensor) -> Tensor:
+        """``|W_i + scale B_i A|`` for every output feature of ``base_weight`` ``(out, in)`` (fp32, detached)."""
+        with torch.no_grad():
+            return dora_norm(base_weight, self.lora_A, self.full_B(base_weight.shape[0]), self.scale)
 
     def full_B(self, out_features: int) -> Tensor:
         """B as ``(out, r * enabled)``: block-structured with zero rows for disabled slices."""
         return expand_slices(self.lora_B, self.slices, out_features) if self.slices is not None else self.lora_B
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, slices={self.slices}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}, slices={self.slices}{dora}"
 
 
 def _tensor(module: nn.Module, name: str) -> Tensor | None:
@@ -123,12 +145,13 @@ class LoRALinear(nn.Module):
     A layer holds named adapters (:meth:`add_adapter`, :meth:`delete_adapter`); the active one
     (:meth:`set_adapter`, None for the base alone) applies to every row, unless a mixed batch is set
     (:func:`fastlora.use_adapters`), where each row gets its own. ``lora_A``, ``lora_B``, ``r``, ``alpha``,
-    ``scale``, ``dropout``, ``slices`` and ``use_rslora`` read the active adapter's.
+    ``scale``, ``dropout``, ``slices``, ``use_rslora`` and ``use_dora`` read the active adapter's. With
+    ``use_dora``, the adapter is DoRA (weight-decomposed LoRA, as peft computes it).
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "default", slices: Sequence[bool] | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 adapter_name: str = DEFAULT_ADAPTER, use_dora: bool = False) -> None:
         super().__init__()
         if not is_adaptable(base):
             raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, got {type(base).__name__}")
@@ -139,8 +162,9 @@ class LoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.register_buffer("_premerge_weight", None, persistent=False)  # the exact base weight while merged
+        self.register_buffer("_merged_factor", None, persistent=False)  # DoRA's m / n while merged inexactly
         self.mixed: tuple[AdapterRouting, list[str]] | None = None  # (routing, adapter names) of a mixed batch
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, slices)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init, slices, use_dora)
         self.active_adapter = adapter_name
         for p in base.parameters():
             p.requires_grad_(False)
@@ -148,13 +172,16 @@ class LoRALinear(nn.Module):
     # -- adapters ---------------------------------------------------------------------------------------------
 
     def add_adapter(self, name: str, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
-                    init: str = "default", slices: Sequence[bool] | None = None) -> LoRAAdapter:
+                    init: str = "default", slices: Sequence[bool] | None = None,
+                    use_dora: bool = False) -> LoRAAdapter:
         """Add a new adapter (its B is zero, so the layer's output does not change); it does not become active."""
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
-        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora, init, slices,
-                              like=self.base_layer.weight)
+        if self.merged_adapter is not None and use_dora:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged into the base weight: unmerge it before "
+                             "adding a DoRA adapter (its magnitude starts at the unmerged weight's norms)")
+        adapter = LoRAAdapter(self.base_weight(), r, alpha, dropout, use_rslora, init, slices, use_dora)
         self.adapters[name] = adapter
         return adapter
 
@@ -193,6 +220,7 @@ class LoRALinear(nn.Module):
     dropout = _active_adapters("dropout")
     slices = _active_adapters("slices")
     use_rslora = _active_adapters("use_rslora")
+    use_dora = _active_adapters("use_dora")
 
     # -- the base layer ---------------------------------------------------------------------------------------
 
@@ -222,7 +250,8 @@ class LoRALinear(nn.Module):
         # microsecond per lookup, as much as the op's own Python at small shapes.
         a = self._modules["adapters"]._modules[self.active_adapter]
         return lora_linear(x, self.base_weight(), self.bias, _tensor(a, "lora_A"), _tensor(a, "lora_B"), a.scale,
-                           a.dropout, self.training, slices=a.slices)
+                           a.dropout, self.training, slices=a.slices,
+                           magnitude=_tensor(a, "lora_magnitude_vector") if a.use_dora else None)
 
     def _forward_mixed(self, x: Tensor) -> Tensor:
         if self.merged_adapter is not None:
@@ -270,15 +299,25 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, exact: bool = True) -> None:
-        """Fold the active adapter into the base weight; forward is then exactly the base layer's.
+        """Fold the active adapter into the base weight; forward is then exactly the base layer's. A DoRA adapter
+        folds as peft folds it: ``W <- (m / n) (W + scale B A)``, n from the unmerged weight.
 
         ``exact``: keep a copy of the base weight (one more weight of the layer's dtype, on its device, until
-        :meth:`unmerge`), so that unmerging restores it bit for bit. ``exact=False`` keeps nothing, and
-        unmerging subtracts the update again, leaving rounding changes in the base weight (most in fp16/bf16).
+        :meth:`unmerge`), so that unmerging restores it bit for bit. ``exact=False`` keeps nothing (but DoRA's
+        factor m / n, one value per output feature), and unmerging undoes the update arithmetically, leaving
+        rounding changes in the base weight (most in fp16/bf16).
         """
         if self.merged_adapter is None and self.active_adapter is not None:
+            a = self.adapter()
+            weight = self.base_weight()
             backup = self.base_layer.weight.detach().clone() if exact else None
-            self._add_to_base(self.delta_weight())
+            delta = self.delta_weight()
+            merged = weight.to(delta.dtype) + delta
+            if a.use_dora:
+                factor = dora_factor(a.norms(weight), a.magnitude.detach(), a.slices)
+                merged = merged * factor[:, None].to(merged.dtype)
+                self._merged_factor = None if exact else factor
+            weight.copy_(merged.to(weight.dtype))
             self._premerge_weight = backup
             self.merged_adapter = self.active_adapter
 
@@ -290,13 +329,13 @@ class LoRALinear(nn.Module):
             if self._premerge_weight is not None:
                 self.base_layer.weight.copy_(self._premerge_weight)
             else:
-                self._add_to_base(-self.delta_weight(self.merged_adapter))
-            self._premerge_weight = None
+                weight, delta = self.base_weight(), self.delta_weight(self.merged_adapter)
+                merged = weight.to(delta.dtype)
+                if self._merged_factor is not None:
+                    merged = merged / self._merged_factor[:, None].to(merged.dtype)
+                weight.copy_((merged - delta).to(weight.dtype))
+            self._premerge_weight = self._merged_factor = None
             self.merged_adapter = None
-
-    def _add_to_base(self, delta: Tensor) -> None:
-        weight = self.base_weight()
-        weight.copy_((weight.to(delta.dtype) + delta).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, active={self.active_adapter!r}, "

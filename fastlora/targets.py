@@ -104,7 +104,7 @@ def inject_layers(model: nn.Module, config: LoraConfig, adapter_name: str = DEFA
             raise ValueError(f"slices {groups} for {name!r}: {len(groups)} groups do not divide "
                              f"out_features={out_features}")
     settings = {"r": config.r, "alpha": config.alpha, "dropout": config.dropout, "use_rslora": config.use_rslora,
-                "init": config.init}
+                "init": config.init, "use_dora": config.use_dora}
     for name, module in chosen:
         if isinstance(module, LoRALinear):
             module.add_adapter(adapter_name, slices=slices_for(name, config), **settings)

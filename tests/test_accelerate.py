@@ -269,15 +269,15 @@ def test_layers_fastlora_cannot_run_stay_on_peft_with_a_reason():
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["v_proj"], use_dora=True))
     model.add_adapter("biased", peft.LoraConfig(r=4, target_modules=["o_proj"], lora_bias=True))
     randomize(model)
-    with pytest.raises(ValueError, match="strict=True: 5 peft LoRA layers cannot be fused"):
+    with pytest.raises(ValueError, match="strict=True: 3 peft LoRA layers cannot be fused"):
         fastlora.accelerate(model, strict=True)
-    assert not any(type(m).__name__ == "FusedLinear" for m in model.modules())  # strict changed nothing
+    assert not any(isinstance(m, ACCELERATE.FusedLinear) for m in model.modules())  # strict changed nothing
     reference = copy.deepcopy(model)
     report = fastlora.accelerate(model)
-    assert len(report.fused) == 2  # the q_proj layers
+    assert len(report.fused) == 4  # the q_proj layers, and the v_proj ones with DoRA
     why = report.unfused
     assert "layer.Embedding: fastlora fuses peft's lora.Linear only" in why["base_model.model.model.embed_tokens"]
-    assert "LoRA variant (DoraLinearVariant)" in why["base_model.model.model.layers.0.self_attn.v_proj"]
+    assert "base_model.model.model.layers.0.self_attn.v_proj" in report.fused
     assert "has lora_bias" in why["base_model.model.model.layers.1.self_attn.o_proj"]
     assert "fused" in str(report) and "lora_bias" in str(report)
     for active in ("default", "dora", "biased"):
@@ -305,8 +305,8 @@ def test_custom_and_hooked_base_layers_stay_on_peft():
 def test_an_unsupported_adapter_added_after_accelerate_runs_on_peft(op_calls):
     model, fast = peft_pair("llama")
     for m in (model, fast):
-        m.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-        m.set_adapter("dora")
+        m.add_adapter("biased", peft.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+        m.set_adapter("biased")
     randomize(model), randomize(fast)
     with torch.no_grad():
         assert rel_err(fast(IDS).logits, model(IDS).logits) <= FP32

@@ -133,3 +133,123 @@ def test_a_magnitude_of_the_wrong_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"magnitude must have shape \(6,\), one per output feature of lora_B "
                                          r"\(6, 2\), got \(5,\)"):
         lora_linear(x, weight, None, A, B, 1.0, magnitude=torch.ones(5))
+
+
+# -- the layer, the model API and peft's format ---------------------------------------------------------------------
+
+def _tiny(family: str):
+    from conftest import tiny_gpt2
+    from test_model_families import tiny_llama
+    return tiny_gpt2() if family == "gpt2" else tiny_llama("llama")
+
+
+def _randomize(model, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif "lora_magnitude" in name:
+                param.mul_(torch.rand(param.shape, generator=gen) + 0.5)
+    return model
+
+
+IDS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(4))
+
+
+def _loss_and_grads(model):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    grads = {n.replace("base_model.model.", "").replace(".default", "").replace("adapters.", "").removesuffix(".weight"):
+             p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_peft_dora_adapter_loads_into_fastlora_and_trains_alike(family, tmp_path):
+    """peft's DoRA adapter (Conv1D with fan_in_fan_out, or nn.Linear; rsLoRA and rank/alpha patterns) loaded into
+    fastlora: equal logits and equal gradients of every A, B and magnitude; saved back, it loads in peft alike."""
+    import fastlora
+    targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, use_rslora=True,
+                             fan_in_fan_out=family == "gpt2", rank_pattern={targets[0]: 2},
+                             alpha_pattern={targets[1]: 3})
+    reference = _randomize(peft.get_peft_model(_tiny(family), config))
+    reference.save_pretrained(tmp_path / "peft")
+    model = fastlora.load_adapter(_tiny(family), tmp_path / "peft")
+    want_logits, want = _loss_and_grads(reference.train())
+    got_logits, got = _loss_and_grads(model.train())
+    assert rel_err(got_logits, want_logits) <= FP32
+    assert got.keys() == want.keys()
+    for name in want:
+        assert rel_err(got[name], want[name]) <= FP32, name
+    fastlora.save_adapter(model, tmp_path / "fast")
+    back = peft.PeftModel.from_pretrained(_tiny(family), tmp_path / "fast").eval()
+    with torch.no_grad():
+        assert rel_err(back(IDS).logits, reference.eval()(IDS).logits) <= FP32
+
+
+def test_inject_with_use_dora_starts_as_the_base_model_and_merges_as_peft(tmp_path):
+    import fastlora
+    base = _tiny("llama").eval()
+    model = fastlora.inject(_tiny("llama"), fastlora.LoraConfig(r=4, alpha=8, target_modules="all-linear",
+                                                                use_dora=True)).eval()
+    with torch.no_grad():
+        assert rel_err(model(IDS).logits, base(IDS).logits) <= FP32  # B = 0 and m = |W|: the base model
+        _randomize(model)
+        unmerged = model(IDS).logits
+        before = {n: p.clone() for n, p in model.state_dict().items()}
+        fastlora.merge(model)
+        assert rel_err(model(IDS).logits, unmerged) <= FP32
+        fastlora.unmerge(model)
+        assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # exact, bit for bit
+        fastlora.merge(model, exact=False)
+        assert rel_err(model(IDS).logits, unmerged) <= FP32
+        fastlora.unmerge(model)
+        assert all(rel_err(p, before[n]) <= FP32 for n, p in model.state_dict().items())
+    fastlora.save_adapter(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_tiny("llama"), tmp_path).eval()
+    with torch.no_grad():
+        merged = loaded.merge_and_unload()(IDS).logits
+        assert rel_err(merged, unmerged) <= FP32
+
+
+def test_dora_on_q_and_v_slices_keeps_k_the_base_output_and_loads_in_peft(tmp_path):
+    """GPT-2's fused c_attn with DoRA on q and v: k's features are the base layer's bit for bit; the adapter saves
+    as peft's whole-module DoRA (block B, k's magnitude = its norms) and peft gives the same logits."""
+    import fastlora
+    from conftest import tiny_gpt2
+    model = fastlora.inject(tiny_gpt2(), fastlora.LoraConfig(r=2, alpha=4, target_modules=["c_attn"],
+                                                             slices={"c_attn": [True, False, True]}, use_dora=True))
+    _randomize(model).eval()
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.adapter().lora_magnitude_vector.shape == (64,)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y, base = layer(x), layer.base_layer(x)
+    assert torch.equal(y[:, 32:64], base[:, 32:64]) and rel_err(y[:, :32], base[:, :32]) > 1e-3
+    fastlora.save_adapter(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(IDS).logits, model(IDS).logits) <= FP32
+    again = fastlora.load_adapter(tiny_gpt2(), tmp_path).eval()
+    assert again.transformer.h[0].attn.c_attn.adapter().slices == [True, False, True]
+    with torch.no_grad():
+        assert rel_err(again(IDS).logits, model(IDS).logits) <= FP32
+
+
+def test_accelerate_fuses_peft_dora_layers_with_peft_logits_and_gradients():
+    import copy
+
+    import fastlora
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    model = _randomize(peft.get_peft_model(_tiny("llama"), config))
+    fast = copy.deepcopy(model)
+    report = fastlora.accelerate(fast, strict=True)
+    assert len(report.fused) == sum(isinstance(m, peft.tuners.lora.Linear) for m in model.modules())
+    want_logits, want = _loss_and_grads(model.train())
+    got_logits, got = _loss_and_grads(fast.train())
+    assert rel_err(got_logits, want_logits) <= FP32
+    for name in want:
+        assert rel_err(got[name], want[name]) <= FP32, name

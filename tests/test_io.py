@@ -154,7 +154,11 @@ def drop_key(tensors, config):
 
 
 def extra_key(tensors, config):
-    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"] = torch.ones(3)
+    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_C.weight"] = torch.ones(3)
+
+
+def magnitude_without_dora(tensors, config):
+    tensors["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"] = torch.ones(96)
 
 
 def wrong_shape(tensors, config):
@@ -170,17 +174,26 @@ def not_lora(tensors, config):
     config["peft_type"] = "IA3"
 
 
-def dora(tensors, config):
+def dora_without_magnitude(tensors, config):
     config["use_dora"] = True
+
+
+def magnitude_of_the_wrong_shape(tensors, config):
+    config["use_dora"] = True
+    for key in [k for k in tensors if k.endswith("lora_A.weight")]:
+        tensors[key.replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(7)
 
 
 @pytest.mark.parametrize(("corrupt", "message"), [
     (drop_key, "missing key base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"),
-    (extra_key, "unexpected key 'base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector'"),
+    (extra_key, "unexpected key 'base_model.model.transformer.h.0.attn.c_attn.lora_C.weight'"),
+    (magnitude_without_dora, "holds base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector but "
+                             "adapter_config.json has use_dora=false"),
     (wrong_shape, r"lora_A \(4, 48\).*expected lora_A \(r, 32\)"),
     (other_architecture, "names module 'model.layers.0.self_attn.q_proj', which GPT2LMHeadModel does not have"),
     (not_lora, "peft_type must be 'LORA', got 'IA3'"),
-    (dora, "use_dora=true is not supported"),
+    (dora_without_magnitude, "use_dora=true but adapter_model.safetensors has no base_model.model.transformer.h.0"),
+    (magnitude_of_the_wrong_shape, r"lora_magnitude_vector has shape \(7,\); the module has 96 output features"),
 ])
 def test_bad_adapters_raise_and_leave_the_model_unchanged(tmp_path, corrupt, message):
     tensors, config = saved(tmp_path / "good")

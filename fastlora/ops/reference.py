@@ -248,7 +248,7 @@ def dora_norm(weight: Tensor, lora_A: Tensor, dense_B: Tensor, scale: float) -> 
     return squared.clamp_min(0.0).sqrt()
 
 
-def _enabled_rows(full: Tensor, slices: Sequence[bool] | None) -> Tensor:
+def enabled_rows(full: Tensor, slices: Sequence[bool] | None) -> Tensor:
     """The entries of an ``(out,)`` vector that belong to enabled slices, stacked (as B's rows and m are)."""
     if slices is None:
         return full
@@ -324,5 +324,5 @@ def dora_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
             dB = (scaled.to(lora_A.dtype).t() @ (x_lora @ lora_A.t())) * scale
             dB = stack_slices(dB, slices) if slices is not None else dB
     if need_dm:
-        dm = _enabled_rows((dy * u).sum(0) / norm, slices).to(magnitude.dtype)
+        dm = enabled_rows((dy * u).sum(0) / norm, slices).to(magnitude.dtype)
     return dx, dA, dB, dm
