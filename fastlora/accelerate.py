@@ -69,9 +69,10 @@ def __getattr__(name: str):
 
 def _plain_dora(layer: nn.Module, name: str) -> bool:
     """Whether adapter ``name`` is peft's DoRA on a linear layer, as the op computes it (``magnitude=``)."""
-    variant = layer.lora_variant.get(name)
-    magnitude = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
-    return bool(layer.use_dora.get(name)) and type(variant).__name__ == "DoraLinearVariant" \
+    if not layer.use_dora.get(name) or name not in layer.lora_magnitude_vector:  # a ModuleDict: no .get
+        return False
+    magnitude = layer.lora_magnitude_vector[name]
+    return type(layer.lora_variant.get(name)).__name__ == "DoraLinearVariant" \
         and type(magnitude).__name__ == "DoraLinearLayer" and isinstance(magnitude.weight, Tensor)
 
 
