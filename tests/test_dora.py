@@ -218,8 +218,9 @@ def test_inject_with_use_dora_starts_as_the_base_model_and_merges_as_peft(tmp_pa
 def test_dora_on_q_and_v_slices_keeps_k_the_base_output_and_loads_in_peft(tmp_path):
     """GPT-2's fused c_attn with DoRA on q and v: k's features are the base layer's bit for bit; the adapter saves
     as peft's whole-module DoRA (block B, k's magnitude = its norms) and peft gives the same logits."""
-    import fastlora
     from conftest import tiny_gpt2
+
+    import fastlora
     model = fastlora.inject(tiny_gpt2(), fastlora.LoraConfig(r=2, alpha=4, target_modules=["c_attn"],
                                                              slices={"c_attn": [True, False, True]}, use_dora=True))
     _randomize(model).eval()
