@@ -161,8 +161,10 @@ def _loss_and_grads(model):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=IDS, labels=IDS)
     out.loss.backward()
-    grads = {n.replace("base_model.model.", "").replace(".default", "").replace("adapters.", "").removesuffix(".weight"):
-             p.grad for n, p in model.named_parameters() if p.requires_grad}
+    def own_name(name: str) -> str:  # peft's and fastlora's names of the same parameter, made equal
+        return name.replace("base_model.model.", "").replace(".default", "").replace("adapters.", "") \
+            .removesuffix(".weight")
+    grads = {own_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
     return out.logits.detach(), grads
 
 
