@@ -266,7 +266,9 @@ class LoRALinear(nn.Module):
         return lora_linear_mixed(x, self.base_weight(), self.bias, [_tensor(a, "lora_A") for a in adapters],
                                  [_tensor(a, "lora_B") for a in adapters], [a.scale for a in adapters],
                                  routing, [a.dropout for a in adapters], self.training,
-                                 slices=[a.slices for a in adapters])
+                                 slices=[a.slices for a in adapters],
+                                 magnitudes=[_tensor(a, "lora_magnitude_vector") if a.use_dora else None
+                                             for a in adapters])
 
     def set_mixed(self, names: Sequence[str | None] | None, shared: dict | None = None) -> None:
         """Give row i of the batch the adapter ``names[i]`` (None, or a name this layer lacks: the base alone);

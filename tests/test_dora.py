@@ -256,3 +256,50 @@ def test_accelerate_fuses_peft_dora_layers_with_peft_logits_and_gradients():
     assert rel_err(got_logits, want_logits) <= FP32
     for name in want:
         assert rel_err(got[name], want[name]) <= FP32, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_a_mixed_batch_serves_dora_beside_lora_adapters(dropout):
+    """Rows of a DoRA adapter, a LoRA adapter (with q,v-like slices) and the base alone in one batch: each row is
+    its adapter's single-adapter output with the same mask, and every gradient (x, A, B, m) equals the sum over
+    adapters of the single-adapter ops' on their own rows."""
+    from fastlora import lora_linear_mixed
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 4, 12, generator=gen).requires_grad_()
+    weight, bias = torch.randn(18, 12, generator=gen), torch.randn(18, generator=gen)
+    A0, B0 = (torch.randn(3, 12, generator=gen) * 0.3).requires_grad_(), (torch.randn(18, 3, generator=gen) * 0.3)
+    A1, B1 = (torch.randn(4, 12, generator=gen) * 0.3).requires_grad_(), (torch.randn(12, 2, generator=gen) * 0.3)
+    m0 = (torch.rand(18, generator=gen) + 1).requires_grad_()
+    B0.requires_grad_(), B1.requires_grad_()
+    ids = torch.tensor([0, 1, -1, 1, 0, 0])
+    slices1 = (True, False, True)
+    y = lora_linear_mixed(x, weight, bias, [A0, A1], [B0, B1], [1.5, 0.7], ids, dropout, seed=5,
+                          slices=[None, slices1], magnitudes=[m0, None])
+    dy = torch.randn(y.shape, generator=gen)
+    grads = torch.autograd.grad(y, (x, A0, B0, m0, A1, B1), dy)
+    alone = [lora_linear(x, weight, bias, A0, B0, 1.5, dropout, seed=5, magnitude=m0),
+             lora_linear(x, weight, bias, A1, B1, 0.7, dropout, seed=5, slices=slices1),
+             x @ weight.t() + bias]
+    pick = torch.stack([alone[int(i)][row] for row, i in enumerate(ids)])  # -1: alone[2], the base
+    want = pick.detach()
+    assert rel_err(y, want) <= FP32
+    expected = torch.autograd.grad(pick, (x, A0, B0, m0, A1, B1), dy)
+    for name, g, w in zip(("x", "A0", "B0", "m0", "A1", "B1"), grads, expected, strict=True):
+        assert rel_err(g, w) <= FP32, name
+
+
+def test_use_adapters_serves_a_dora_adapter_beside_a_lora_adapter():
+    import fastlora
+    from conftest import tiny_gpt2
+    model = fastlora.inject(tiny_gpt2(), fastlora.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    fastlora.inject(model, fastlora.LoraConfig(r=2, alpha=4, target_modules=["c_attn"], use_dora=True),
+                    adapter_name="dora")
+    _randomize(model).eval()
+    ids = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(1))
+    names = ["dora", None, "default"]
+    with torch.no_grad(), fastlora.use_adapters(model, names):
+        mixed = model(ids).logits
+    for row, name in enumerate(names):
+        fastlora.set_adapter(model, name)
+        with torch.no_grad():
+            assert rel_err(mixed[row], model(ids[row:row + 1]).logits[0]) <= FP32, name

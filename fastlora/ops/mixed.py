@@ -16,27 +16,38 @@ from torch import Tensor
 
 from fastlora.ops import args, reference
 from fastlora.ops.dispatch import select
-from fastlora.ops.reference import expand_slices
+from fastlora.ops.reference import dora_factor, dora_norm, expand_slices
 from fastlora.ops.routing import AdapterRouting, Rows
 
 
 class _Settings:
-    """The per-adapter floats and the routing an autograd context keeps (tensors go through save_for_backward)."""
+    """The per-adapter floats and the routing an autograd context keeps (tensors go through save_for_backward);
+    ``dora``: some adapter is DoRA, whose mixed batches run on the reference's torch ops."""
 
-    __slots__ = ("dropout_ps", "rows", "scales")
+    __slots__ = ("dora", "dropout_ps", "rows", "scales")
 
-    def __init__(self, scales: list[float], dropout_ps: list[float], rows: Rows) -> None:
-        self.scales, self.dropout_ps, self.rows = scales, dropout_ps, rows
+    def __init__(self, scales: list[float], dropout_ps: list[float], rows: Rows, dora: bool) -> None:
+        self.scales, self.dropout_ps, self.rows, self.dora = scales, dropout_ps, rows, dora
+
+    def backend(self, x: Tensor):
+        return reference if self.dora else select(x)
 
 
 class _LoraLinearMixedFunction(torch.autograd.Function):
-    """Autograd over a backend's ``forward_mixed`` / ``backward_mixed``; W and b stay frozen."""
+    """Autograd over a backend's ``forward_mixed`` / ``backward_mixed``; W and b stay frozen. ``lora``: the
+    adapters' A's, then B's, then (DoRA) their factors m / n or None."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, seed, settings, *lora):
         n = len(settings.scales)
-        out = select(x).forward_mixed(x, weight, bias, list(lora[:n]), list(lora[n:]), settings.scales,
-                                      settings.dropout_ps, settings.rows, seed)
+        As, Bs, factors = list(lora[:n]), list(lora[n:2 * n]), list(lora[2 * n:])
+        backend = settings.backend(x)
+        if settings.dora:
+            out = backend.forward_mixed(x, weight, bias, As, Bs, settings.scales, settings.dropout_ps, settings.rows,
+                                        seed, factors)
+        else:
+            out = backend.forward_mixed(x, weight, bias, As, Bs, settings.scales, settings.dropout_ps, settings.rows,
+                                        seed)
         ctx.settings = settings
         ctx.save_for_backward(x, weight, seed, *lora)
         return out
@@ -49,10 +60,16 @@ class _LoraLinearMixedFunction(torch.autograd.Function):
         if needs[1] or needs[2]:
             raise RuntimeError("fastlora keeps weight and bias frozen: set requires_grad=False on them")
         named = settings.rows.named
-        need_lora = [(needs[5 + a] or needs[5 + n + a]) and named[a] for a in range(n)]
-        backend = reference if torch.is_grad_enabled() else select(x)  # grad mode on: differentiable
-        dx, dAs, dBs = backend.backward_mixed(grad_out.contiguous(), x, weight, lora[:n], lora[n:], settings.scales,
-                                              settings.dropout_ps, settings.rows, seed, needs[0], need_lora)
+        wants = [needs[5 + a] or needs[5 + n + a] or (settings.dora and needs[5 + 2 * n + a]) for a in range(n)]
+        need_lora = [want and named[a] for a, want in enumerate(wants)]
+        backend = reference if torch.is_grad_enabled() else settings.backend(x)  # grad mode on: differentiable
+        As, Bs, rest = lora[:n], lora[n:2 * n], lora[2 * n:]
+        common = (grad_out.contiguous(), x, weight, As, Bs, settings.scales, settings.dropout_ps, settings.rows, seed,
+                  needs[0], need_lora)
+        if settings.dora:
+            dx, dAs, dBs, dcs = backend.backward_mixed(*common, rest)
+            return (dx if needs[0] else None), None, None, None, None, *dAs, *dBs, *dcs
+        dx, dAs, dBs = backend.backward_mixed(*common)
         return (dx if needs[0] else None), None, None, None, None, *dAs, *dBs
 
 
@@ -60,7 +77,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
                       lora_Bs: Sequence[Tensor], scales: Sequence[float], adapter_ids: Tensor | AdapterRouting,
                       dropout_ps: Sequence[float] | float = 0.0, training: bool = True,
                       seed: int | Tensor | None = None,
-                      slices: Sequence[Sequence[bool] | None] | None = None) -> Tensor:
+                      slices: Sequence[Sequence[bool] | None] | None = None,
+                      magnitudes: Sequence[Tensor | None] | None = None) -> Tensor:
     """The LoRA linear with a different adapter per row: ``y_i = x_i W^T + b + s_a dropout(x_i) A_a^T B_a^T``.
 
     Args:
@@ -75,6 +93,8 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
         dropout_ps: each adapter's dropout probability (or one for all); applied only when ``training``.
         seed: dropout seed, as in ``lora_linear`` (None draws one from torch's default generator).
         slices: each adapter's output groups, or None.
+        magnitudes: DoRA adapters' magnitudes (None for a LoRA adapter), as ``magnitude`` of ``lora_linear``. A batch
+            with a DoRA adapter runs on the reference's torch ops (peft refuses such batches).
     Returns:
         ``(..., out)`` in x's dtype (under autocast, the autocast dtype).
     """
@@ -82,12 +102,15 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
     if isinstance(dropout_ps, (int, float)):
         dropout_ps = [dropout_ps] * n
     slices = list(slices) if slices is not None else [None] * n
-    if not (len(lora_Bs) == len(scales) == len(dropout_ps) == len(slices) == n):
-        raise ValueError(f"lora_As, lora_Bs, scales, dropout_ps and slices need one entry per adapter, got "
-                         f"{n}, {len(lora_Bs)}, {len(scales)}, {len(dropout_ps)} and {len(slices)}")
+    magnitudes = list(magnitudes) if magnitudes is not None else [None] * n
+    if not (len(lora_Bs) == len(scales) == len(dropout_ps) == len(slices) == len(magnitudes) == n):
+        raise ValueError(f"lora_As, lora_Bs, scales, dropout_ps, slices and magnitudes need one entry per adapter, "
+                         f"got {n}, {len(lora_Bs)}, {len(scales)}, {len(dropout_ps)}, {len(slices)} and "
+                         f"{len(magnitudes)}")
     x, weight, bias = args.autocast(x, weight, bias)
     for a in range(n):
-        args.check(x, weight, bias, lora_As[a], lora_Bs[a], scales[a], dropout_ps[a], slices[a], f"adapter {a}: ")
+        args.check(x, weight, bias, lora_As[a], lora_Bs[a], scales[a], dropout_ps[a], slices[a], f"adapter {a}: ",
+                   magnitudes[a])
     routing = adapter_ids if isinstance(adapter_ids, AdapterRouting) else AdapterRouting(adapter_ids, n)
     if routing.adapters != n:
         raise ValueError(f"adapter_ids route rows among {routing.adapters} adapters but {n} are given")
@@ -96,10 +119,17 @@ def lora_linear_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: S
     seed_tensor = args.seed_tensor(seed, x.device) if any(ps) or seed is not None else args.NO_SEED
     out_features = weight.shape[0]
     Bs = [B if s is None else expand_slices(B, s, out_features) for B, s in zip(lora_Bs, slices, strict=True)]
+    factors = [None if m is None else dora_factor(dora_norm(weight, A, B, scale).detach(), m, s)
+               for A, B, m, scale, s in zip(lora_As, Bs, magnitudes, scales, slices, strict=True)]
+    dora = any(f is not None for f in factors)
     flat_x = x.reshape(-1, x.shape[-1])
-    settings = _Settings([float(s) if isinstance(s, int) else s for s in scales], ps, rows)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *lora_As, *Bs)):
-        flat = _LoraLinearMixedFunction.apply(flat_x, weight, bias, seed_tensor, settings, *lora_As, *Bs)
+    settings = _Settings([float(s) if isinstance(s, int) else s for s in scales], ps, rows, dora)
+    tensors = (*lora_As, *Bs, *(factors if dora else ()))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, *tensors)):
+        flat = _LoraLinearMixedFunction.apply(flat_x, weight, bias, seed_tensor, settings, *tensors)
+    elif dora:
+        flat = reference.forward_mixed(flat_x, weight, bias, list(lora_As), Bs, settings.scales, ps, rows,
+                                       seed_tensor, factors)
     else:
         flat = select(flat_x).forward_mixed(flat_x, weight, bias, list(lora_As), Bs, settings.scales, ps, rows,
                                             seed_tensor)

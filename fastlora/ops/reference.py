@@ -189,48 +189,80 @@ def _accumulator(t: Tensor, lora: list[Tensor]) -> Tensor:
 
 
 def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> Tensor:
-    """``(M, out)``: row i gets ``x_i W^T + b`` plus the update of its adapter (none for -1).
+                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor,
+                  factors: Sequence[Tensor | None] | None = None) -> Tensor:
+    """``(M, out)``: row i gets ``x_i W^T + b`` plus the update of its adapter (none for -1); with ``factors[a]``
+    (DoRA's ``c = m / n``, ``(out,)`` fp32) adapter a's rows get DoRA's output instead.
 
     A row's dropout mask is the single-adapter op's for the same row, so every row equals the
     single-adapter result of its adapter.
     """
-    out = _accumulator(_base(x, weight, bias), lora_As)
+    dora = bool(factors) and any(f is not None for f in factors)
+    base = _base(x, weight, bias)
+    out = base.float() if dora else _accumulator(base, lora_As)
     for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
         picked = rows.rows_of(a)
         if picked is None:
             continue
         x_rows, _ = _lora_input(x, picked, seed, dropout_ps[a], A.dtype)
+        keep = 1.0 / (1.0 - dropout_ps[a])
         update = (x_rows @ A.t()) @ B.t()
-        out.index_add_(0, picked, update.to(out.dtype), alpha=scales[a] / (1.0 - dropout_ps[a]))
+        factor = factors[a] if factors else None
+        if factor is None:
+            out.index_add_(0, picked, update.to(out.dtype), alpha=scales[a] * keep)
+            continue
+        dropped = _dropped_base(x, weight, picked, x_rows, keep, dropout_ps[a])
+        out.index_add_(0, picked, (factor - 1.0) * dropped + factor * (update.float() * (scales[a] * keep)))
     return out.to(x.dtype)
 
 
+def _dropped_base(x: Tensor, weight: Tensor, picked: Tensor, x_rows: Tensor, keep: float, p: float) -> Tensor:
+    """``x_d W^T`` of the picked rows in fp32 (DoRA's base product of the dropped-out input; ``x_rows``: those rows
+    with dropout applied, not yet scaled by ``keep``)."""
+    dropped = x_rows.to(x.dtype) * keep if p > 0 else x.index_select(0, picked)
+    return (dropped @ weight.t()).float()
+
+
 def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
-                   scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor,
-                   need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
-                                                                   list[Tensor | None]]:
-    """``(dx, dAs, dBs)``: each adapter's gradients come from its own rows only; an adapter no row names (or whose
-    ``need_lora`` is False) gets None. Differentiable with grad mode on (second-order gradients)."""
-    dx = _accumulator(grad_out @ weight, lora_As) if need_dx else None
-    dAs: list[Tensor | None] = [None] * len(lora_As)
-    dBs: list[Tensor | None] = [None] * len(lora_As)
+                   scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor, need_dx: bool,
+                   need_lora: list[bool], factors: Sequence[Tensor | None] | None = None
+                   ) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None]]:
+    """``(dx, dAs, dBs)``, and with ``factors`` ``(dx, dAs, dBs, dcs)`` (DoRA adapters' ``d factor``): each
+    adapter's gradients come from its own rows only; an adapter no row names (or whose ``need_lora`` is False)
+    gets None. Differentiable with grad mode on (second-order gradients)."""
+    dora = bool(factors) and any(f is not None for f in factors)
+    dx = _accumulator(grad_out @ weight, lora_As if not dora else [grad_out.float()]) if need_dx else None
+    n = len(lora_As)
+    dAs: list[Tensor | None] = [None] * n
+    dBs: list[Tensor | None] = [None] * n
+    dcs: list[Tensor | None] = [None] * n
     for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
         picked = rows.rows_of(a)
         if picked is None or not (need_dx or need_lora[a]):
             continue
-        scale = scales[a] / (1.0 - dropout_ps[a])
+        keep = 1.0 / (1.0 - dropout_ps[a])
+        scale = scales[a] * keep
         x_rows, drop = _lora_input(x, picked, seed, dropout_ps[a], A.dtype)
-        dy_rows = grad_out.index_select(0, picked).to(A.dtype)
-        grad_h = dy_rows @ B
+        dy_rows = grad_out.index_select(0, picked)
+        factor = factors[a] if factors else None
+        dy_lora = (dy_rows.float() * factor if factor is not None else dy_rows).to(A.dtype)  # reaching the update
+        grad_h = dy_lora @ B
         if need_dx:
-            dx_rows = grad_h @ A
-            dx.index_add_(0, picked, (dx_rows if drop is None else dx_rows.masked_fill_(drop, 0)).to(dx.dtype),
-                          alpha=scale)
+            dx_rows = (grad_h @ A).float() * scale
+            if factor is not None:  # the dropped-out base product, scaled by c - 1
+                dx_rows = dx_rows + ((dy_rows.float() * (factor - 1.0)).to(x.dtype) @ weight).float() * keep
+            if drop is not None:
+                dx_rows = dx_rows.masked_fill(drop, 0)
+            dx.index_add_(0, picked, dx_rows.to(dx.dtype))
         if need_lora[a]:
             dAs[a] = (grad_h.t() @ x_rows) * scale
-            dBs[a] = (dy_rows.t() @ (x_rows @ A.t())) * scale
-    return (dx.to(x.dtype) if dx is not None else None), dAs, dBs
+            dBs[a] = (dy_lora.t() @ (x_rows @ A.t())) * scale
+            if factor is not None:
+                u = _dropped_base(x, weight, picked, x_rows, keep, dropout_ps[a]) \
+                    + ((x_rows @ A.t()) @ B.t()).float() * scale
+                dcs[a] = (dy_rows.float() * u).sum(0)
+    dx = dx.to(x.dtype) if dx is not None else None
+    return (dx, dAs, dBs, dcs) if dora else (dx, dAs, dBs)
 
 
 # DoRA (weight-decomposed LoRA, as peft computes it): per output feature i, ``n_i = |W_i + scale B_i A|`` (detached),
