@@ -289,8 +289,9 @@ def test_a_mixed_batch_serves_dora_beside_lora_adapters(dropout):
 
 
 def test_use_adapters_serves_a_dora_adapter_beside_a_lora_adapter():
-    import fastlora
     from conftest import tiny_gpt2
+
+    import fastlora
     model = fastlora.inject(tiny_gpt2(), fastlora.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
     fastlora.inject(model, fastlora.LoraConfig(r=2, alpha=4, target_modules=["c_attn"], use_dora=True),
                     adapter_name="dora")

@@ -130,7 +130,7 @@ def good():
     ({"adapter_ids": torch.tensor([0, 1])}, r"adapter_ids must have the shape of x's leading dims .* x's leading "
                                             r"dims \(3,\), adapter_ids \(2,\)"),
     ({"adapter_ids": torch.tensor([0.0, 1.0, 1.0])}, "adapter_ids must be an integer tensor"),
-    ({"scales": [1.0]}, r"need one entry per adapter, got 2, 2, 1, 2 and 2"),
+    ({"scales": [1.0]}, r"need one entry per adapter, got 2, 2, 1, 2, 2 and 2"),
     ({"lora_Bs": [torch.randn(12, 2), torch.randn(12, 3)]}, r"adapter 1: lora_B must have shape \(12, 4\)"),
 ])
 def test_bad_mixed_arguments_are_clear_errors(change, message):
