@@ -164,7 +164,7 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_run, tmp_path):
         assert theirs["loss"] == pytest.approx(mine["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("lora", [[], WIDE_LORA], ids=["paper-q-v-slices", "wide"])
+@pytest.mark.parametrize("lora", [[], WIDE_LORA, ["--dora"]], ids=["paper-q-v-slices", "wide", "dora-q-v"])
 def test_adapter_from_train_loads_in_peft_with_the_same_logits(tiny_run, tmp_path, lora):
     peft = pytest.importorskip("peft")
     from transformers import GPT2LMHeadModel

@@ -3,8 +3,8 @@ compare.
 
     python examples/e2e/run_default.py [--out runs/e2e-default]
 
-Offline and CPU-sized (a few minutes on 2 cores). It trains LoRA in the paper's setup (q and v of c_attn),
-LoRA on every linear layer (a common modern setup) and full fine-tuning, all from the same base. It prints
+Offline and CPU-sized (a few minutes on 2 cores). It trains LoRA in the paper's setup (q and v of c_attn), DoRA in
+the same setup, LoRA on every linear layer (a common modern setup) and full fine-tuning, all from the same base. It prints
 the training loss at the start and the end, the test scores of the base model before fine-tuning
 ("untrained": the tiny model after its language-model pretraining on the training references, before it has
 seen any MR) and of each run, and the comparison (parameters, memory, time, scores); it exits with status 1
@@ -31,10 +31,11 @@ import train
 # one thread per process: the tiny model's matrices are too small to gain from more, and a busy machine loses.
 TRAIN_ARGS = ["--data", "synthetic", "--max-steps", "500", "--warmup-steps", "30", "--save-every", "250",
               "--log-every", "25", "--tiny-pretrain-steps", "300", "--threads", "1"]
-# Run name -> train.py arguments: the paper's LoRA setup, LoRA on every linear layer, full fine-tuning (last: the
-# baseline of the comparison).
+# Run name -> train.py arguments: the paper's LoRA setup, DoRA in the same setup, LoRA on every linear layer, full
+# fine-tuning (last: the baseline of the comparison).
 SETUPS = {
     "lora": ["--method", "lora", "--lr", "4e-3"],
+    "dora": ["--method", "lora", "--dora", "--lr", "4e-3"],
     "lora-all-linear": ["--method", "lora", "--lr", "4e-3", "--lora-target", "all-linear", "--lora-slices", "q,k,v"],
     "full": ["--method", "full", "--lr", "1e-3"],
 }

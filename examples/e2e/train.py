@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-target", default="c_attn",
                    help="comma-separated module names (peft-style suffixes), or all-linear (every linear but lm_head)")
     p.add_argument("--lora-slices", default="q,v", help="parts of c_attn to adapt: e.g. q,v or q,k,v")
+    p.add_argument("--dora", action="store_true", help="DoRA (weight-decomposed LoRA) instead of plain LoRA")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
@@ -167,7 +168,7 @@ def lora_config(args: argparse.Namespace) -> fastlora.LoraConfig:
     slices = {"c_attn": [x in parts for x in QKV]} if set(parts) != set(QKV) else {}
     targets = fastlora.config.ALL_LINEAR if args.lora_target == "all-linear" else args.lora_target.split(",")
     return fastlora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                               target_modules=targets, slices=slices)
+                               target_modules=targets, slices=slices, use_dora=args.dora)
 
 
 def setup_label(args: argparse.Namespace) -> str:
@@ -178,7 +179,7 @@ def setup_label(args: argparse.Namespace) -> str:
     targets = ",".join(f"c_attn[{parts}]" if t == "c_attn" else t for t in args.lora_target.split(","))
     if args.lora_target == "all-linear":
         targets = f"all-linear, c_attn[{parts}]"
-    return f"LoRA {targets} r={args.lora_r}"
+    return f"{'DoRA' if args.dora else 'LoRA'} {targets} r={args.lora_r}"
 
 
 def prepare_model(args: argparse.Namespace, base_ref: str, dist: Dist) -> torch.nn.Module:
