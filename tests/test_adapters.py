@@ -245,3 +245,21 @@ def test_a_mixed_batch_reads_adapter_weights_changed_through_data(backend, chang
     for row, name in enumerate(names):
         fastlora.set_adapter(model, name)
         assert rel_err(mixed[row], logits(model, ids[row:row + 1])[0]) <= 1e-5, (row, name)
+
+
+def test_a_compiled_model_gives_eager_results_for_mixed_batches_and_changed_scales():
+    model = two_adapters()
+    ids = tokens(batch=3)
+    names = ["b", None, "default"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(2):
+            with fastlora.use_adapters(model, names):
+                eager = logits(model, ids)
+                assert rel_err(compiled(ids).logits, eager) <= 1e-6
+            assert rel_err(compiled(ids).logits, logits(model, ids)) <= 1e-6
+        for _, layer in fastlora.model.lora_layers(model):
+            for adapter in layer.adapters.values():
+                adapter.scale *= 0.5
+        assert rel_err(compiled(ids).logits, logits(model, ids)) <= 1e-6
