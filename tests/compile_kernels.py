@@ -67,8 +67,8 @@ def _kernels(path: str, module: str = "_kernels"):
 
 def pipelining_error(ttgir: str, arch: int) -> str | None:
     """No pipelined loop branches; on sm_90 each reads its shared-memory slots (local_load)
-    before it refills them (async copies): the first dB kernel read a refilled slot inside an
-    scf.if. (On sm_80-class targets Triton's prefetch loads the next iteration's operands from
+    before it refills them (async copies), else a branch may read a later tile (docs/triton-notes.md).
+    (On sm_80-class targets Triton's prefetch loads the next iteration's operands from
     another slot after issuing the copies, by design, so the order says nothing there.)"""
     for body in ttgir.split("scf.for ")[1:]:  # a loop's own ops (up to a nested loop's head: the head's own)
         end = body.find("scf.yield")
@@ -140,8 +140,7 @@ def undefined_uniform_reads(sass: str) -> list[str]:
     """SASS instructions that read a uniform register which some path from the entry has not written.
 
     A forward must-be-written analysis over the basic blocks of the reachable code. Such a read is a
-    compiler bug: ptxas 12.8 (Triton 3.6) built wgmma descriptors of the backward kernel from
-    UR22:UR23 this way, and dx came out wrong."""
+    compiler bug that made dx wrong on a GPU (ptxas 12.8: docs/triton-notes.md)."""
     code = [(int(address, 16), PREDICATE.sub("", text), text) for address, text in SASS_LINE.findall(sass)]
     if not code:
         return []

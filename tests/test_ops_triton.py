@@ -67,8 +67,8 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 @pytest.mark.parametrize("p, rows", [(0.2, 45), (0.0, 45), (0.2, triton_backend.SMALL_M + 45)])
 def test_backward_computes_only_what_is_needed(needs, dtype, p, rows):
     """Each of dx, dA, dB alone or all three, for a layer whose sizes are no multiples of 16, with a strided x
-    and a Conv1D weight; on a GPU 45 rows take the small-M tile, 1069 the autotuned ones. (On an H200 with
-    Triton 3.6, ptxas miscompiled the dx-only kernel for such a layer: dx error 1.58.)"""
+    and a Conv1D weight; on a GPU 45 rows take the small-M tile, 1069 the autotuned ones (a ptxas once
+    miscompiled such a layer's dx-only kernel: docs/triton-notes.md)."""
     x, weight, _, lora_A, lora_B = _operands(rows, 40, 56, 5, dtype)
     assert not x.is_contiguous() and not weight.is_contiguous()
     grad_out = torch.randn(rows, 56, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
@@ -233,7 +233,7 @@ def _variant_jobs() -> list[dict]:
     """The backward kernel in every variant the launcher launches, at the 16-bit small-M tile, for a layer whose
     sizes and strides are multiples of 16 and for one whose are not (``odd``: no divisibility hints, so dy's
     and W's tiles reach shared memory through registers: the layer of test_backward_computes_only_what_is_needed,
-    whose dx-only variant ptxas 12.8 miscompiled); odd layers also at the widest 16-bit and the small fp32
+    whose dx-only variant a ptxas miscompiled); odd layers also at the widest 16-bit and the small fp32
     tile, in bf16, and through the forward, down and dB kernels."""
     small, widest = triton_backend.TILES["16bit-small-m"][0], triton_backend.TILES["16bit"][0]
     jobs = [_gemm_job(True, small, 16, "fp16", "tf32", layout=layout, odd=layout == "strided", **flags)
@@ -448,8 +448,7 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     launcher expects; reports ptxas's register count; spills as the comments below say.
 
     The compiler is the installed triton's, or the one of the triton in FASTLORA_COMPILE_PYTHON's environment
-    (e.g. a throwaway venv with the release a GPU machine runs: Triton 3.6's ptxas 12.8 miscompiled the old
-    dx-only kernel, 3.9's does not)."""
+    (e.g. a throwaway venv with the release a GPU machine runs: releases' ptxas differ, docs/triton-notes.md)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401

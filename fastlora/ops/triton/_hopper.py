@@ -12,9 +12,8 @@ the tile through a descriptor in ``SUBTILES`` column pieces (the store's shared-
 room for pipeline stages). ``_hopper_dx_kernel`` does the same for ``_lora_backward_kernel``'s dx (with dA):
 dy, W and B's dense layout through descriptors in its loop, the masked rank-R term, the dx store and dA's
 atomic add in its epilogue. The tile loops are not flattened into the inner loops (``tl.range(...,
-flatten=True)``), as Inductor's template is not: compiled for sm_90 by Triton 3.6 (ptxas 12.8, the GPU
-machine's), a flattened forward with the rank-R dot in its epilogue had its wgmma serialized (ptxas C7515);
-Triton 3.9's was not.
+flatten=True)``), as Inductor's template is not: ptxas 12.8 serialized a flattened forward's wgmma
+(docs/triton-notes.md).
 
 TMA needs 16-byte aligned base addresses and row strides and unit-stride rows: the ``applies`` checks test them.
 W is read as ``(N, K)`` rows (nn.Linear) or, ``W_T``, as ``(K, N)`` rows (a Conv1D weight used as its transpose).

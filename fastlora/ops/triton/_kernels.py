@@ -22,21 +22,8 @@ rank R: padding to R_PAD is the launcher's job), so that each can be copied asyn
 into a shared-memory ring; every atomic add is one per program, after its loop; transposed
 operands are loaded through transposed pointers, never made with ``tl.trans``.
 
-An earlier backward kernel added dB inside its N loop under a runtime ``if`` (a dot of
-``tl.trans(dy)`` and an atomic add); on an H200 (Triton 3.6) its dB came out zero or wrong
-while the interpreter's was right. Compiled for sm_90 (Triton 3.9) that loop keeps dy in a
-two-slot shared-memory ring and issues the copy of tile n+2 into tile n's slot before the
-branch reads its transposed view: the branch saw a later tile, or the zeros of a masked copy
-past the end. The next one read B's tile, contiguous along the rank, masked to R there and
-with a run-time row stride, so that it was never copied asynchronously but stored to shared
-memory from registers in every iteration. For layers whose sizes are no multiples of 16
-(where dy and W go through registers too) ptxas 12.8, Triton 3.6's, built the wgmma
-descriptors of that tile's k-steps 1-3 from a uniform register pair that nothing had written
-(dx alone on the small-M and 128x64 tiles, dx with or without dA on four other 16-bit
-tiles): on an H200 dx's rank-R term came out wrong (relative error 1.58) where the
-interpreter's was right. The same PTX assembled by ptxas 12.9 or 13.4 was sound. With B
-padded, ptxas 12.8 compiles every variant without such reads, and tests/compile_kernels.py
-reads the machine code for them.
+A dB added inside the backward's loop, and B's tile masked along the rank, each passed the interpreter and
+came out wrong on a GPU (docs/triton-notes.md); tests/compile_kernels.py reads the machine code of every variant.
 
 The dropout mask is the hash of :mod:`fastlora.ops.reference` on uint32 values, regenerated
 from (seed, row, col) wherever it is needed, never stored.
