@@ -15,7 +15,7 @@ failure (a compile error, a broken pipelining rule, or machine code that reads a
 no path has written) or None. Run it with an empty TRITON_CACHE_DIR: a cached kernel skips ptxas,
 whose log gives the register counts. It compiles with the triton of the Python that runs it: the
 test's own, or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the release a GPU machine runs,
-to check that release's compiler (an environment that can import torch: _hopper.py does). Jobs run
+to check that release's compiler (the kernel files import triton alone). Jobs run
 in a process pool: compiling is single-threaded and CPU-bound.
 """
 

@@ -107,10 +107,8 @@ def test_forward_and_backward_stay_within_the_kernel_budget(monkeypatch, rank, s
                                                             three_d, conv1d, autocast, gemm):
     """Every case, with the tiled GEMMs and with the persistent TMA ones (``FASTLORA_TRITON_GEMM=hopper``: 16-bit
     operands only, the interpreter standing in for sm_90)."""
-    from fastlora.ops import triton as triton_backend
-
     monkeypatch.setenv("FASTLORA_BACKEND", "triton")
-    monkeypatch.setattr(triton_backend, "_GEMM", gemm)
+    monkeypatch.setattr(triton_backend.single, "GEMM", gemm)
     hopper = gemm == "hopper" and (autocast or dtype in (torch.float16, torch.bfloat16))
     x, weight, bias, lora_A, lora_B = _case(rank, slices, dtype, lora_dtype, p, three_d, conv1d, autocast)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()

@@ -1,0 +1,190 @@
+"""Mixed-adapter launchers: batches whose rows each name their own adapter (or none), over the batch's routing
+(:class:`fastlora.ops.routing.Rows`: the rows sorted by adapter, so that each adapter's rows form one segment).
+
+The adapters are stacked and zero-padded to one rank; forward: ``h = factor_a * dropout_a(x_i) @ A_a.T``, then the
+GEMM whose epilogue adds each row's ``h_i @ B_a.T``. Backward: ``g = factor_a * dy_i @ B_a``, the dx GEMM with
+``keep * g @ A_a`` fused, h again, and dA and dB as per-adapter reductions over their segments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+from torch import Tensor
+
+from fastlora.ops.reference import dropout_threshold
+from fastlora.ops.routing import Rows
+from fastlora.ops.triton import tuning
+from fastlora.ops.triton._kernels import _mixed_down_kernel, _mixed_grad_kernel
+from fastlora.ops.triton.single import int32_bits, on_device
+from fastlora.ops.triton.tuning import INTERPRET, precision
+
+
+def _seed_words(seed: Tensor) -> tuple[int, int]:
+    """The seed's low and high 32 bits as int32 bit patterns (read on the host)."""
+    value = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return int32_bits(value & 0xFFFFFFFF), int32_bits(value >> 32)
+
+
+class _Batch:
+    """What every mixed kernel reads: the sorted ids and each sorted position's original row (int32) with each
+    adapter's first position, the adapters' A's stacked ``(n, R_PAD, in)`` and B's ``(n, out, R_PAD)`` zero-padded
+    in x's dtype, each adapter's ``scale / (1 - p)`` (fp32) and dropout threshold (int32), and the seed words."""
+
+    __slots__ = ("a_stack", "b_stack", "dropout", "factor", "ids", "order", "r_pad", "seed_words", "starts", "thr")
+
+    def __init__(self, x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                 scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> None:
+        self.r_pad = tuning.rank_pad(max((A.shape[0] for A in lora_As), default=1))
+        self.ids, self.order, self.starts = rows.sorted_ids32, rows.order32, rows.starts32
+        n = max(len(lora_As), 1)  # no adapters: one zero adapter that no row names
+        self.a_stack = x.new_zeros(n, self.r_pad, x.shape[1])
+        self.b_stack = x.new_zeros(n, out_features, self.r_pad)
+        with torch.no_grad():
+            for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+                self.a_stack[a, :A.shape[0]] = A
+                self.b_stack[a, :, :B.shape[1]] = B
+        self.factor = torch.tensor([s / (1.0 - p) for s, p in zip(scales, dropout_ps, strict=True)] or [0.0],
+                                   dtype=torch.float32, device=x.device)
+        self.thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32,
+                                device=x.device)
+        self.dropout = any(p > 0 for p in dropout_ps)
+        self.seed_words = _seed_words(seed) if self.dropout else (0, 0)
+
+    def a_rows(self) -> tuple:
+        """A's stack as the down kernel's ``(n, R_PAD, K)`` operand, and as the dx GEMM's ``(R_PAD, in)`` U."""
+        return self.a_stack.stride()
+
+    def b_as_u(self) -> tuple:
+        """B's stack as the forward GEMM's ``(R_PAD, out)`` U, and as g's ``(n, R_PAD, out)`` down operand."""
+        stride_a, stride_n, stride_r = self.b_stack.stride()
+        return stride_a, stride_r, stride_n
+
+
+def _down(src: Tensor, stack: Tensor, strides: tuple, batch: _Batch, dropout: bool) -> Tensor:
+    """``factor_a * dropout_a(src_i) @ stack_a.T`` as an fp32 ``(M, R_PAD)`` buffer in sorted order."""
+    M, K = src.shape
+    h = torch.empty(M, batch.r_pad, device=src.device, dtype=torch.float32)
+    block_m, block_k = tuning.down_tile(M, batch.r_pad)
+    _mixed_down_kernel[(triton.cdiv(M, block_m),)](
+        src, stack, batch.ids, batch.order, batch.factor, batch.thr, h, M, K, *src.stride(), *strides,
+        *batch.seed_words, DROPOUT=dropout, R_PAD=batch.r_pad, PRECISION=precision(src.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=2,
+    )
+    return h
+
+
+def _gemm(src: Tensor, weight: Tensor, w_strides: tuple, low_rank: Tensor, stack: Tensor, u_strides: tuple,
+          bias: Tensor | None, out: Tensor, batch: _Batch, dropout: bool) -> None:
+    """``out_i = src_i @ w + bias + keep_i * low_rank_i @ U_a`` for every row, written once into ``out``."""
+    (M, K), N = src.shape, out.shape[1]
+    if N == 0:
+        return
+    args = (src, weight, low_rank, stack, batch.ids, batch.order, batch.thr, bias if bias is not None else out, out,
+            M, N, K, *src.stride(), *w_strides, *u_strides, *out.stride(), *batch.seed_words)
+    meta = {"HAS_BIAS": bias is not None, "DROPOUT": dropout, "R_PAD": batch.r_pad, "PRECISION": precision(src.dtype)}
+    family = tuning.family("mixed", M, src.dtype)
+    key = ("mixed", family, N, K, bias is not None, dropout, batch.r_pad, src.dtype, weight.dtype, stack.dtype,
+           src.device.index)
+    tuning.launch("mixed", lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),), args,
+                  meta, key, family, batch.r_pad, tuning.smem_limit(src.device.index or 0))
+
+
+class _GradPlan(NamedTuple):
+    """How the dA or dB reduction runs: its output's ``(P, Q)``, tile, row step, stages and row splits."""
+
+    P: int
+    Q: int
+    block_p: int
+    block_q: int
+    block_m: int
+    stages: int
+    tiles: int
+    rows_per_split: int
+    splits: int
+
+
+def _grad_plan(P: int, Q: int, dA: bool, r_pad: int, dtype: torch.dtype, selected: int, M: int,
+               device_index: int) -> _GradPlan:
+    """The plan of a reduction over ``selected`` adapters' rows, its splits sized for all ``M`` rows (no count is
+    read back), as the single-adapter dB's."""
+    side, stages = tuning.db_tile(r_pad)
+    if INTERPRET:
+        side = min(side, tuning.INTERPRET_CONFIG["BLOCK_M"])
+    block_p, block_q = (r_pad, side) if dA else (side, r_pad)
+    # fp32 dA: IEEE dots hold their operands in registers and the dropout hash its keys: 64-row steps spilled
+    block_m = 16 if dA and dtype == torch.float32 and not INTERPRET else side
+    tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
+    rows_per_split, splits = (tuning.db_splits(M, tiles * selected, side, tuning.sm_count(device_index)
+                                               * tuning.DB_PROGRAMS_PER_SM) if tiles else (M, 1))
+    return _GradPlan(P, Q, block_p, block_q, block_m, stages, tiles, rows_per_split, splits)
+
+
+def _grad(left: Tensor, right: Tensor, dA: bool, batch: _Batch, wanted: list[int], most_rows: int) -> Tensor:
+    """fp32 ``(len(wanted), P, Q)``: per wanted adapter, ``g.T @ dropout(x)`` over its rows (dA: left g, right x)
+    or ``dy.T @ h`` (dB: left dy, right h), split over its rows like the single-adapter dB."""
+    P, Q = (batch.r_pad, right.shape[1]) if dA else (left.shape[1], batch.r_pad)
+    plan = _grad_plan(P, Q, dA, batch.r_pad, right.dtype if dA else left.dtype, len(wanted), most_rows,
+                      left.device.index or 0)
+    if plan.tiles == 0:
+        return left.new_zeros(len(wanted), P, Q, dtype=torch.float32)
+    out = (torch.zeros if plan.splits > 1 else torch.empty)(len(wanted), P, Q, device=left.device,
+                                                            dtype=torch.float32)
+    selected = torch.tensor(wanted, dtype=torch.int32, device=left.device)
+    _mixed_grad_kernel[(plan.tiles, len(wanted), plan.splits)](
+        left, right, batch.starts, selected, batch.order, batch.thr, out, P, Q, plan.rows_per_split,
+        *left.stride(), *right.stride(), *batch.seed_words,
+        DA=dA, DROPOUT=dA and batch.dropout, ATOMIC=plan.splits > 1,
+        PRECISION=precision(right.dtype if dA else left.dtype),
+        BLOCK_P=plan.block_p, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, num_warps=4, num_stages=plan.stages,
+    )
+    return out
+
+
+def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> Tensor:
+    """``(M, out)``, each row with its own adapter's update; see :func:`fastlora.ops.reference.forward_mixed`."""
+    M, N = x.shape[0], weight.shape[0]
+    out = x.new_empty(M, N)
+    if M == 0:
+        return out
+    with on_device(x):
+        batch = _Batch(x, N, lora_As, lora_Bs, scales, dropout_ps, rows, seed)
+        h = _down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
+        _gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), bias, out, batch,
+              dropout=False)
+    return out
+
+
+def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                   scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor,
+                   need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
+                                                                   list[Tensor | None]]:
+    """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. An adapter that ``need_lora`` asks
+    for gets its gradients (zero when no row names it; the op asks only for adapters some row names, so that they
+    get None, as the reference's)."""
+    (M, K), N, n = x.shape, weight.shape[0], len(lora_As)
+    dAs: list[Tensor | None] = [None] * n
+    dBs: list[Tensor | None] = [None] * n
+    dx = x.new_empty(M, K) if need_dx else None
+    if M == 0:
+        return dx, dAs, dBs
+    wanted = [a for a in range(n) if need_lora[a]]
+    if not (need_dx or wanted):
+        return dx, dAs, dBs
+    with on_device(x):
+        batch = _Batch(x, N, lora_As, lora_Bs, scales, dropout_ps, rows, seed)
+        g = _down(grad_out, batch.b_stack, batch.b_as_u(), batch, dropout=False)  # factor_a * dy_i @ B_a
+        if need_dx:
+            _gemm(grad_out, weight, weight.stride(), g, batch.a_stack, batch.a_rows(), None, dx, batch,
+                  dropout=batch.dropout)
+        if wanted:
+            h = _down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
+            dA = _grad(g, x, True, batch, wanted, M)
+            dB = _grad(grad_out, h, False, batch, wanted, M)
+            for i, a in enumerate(wanted):
+                rank = lora_As[a].shape[0]
+                dAs[a], dBs[a] = dA[i, :rank].to(lora_As[a].dtype), dB[i, :, :rank].to(lora_Bs[a].dtype)
+    return dx, dAs, dBs
