@@ -334,23 +334,58 @@ MIXED_GEMM_UNITS = {("forward", "linear"): ["stride_xk", "stride_wk", "stride_ur
                     ("dx", "conv1d"): ["stride_xk", "stride_wk", "stride_un", "stride_on"]}
 
 
-def _mixed_gemm_job(direction, tile, r_pad, dtype, precision, layout="linear", odd=False, dropout=None) -> dict:
+def _seed_place(dropout: bool, from_memory: bool) -> tuple[dict, dict]:
+    """The constexprs and pointer dtypes of a dropout kernel's seed: read from memory (an int64) or passed as
+    scalars (its pointer None), as the launchers pass it."""
+    if dropout and from_memory:
+        return {"SEED_FROM_PTR": True}, {"seed_ptr": "i64"}
+    return {"SEED_FROM_PTR": False, "seed_ptr": None}, {}
+
+
+def _mixed_gemm_job(direction, tile, r_pad, dtype, precision, layout="linear", odd=False, dropout=None,
+                    seed_in_memory=False) -> dict:
     rows, cols, step, stages, warps = tile
     forward = direction == "forward"
+    dropout = not forward if dropout is None else dropout
+    seed, ptr_dtypes = _seed_place(dropout, seed_in_memory)
     return {"kernel": "_mixed_gemm_kernel", "dtype": dtype, "fp32_ptrs": ["l_ptr"], "i32_ptrs": MIXED_I32,
-            "constexprs": {"HAS_BIAS": forward, "DROPOUT": not forward if dropout is None else dropout,
-                           "R_PAD": r_pad, "PRECISION": precision, "BLOCK_M": rows, "BLOCK_N": cols,
-                           "BLOCK_K": step, "GROUP_M": 8},
+            "ptr_dtypes": ptr_dtypes,
+            "constexprs": {"HAS_BIAS": forward, "DROPOUT": dropout, **seed, "R_PAD": r_pad, "PRECISION": precision,
+                           "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GROUP_M": 8},
             "unit_strides": [] if odd else MIXED_GEMM_UNITS[direction, layout], "odd": odd,
             "num_warps": warps, "num_stages": stages, "arch": 90,
             "smem_limit": tuning.smem_bytes("mixed", tile, r_pad, 4 if dtype == "fp32" else 2)}
+
+
+def _mixed_down_job(dtype, precision, r_pad, dropout, seed_in_memory=False) -> dict:
+    """The mixed down kernel for h (A's stack, dropout) or g (B's stack, contiguous along the rank)."""
+    block_m, block_k = tuning.down_tile(4096, r_pad)
+    seed, ptr_dtypes = _seed_place(dropout, seed_in_memory)
+    return {"kernel": "_mixed_down_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "h_ptr"],
+            "i32_ptrs": MIXED_I32, "ptr_dtypes": ptr_dtypes,
+            "unit_strides": ["stride_xk", "stride_ak" if dropout else "stride_ar"],
+            "constexprs": {"DROPOUT": dropout, **seed, "R_PAD": r_pad, "PRECISION": precision, "BLOCK_M": block_m,
+                           "BLOCK_K": block_k},
+            "num_warps": 4, "num_stages": 2, "arch": 90, "smem_limit": SMALL_CARD_SMEM}
+
+
+def _mixed_grad_job(dtype, precision, r_pad, da, atomic, seed_in_memory=False) -> dict:
+    """The mixed dA (dropout) or dB reduction, stored or atomic."""
+    side, stages = tuning.db_tile(r_pad)
+    seed, ptr_dtypes = _seed_place(da, seed_in_memory)
+    return {"kernel": "_mixed_grad_kernel", "dtype": dtype, "fp32_ptrs": ["out_ptr", "l_ptr" if da else "r_ptr"],
+            "i32_ptrs": MIXED_I32, "ptr_dtypes": ptr_dtypes, "unit_strides": ["stride_lp", "stride_rq"],
+            "constexprs": {"DA": da, "DROPOUT": da, **seed, "ATOMIC": atomic, "PRECISION": precision,
+                           "BLOCK_P": r_pad if da else side, "BLOCK_Q": side if da else r_pad,
+                           "BLOCK_M": 16 if da and dtype == "fp32" else side},
+            "num_warps": 4, "num_stages": stages, "arch": 90, "smem_limit": _db_smem_bytes(r_pad)}
 
 
 def _mixed_jobs() -> list[dict]:
     """The mixed-adapter kernels: the GEMM forward (bias) and dx (with and without dropout) at every 16-bit
     tile and the fp32 ones at padded rank 16, at 64 where kept, for both weight layouts and an odd layer;
     the down kernel for h (A's stack, dropout) and g (B's stack, contiguous along the rank); the dA and dB
-    reductions, stored and atomic."""
+    reductions, stored and atomic; every dropout variant also with the seed read from memory (a CUDA graph's)."""
     jobs = []
     for family in ("16bit", "16bit-small-m", "fp32"):
         dtype, precision = _dtype_precision(family)
@@ -361,28 +396,17 @@ def _mixed_jobs() -> list[dict]:
     small = tuning.TILES["16bit-small-m"][0]
     jobs += [_mixed_gemm_job(direction, small, 16, "fp16", "tf32", layout="conv1d") for direction in ("forward", "dx")]
     jobs += [_mixed_gemm_job("dx", small, 16, "bf16", "tf32", dropout=False),
-             _mixed_gemm_job("dx", small, 16, "fp16", "tf32", odd=True)]
+             _mixed_gemm_job("dx", small, 16, "fp16", "tf32", odd=True),
+             _mixed_gemm_job("dx", small, 16, "bf16", "tf32", seed_in_memory=True),
+             _mixed_gemm_job("dx", tuning.TILES["16bit"][0], 16, "bf16", "tf32", seed_in_memory=True)]
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for r_pad in (16, 64, 256):
-            block_m, block_k = tuning.down_tile(4096, r_pad)
-            for dropout, units in ((True, ["stride_xk", "stride_ak"]), (False, ["stride_xk", "stride_ar"])):
-                jobs.append({"kernel": "_mixed_down_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "h_ptr"],
-                             "i32_ptrs": MIXED_I32, "unit_strides": units,
-                             "constexprs": {"DROPOUT": dropout, "R_PAD": r_pad, "PRECISION": precision,
-                                            "BLOCK_M": block_m, "BLOCK_K": block_k},
-                             "num_warps": 4, "num_stages": 2, "arch": 90, "smem_limit": SMALL_CARD_SMEM})
+            jobs += [_mixed_down_job(dtype, precision, r_pad, dropout) for dropout in (True, False)]
+        jobs.append(_mixed_down_job(dtype, precision, 16, True, seed_in_memory=True))
         for r_pad in (16, 64):
-            side, stages = tuning.db_tile(r_pad)
-            for da in (True, False):
-                for atomic in (True, False):
-                    jobs.append({"kernel": "_mixed_grad_kernel", "dtype": dtype,
-                                 "fp32_ptrs": ["out_ptr", "l_ptr" if da else "r_ptr"], "i32_ptrs": MIXED_I32,
-                                 "unit_strides": ["stride_lp", "stride_rq"],
-                                 "constexprs": {"DA": da, "DROPOUT": da, "ATOMIC": atomic, "PRECISION": precision,
-                                                "BLOCK_P": r_pad if da else side, "BLOCK_Q": side if da else r_pad,
-                                                "BLOCK_M": 16 if da and dtype == "fp32" else side},
-                                 "num_warps": 4, "num_stages": stages, "arch": 90,
-                                 "smem_limit": _db_smem_bytes(r_pad)})
+            jobs += [_mixed_grad_job(dtype, precision, r_pad, da, atomic) for da in (True, False)
+                     for atomic in (True, False)]
+        jobs.append(_mixed_grad_job(dtype, precision, 16, True, True, seed_in_memory=True))
     return jobs
 
 
@@ -788,3 +812,73 @@ def test_mixed_kernels_mask_is_bit_identical_to_reference(seed):
         assert torch.equal(y[rows_a] != 0, keep)
         assert torch.all(y[rows_a][keep] == torch.tensor(1 / (1 - p), dtype=torch.float32))
     assert not y[ids == -1].any()
+
+
+def _host_reads():
+    """A dispatch mode that records every read of a tensor's value back to the host (``int(seed)``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+    return HostReads()
+
+
+def _both_seed_places(monkeypatch, run, seed: int):
+    """``run(seed_tensor)`` with the seed passed to the kernels as two scalars (a CPU tensor, read on the host)
+    and read by them from memory (on x's device, never read back): both results."""
+    monkeypatch.setattr(single, "SEED_IN_MEMORY_ON", frozenset())
+    by_value = run(torch.tensor(seed))
+    monkeypatch.setattr(single, "SEED_IN_MEMORY_ON", frozenset({"cpu", "cuda"}))
+    on_device = torch.tensor(seed, device=DEVICE)
+    assert single.seed_args(on_device)["SEED_FROM_PTR"]
+    with _host_reads() as reads:
+        from_memory = run(on_device)
+    assert reads.count == 0, "the seed was read back to the host"
+    return by_value, from_memory
+
+
+@pytest.mark.parametrize("seed", [12345, (7 << 32) + 99, -3])
+def test_single_adapter_seed_from_memory_is_bit_identical(monkeypatch, seed):
+    """The single-adapter kernels give the same output and gradients, bit for bit, whether the seed comes as
+    scalars or is read from memory (as inside a CUDA graph): the down, forward, backward and dB kernels."""
+    x, weight, bias, lora_A, lora_B = _operands(45, 40, 56, 5, torch.float32)
+    grad = torch.randn(45, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+
+    def run(seed_tensor):
+        needs = (True, True, True)
+        y, saved = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.3, seed_tensor, None, needs)
+        return (y, *triton_backend.backward(grad, x, weight, lora_A, lora_B, 0.7, 0.3, seed_tensor, needs, None,
+                                            saved))
+    by_value, from_memory = _both_seed_places(monkeypatch, run, seed)
+    for a, b in zip(by_value, from_memory, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [12345, (7 << 32) + 99, -3])
+def test_mixed_seed_from_memory_is_bit_identical(monkeypatch, seed):
+    """The mixed kernels give the same output and gradients, bit for bit, whether the seed comes as scalars or is
+    read from memory: the down kernel (h), the dx GEMM's mask and the dA reduction's."""
+    ranks, rows = [3, 16, 5], 70
+    x, weight, bias, As, Bs = _mixed_operands(rows, 40, 56, ranks, torch.float32, "linear", seed=5)
+    ids = torch.tensor([a % 4 - 1 for a in range(rows)])
+    routing = AdapterRouting(ids, len(ranks)).rows((rows,), x.device)
+    grad = torch.randn(rows, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    scales, ps = [0.5, 1.0, 2.0], [0.3, 0.0, 0.5]
+
+    def run(seed_tensor):
+        y = triton_backend.forward_mixed(x, weight, bias, As, Bs, scales, ps, routing, seed_tensor)
+        dx, dAs, dBs = triton_backend.backward_mixed(grad, x, weight, As, Bs, scales, ps, routing, seed_tensor, True,
+                                                     [True] * 3)
+        return y, dx, *dAs, *dBs
+    by_value, from_memory = _both_seed_places(monkeypatch, run, seed)
+    for a, b in zip(by_value, from_memory, strict=True):
+        assert torch.equal(a, b)
+    expected = reference.forward_mixed(x.double(), weight.double(), bias.double(), [A.double() for A in As],
+                                       [B.double() for B in Bs], scales, ps, routing, torch.tensor(seed))
+    assert rel_err(by_value[0], expected) <= TOLERANCE[torch.float32]

@@ -424,9 +424,9 @@ def _next_segment(ids, adapter):
 
 @triton.jit(do_not_specialize=["M", *_SEED])
 def _mixed_down_kernel(
-    x_ptr, a_ptr, ids_ptr, order_ptr, factor_ptr, thr_ptr, h_ptr, M, K,
+    x_ptr, a_ptr, ids_ptr, order_ptr, factor_ptr, thr_ptr, h_ptr, seed_ptr, M, K,
     stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, seed_lo, seed_hi,
-    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One block of sorted rows of ``h = factor_a * dropout_a(x_i) @ A_a.T``, fp32 ``(M, R_PAD)`` in sorted
@@ -442,7 +442,8 @@ def _mixed_down_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     has_adapter = ids >= 0
     if DROPOUT:
-        row_key = _row_keys(rows, seed_lo, seed_hi)
+        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        row_key = _row_keys(rows, lo, hi)
         thr = tl.load(thr_ptr + ids, mask=has_adapter, other=0)
     adapter, segments = _first_segment(ids_ptr, offs_m, ids, M, first)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -466,10 +467,11 @@ def _mixed_down_kernel(
 
 @triton.jit(do_not_specialize=["M", *_SEED])
 def _mixed_gemm_kernel(
-    x_ptr, w_ptr, l_ptr, u_ptr, ids_ptr, order_ptr, thr_ptr, bias_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, l_ptr, u_ptr, ids_ptr, order_ptr, thr_ptr, bias_ptr, out_ptr, seed_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ua, stride_ur, stride_un, stride_om, stride_on,
     seed_lo, seed_hi,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of sorted rows of ``out_i = x_i @ w + bias + keep_i * l_i @ U_a``,
@@ -508,7 +510,8 @@ def _mixed_gemm_kernel(
         adapter = _next_segment(ids, adapter)
     if DROPOUT:
         thr = tl.load(thr_ptr + ids, mask=ids >= 0, other=0)
-        keep = _kept(_row_keys(rows, seed_lo, seed_hi)[:, None], _col_keys(offs_n)[None, :], thr[:, None])
+        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        keep = _kept(_row_keys(rows, lo, hi)[:, None], _col_keys(offs_n)[None, :], thr[:, None])
         acc += tl.where(keep, low_rank, 0.0)
     else:
         acc = low_rank
@@ -520,9 +523,10 @@ def _mixed_gemm_kernel(
 
 @triton.jit(do_not_specialize=["rows_per_split", *_SEED])
 def _mixed_grad_kernel(
-    l_ptr, r_ptr, seg_ptr, sel_ptr, order_ptr, thr_ptr, out_ptr, P, Q, rows_per_split,
+    l_ptr, r_ptr, seg_ptr, sel_ptr, order_ptr, thr_ptr, out_ptr, seed_ptr, P, Q, rows_per_split,
     stride_lm, stride_lp, stride_rm, stride_rq, seed_lo, seed_hi,
-    DA: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    DA: tl.constexpr, DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One ``(BLOCK_P, BLOCK_Q)`` tile of ``out[s] = left.T @ right`` over one split of the rows of adapter
@@ -547,6 +551,7 @@ def _mixed_grad_kernel(
     if DROPOUT:
         col_key = _col_keys(offs_q)
         thr = tl.load(thr_ptr + adapter)
+        seed_low, seed_high = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         pos = m0 + offs_m
@@ -563,7 +568,8 @@ def _mixed_grad_kernel(
         right = tl.load(r_ptr + r_rows[:, None] * stride_rm + safe_q[None, :] * stride_rq,
                         mask=in_split[:, None], other=0.0)
         if DROPOUT:
-            right = tl.where(_kept(_row_keys(rows, seed_lo, seed_hi)[:, None], col_key[None, :], thr), right, 0.0)
+            right = tl.where(_kept(_row_keys(rows, seed_low, seed_high)[:, None], col_key[None, :], thr), right,
+                             0.0)
         if DA:
             acc = tl.dot(left_t.to(right.dtype), right, acc, input_precision=PRECISION)
         else:

@@ -18,22 +18,17 @@ from fastlora.ops.reference import dropout_threshold
 from fastlora.ops.routing import Rows
 from fastlora.ops.triton import tuning
 from fastlora.ops.triton._kernels import _mixed_down_kernel, _mixed_grad_kernel
-from fastlora.ops.triton.single import int32_bits, on_device
+from fastlora.ops.triton.single import NO_SEED, on_device, seed_args
 from fastlora.ops.triton.tuning import INTERPRET, precision
-
-
-def _seed_words(seed: Tensor) -> tuple[int, int]:
-    """The seed's low and high 32 bits as int32 bit patterns (read on the host)."""
-    value = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return int32_bits(value & 0xFFFFFFFF), int32_bits(value >> 32)
 
 
 class _Batch:
     """What every mixed kernel reads: the sorted ids and each sorted position's original row (int32) with each
     adapter's first position, the adapters' A's stacked ``(n, R_PAD, in)`` and B's ``(n, out, R_PAD)`` zero-padded
-    in x's dtype, each adapter's ``scale / (1 - p)`` (fp32) and dropout threshold (int32), and the seed words."""
+    in x's dtype, each adapter's ``scale / (1 - p)`` (fp32) and dropout threshold (int32), and the seed's kernel
+    arguments (a seed on the GPU is read by the kernels from memory, never read back to the host)."""
 
-    __slots__ = ("a_stack", "b_stack", "dropout", "factor", "ids", "order", "r_pad", "seed_words", "starts", "thr")
+    __slots__ = ("a_stack", "b_stack", "dropout", "factor", "ids", "order", "r_pad", "seed", "starts", "thr")
 
     def __init__(self, x: Tensor, out_features: int, lora_As: list[Tensor], lora_Bs: list[Tensor],
                  scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor) -> None:
@@ -51,7 +46,7 @@ class _Batch:
         self.thr = torch.tensor([dropout_threshold(p) for p in dropout_ps] or [0], dtype=torch.int32,
                                 device=x.device)
         self.dropout = any(p > 0 for p in dropout_ps)
-        self.seed_words = _seed_words(seed) if self.dropout else (0, 0)
+        self.seed = seed_args(seed) if self.dropout else NO_SEED
 
     def a_rows(self) -> tuple:
         """A's stack as the down kernel's ``(n, R_PAD, K)`` operand, and as the dx GEMM's ``(R_PAD, in)`` U."""
@@ -68,11 +63,15 @@ def _down(src: Tensor, stack: Tensor, strides: tuple, batch: _Batch, dropout: bo
     M, K = src.shape
     h = torch.empty(M, batch.r_pad, device=src.device, dtype=torch.float32)
     block_m, block_k = tuning.down_tile(M, batch.r_pad)
-    _mixed_down_kernel[(triton.cdiv(M, block_m),)](
-        src, stack, batch.ids, batch.order, batch.factor, batch.thr, h, M, K, *src.stride(), *strides,
-        *batch.seed_words, DROPOUT=dropout, R_PAD=batch.r_pad, PRECISION=precision(src.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=2,
-    )
+    seed = batch.seed if dropout else NO_SEED
+    args = (src, stack, batch.ids, batch.order, batch.factor, batch.thr, h, seed["seed_ptr"], M, K, *src.stride(),
+            *strides, seed["seed_lo"], seed["seed_hi"])
+    meta = {"DROPOUT": dropout, "SEED_FROM_PTR": seed["SEED_FROM_PTR"], "R_PAD": batch.r_pad,
+            "PRECISION": precision(src.dtype), "BLOCK_M": block_m, "BLOCK_K": block_k, "num_warps": 4,
+            "num_stages": 2}
+    grid = (triton.cdiv(M, block_m),)
+    _mixed_down_kernel[grid](*args, **meta)
+    tuning.compile_seed_variant(_mixed_down_kernel, grid, args, meta)
     return h
 
 
@@ -82,9 +81,12 @@ def _gemm(src: Tensor, weight: Tensor, w_strides: tuple, low_rank: Tensor, stack
     (M, K), N = src.shape, out.shape[1]
     if N == 0:
         return
+    seed = batch.seed if dropout else NO_SEED
     args = (src, weight, low_rank, stack, batch.ids, batch.order, batch.thr, bias if bias is not None else out, out,
-            M, N, K, *src.stride(), *w_strides, *u_strides, *out.stride(), *batch.seed_words)
-    meta = {"HAS_BIAS": bias is not None, "DROPOUT": dropout, "R_PAD": batch.r_pad, "PRECISION": precision(src.dtype)}
+            seed["seed_ptr"], M, N, K, *src.stride(), *w_strides, *u_strides, *out.stride(), seed["seed_lo"],
+            seed["seed_hi"])
+    meta = {"HAS_BIAS": bias is not None, "DROPOUT": dropout, "SEED_FROM_PTR": seed["SEED_FROM_PTR"],
+            "R_PAD": batch.r_pad, "PRECISION": precision(src.dtype)}
     family = tuning.family("mixed", M, src.dtype)
     key = ("mixed", family, N, K, bias is not None, dropout, batch.r_pad, src.dtype, weight.dtype, stack.dtype,
            src.device.index)
@@ -133,13 +135,16 @@ def _grad(left: Tensor, right: Tensor, dA: bool, batch: _Batch, wanted: list[int
     out = (torch.zeros if plan.splits > 1 else torch.empty)(len(wanted), P, Q, device=left.device,
                                                             dtype=torch.float32)
     selected = torch.tensor(wanted, dtype=torch.int32, device=left.device)
-    _mixed_grad_kernel[(plan.tiles, len(wanted), plan.splits)](
-        left, right, batch.starts, selected, batch.order, batch.thr, out, P, Q, plan.rows_per_split,
-        *left.stride(), *right.stride(), *batch.seed_words,
-        DA=dA, DROPOUT=dA and batch.dropout, ATOMIC=plan.splits > 1,
-        PRECISION=precision(right.dtype if dA else left.dtype),
-        BLOCK_P=plan.block_p, BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, num_warps=4, num_stages=plan.stages,
-    )
+    dropout = dA and batch.dropout
+    seed = batch.seed if dropout else NO_SEED
+    args = (left, right, batch.starts, selected, batch.order, batch.thr, out, seed["seed_ptr"], P, Q,
+            plan.rows_per_split, *left.stride(), *right.stride(), seed["seed_lo"], seed["seed_hi"])
+    meta = {"DA": dA, "DROPOUT": dropout, "SEED_FROM_PTR": seed["SEED_FROM_PTR"], "ATOMIC": plan.splits > 1,
+            "PRECISION": precision(right.dtype if dA else left.dtype), "BLOCK_P": plan.block_p,
+            "BLOCK_Q": plan.block_q, "BLOCK_M": plan.block_m, "num_warps": 4, "num_stages": plan.stages}
+    grid = (plan.tiles, len(wanted), plan.splits)
+    _mixed_grad_kernel[grid](*args, **meta)
+    tuning.compile_seed_variant(_mixed_grad_kernel, grid, args, meta)
     return out
 
 
@@ -162,9 +167,9 @@ def backward_mixed(grad_out: Tensor, x: Tensor, weight: Tensor, lora_As: list[Te
                    scales: list[float], dropout_ps: list[float], rows: Rows, seed: Tensor,
                    need_dx: bool, need_lora: list[bool]) -> tuple[Tensor | None, list[Tensor | None],
                                                                    list[Tensor | None]]:
-    """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. An adapter that ``need_lora`` asks
-    for gets its gradients (zero when no row names it; the op asks only for adapters some row names, so that they
-    get None, as the reference's)."""
+    """``(dx, dAs, dBs)``; see :func:`fastlora.ops.reference.backward_mixed`. Nothing is read back to the host:
+    an adapter that ``need_lora`` asks for gets its gradients (zero when no row names it; the op asks only for
+    adapters some row names, so that they get None, as the reference's)."""
     (M, K), N, n = x.shape, weight.shape[0], len(lora_As)
     dAs: list[Tensor | None] = [None] * n
     dBs: list[Tensor | None] = [None] * n
