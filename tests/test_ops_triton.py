@@ -1,6 +1,7 @@
 """Triton-backend specifics: dropout masks bit for bit, partial gradients, dB splits, strided operands, GPU rules."""
 
 import ast
+import gc
 import json
 import os
 import signal
@@ -11,12 +12,13 @@ import pytest
 import torch
 from conftest import TOLERANCE, rel_err
 
+import fastlora
 from fastlora.ops import reference
 from fastlora.ops.reference import dropout_keep_mask
 from fastlora.ops.routing import AdapterRouting
 
 triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
-single, tuning = triton_backend.single, triton_backend.tuning
+mixed, single, tuning = triton_backend.mixed, triton_backend.single, triton_backend.tuning
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEEDS = [0, 12345, (7 << 32) + 99, 2**62 - 1, -3]
 
@@ -381,11 +383,30 @@ def _mixed_grad_job(dtype, precision, r_pad, da, atomic, seed_in_memory=False) -
             "num_warps": 4, "num_stages": stages, "arch": 90, "smem_limit": _db_smem_bytes(r_pad)}
 
 
+def _mixed_stack_job(dtype, a_dtypes, r_pad, selected=True, zeroed=True) -> dict:
+    """The stacking kernel over adapters of these dtypes (contiguous, ranks and strides as the JIT sees them: A's
+    row stride a multiple of 16, unit column strides), writing the selected adapters and zeroing buffers or not."""
+    n = len(a_dtypes)
+    constexprs = {"R_PAD": r_pad, "BLOCK": max(16, min(128, 4096 // r_pad))}
+    if not selected:
+        constexprs["sel_ptr"] = None
+    if not zeroed:
+        constexprs["zero_ptr"] = None
+    return {"kernel": "_mixed_stack_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "zero_ptr"],
+            "i32_ptrs": ["thr_ptr", "sel_ptr"], "unit_strides": [], "constexprs": constexprs,
+            "tuples": {"a_ptrs": ["*" + d for d in a_dtypes], "b_ptrs": ["*" + d for d in a_dtypes],
+                       "ranks": ["i32"] * n, "a_strides": ["i32:16", 1] * n, "b_strides": ["i32", 1] * n,
+                       "factors": ["fp32"] * n, "thresholds": ["i32"] * n},
+            "num_warps": 4, "num_stages": 1, "arch": 90, "smem_limit": SMALL_CARD_SMEM}
+
+
 def _mixed_jobs() -> list[dict]:
     """The mixed-adapter kernels: the GEMM forward (bias) and dx (with and without dropout) at every 16-bit
     tile and the fp32 ones at padded rank 16, at 64 where kept, for both weight layouts and an odd layer;
     the down kernel for h (A's stack, dropout) and g (B's stack, contiguous along the rank); the dA and dB
-    reductions, stored and atomic; every dropout variant also with the seed read from memory (a CUDA graph's)."""
+    reductions, stored and atomic; every dropout variant also with the seed read from memory (a CUDA graph's);
+    the stacking kernel for one, four and twenty adapters (16-bit and fp32 LoRA parameters), with and without
+    the backward's extra work."""
     jobs = []
     for family in ("16bit", "16bit-small-m", "fp32"):
         dtype, precision = _dtype_precision(family)
@@ -407,6 +428,10 @@ def _mixed_jobs() -> list[dict]:
             jobs += [_mixed_grad_job(dtype, precision, r_pad, da, atomic) for da in (True, False)
                      for atomic in (True, False)]
         jobs.append(_mixed_grad_job(dtype, precision, 16, True, True, seed_in_memory=True))
+        for r_pad in (16, 64, 512):
+            jobs += [_mixed_stack_job(dtype, [dtype], r_pad),
+                     _mixed_stack_job(dtype, ["fp32"] * 4, r_pad, selected=False, zeroed=False)]
+    jobs.append(_mixed_stack_job("bf16", ["fp32"] * 20, 64))
     return jobs
 
 
@@ -472,8 +497,8 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     """Compile (no GPU needed) every config an H100/H200 may run for sm_90, those a 100 KB card keeps for sm_86,
     and every variant of the backward kernel for layers with and without 16-divisible sizes: each compiles;
     asks for no more shared memory than its estimate (the one the tile filter uses for the GEMMs, db_tile's
-    bound for dB) or, for the down kernel, than any GPU has; keeps its pipelined loops free of branches and
-    (sm_90) of reads of refilled slots; has machine code that reads no uniform register before writing it;
+    bound for dB) or, for the down and stacking kernels, than any GPU has; keeps its pipelined loops free of
+    branches and (sm_90) of reads of refilled slots; has machine code that reads no uniform register before writing it;
     pipelines its loads (B's tile also when dy's and W's cannot be); runs 16-bit GEMMs on tensor cores (wgmma
     for sm_90 tiles of 64+ rows, mma.sync on sm_86); the persistent kernels (_hopper.py) load through TMA into
     wgmma that ptxas does not serialize, without spills; writes dx, dA and dB with the stores or reductions the
@@ -518,6 +543,9 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
             continue
         if job["kernel"] == "_cast_pair_kernel":  # no loop, nothing to pipeline: plain loads and stores
             assert report["store"] and not report["reduction"], name
+            continue
+        if job["kernel"] == "_mixed_stack_kernel":  # copies: plain loads and stores, no spills
+            assert report["store"] and not report["reduction"] and report["spill_stores"] == 0, f"{name}: {report}"
             continue
         # Odd sizes leave loads too narrow to copy asynchronously, but those of padded tiles (B's, h's).
         if not job.get("odd") or job["kernel"] == "_lora_backward_kernel":
@@ -600,8 +628,9 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
         tree = ast.parse(source.read())
     loops = [node for node in ast.walk(tree) if isinstance(node, ast.For)
              and ast.unparse(node.iter).split("(")[0] != "tl.static_range"]  # unrolled at compile time
-    assert len(loops) == 11  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
-    # the down kernel's three preparing the backward (stores only), the mixed kernels' four others
+    assert len(loops) == 14  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
+    # the down kernel's three preparing the backward (stores only), the mixed kernels' four others, and the
+    # stacking kernel's three (copies and zeroing only)
     for loop in loops:
         for node in ast.walk(loop):
             if isinstance(node, ast.If):
@@ -790,6 +819,14 @@ def test_mixed_backward_computes_only_what_is_needed(need_dx, need_lora, dtype):
     _check_mixed(len(ids), ids, [5, 16, 2, 40], dtype, "linear", 0.25, need_dx, need_lora)
 
 
+def test_mixed_more_adapters_than_one_stacking_launch_takes():
+    """40 adapters: two stacking launches, the second writing its selected adapters after the first's."""
+    ranks = [1 + a % 7 for a in range(40)]
+    assert len(ranks) > mixed.MAX_STACKED
+    ids = torch.randint(-1, len(ranks), (90,), generator=torch.Generator().manual_seed(2))
+    _check_mixed(90, ids, ranks, torch.float32, "linear", 0.2, need_lora=[a % 3 != 1 for a in range(len(ranks))])
+
+
 def test_mixed_one_adapter_over_every_row_spans_many_tiles():
     """One segment over 4.5 tiles of the GEMM and several dA/dB splits, no rows of other adapters."""
     _check_mixed(150, [1] * 150, [3, 6], torch.float16, "conv1d", 0.1)
@@ -882,3 +919,82 @@ def test_mixed_seed_from_memory_is_bit_identical(monkeypatch, seed):
     expected = reference.forward_mixed(x.double(), weight.double(), bias.double(), [A.double() for A in As],
                                        [B.double() for B in Bs], scales, ps, routing, torch.tensor(seed))
     assert rel_err(by_value[0], expected) <= TOLERANCE[torch.float32]
+
+
+def _adapters(ranks, n_in, n_out, slices, gen):
+    """One trainable adapter per rank (``slices[a]``: its enabled groups of the output, stacked as the op takes)."""
+    As, Bs = [], []
+    for rank, groups in zip(ranks, slices, strict=True):
+        enabled = sum(groups) if groups else 1
+        rows = n_out // len(groups) * enabled if groups else n_out
+        As.append(torch.nn.Parameter(torch.randn(rank * enabled, n_in, generator=gen).to(DEVICE)))
+        Bs.append(torch.nn.Parameter(torch.randn(rows, rank, generator=gen).to(DEVICE)))
+    return As, Bs
+
+
+MUTATIONS = {  # writes that bump no version counter, and an in-place add that does
+    "data.copy_": lambda p, new: p.data.copy_(new),
+    "data =": lambda p, new: setattr(p, "data", new.clone()),
+    "data.add_": lambda p, new: p.data.add_(new - p.data),
+    "no_grad add_": lambda p, new: p.detach().add_(new - p.detach()),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("sliced", [False, True])
+def test_mixed_batch_reads_adapters_changed_in_place(monkeypatch, mutation, sliced):
+    """After an adapter's tensors change in place (through ``.data`` as loaders and weight averaging write, or
+    an optimizer's in-place step), the next mixed forward uses the new values: each row equals the single-adapter
+    op of its adapter, with and without slices. Nothing derived from the adapters is kept between calls."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(7)
+    n_in, n_out, rows = 24, 48, 30
+    slices = [(True, False, True), None, (False, True, False)] if sliced else [None] * 3
+    As, Bs = _adapters([4, 2, 3], n_in, n_out, slices, gen)
+    x = torch.randn(rows, n_in, generator=gen).to(DEVICE)
+    weight, bias = torch.randn(n_out, n_in, generator=gen).to(DEVICE), torch.randn(n_out, generator=gen).to(DEVICE)
+    ids = torch.tensor([a % 4 - 1 for a in range(rows)])
+    scales = [0.5, 1.5, 2.0]
+    with torch.no_grad():
+        fastlora.lora_linear_mixed(x, weight, bias, As, Bs, scales, ids, slices=slices)
+    for param in (As[0], Bs[0], As[2], Bs[1]):
+        MUTATIONS[mutation](param, torch.randn(param.shape, generator=gen).to(DEVICE))
+    with torch.no_grad():
+        y = fastlora.lora_linear_mixed(x, weight, bias, As, Bs, scales, ids, slices=slices)
+        for a in range(3):
+            expected = fastlora.lora_linear(x, weight, bias, As[a], Bs[a], scales[a], slices=slices[a])
+            assert rel_err(y[ids == a], expected[ids == a]) <= TOLERANCE[torch.float32], (mutation, a)
+        assert rel_err(y[ids == -1], torch.nn.functional.linear(x, weight, bias)[ids == -1]) <= 1e-6
+
+
+def _live_tensors() -> tuple[int, int]:
+    """How many tensors Python holds, and their bytes."""
+    gc.collect()
+    found = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    return len(found), sum(t.numel() * t.element_size() for t in found if not t.is_meta)
+
+
+def test_mixed_training_keeps_no_tensors_across_steps(monkeypatch):
+    """50 optimizer-like steps on a mixed batch, each changing the adapters in place (an in-place update and a
+    ``.data`` write): the tensors Python holds after the last step are those after the first, in number and bytes."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(8)
+    n_in, n_out, rows = 16, 32, 12
+    As, Bs = _adapters([2, 4], n_in, n_out, [None, None], gen)
+    x = torch.randn(rows, n_in, generator=gen).to(DEVICE)
+    weight = torch.randn(n_out, n_in, generator=gen).to(DEVICE)
+    routing = AdapterRouting(torch.tensor([a % 3 - 1 for a in range(rows)]), 2)
+
+    def step(i):
+        y = fastlora.lora_linear_mixed(x, weight, None, As, Bs, [1.0, 2.0], routing, dropout_ps=0.1, seed=i)
+        y.mean().backward()
+        with torch.no_grad():
+            for p in (*As, *Bs):
+                p.add_(p.grad, alpha=-1e-3)
+                p.grad = None
+        As[0].data.mul_(0.999)
+    step(0)
+    before = _live_tensors()
+    for i in range(1, 50):
+        step(i)
+    assert _live_tensors() == before

@@ -12,8 +12,8 @@ the padding columns of ``A`` and ``B`` load as zeros.
   (1-p)`` into dx and adds dA from the masked x tile of the same columns.
 - ``_lora_db_kernel``: ``dB = scale * dy.T @ h``, one fp32 tile per program over a split of
   the rows, written once after its loop.
-- ``_mixed_down_kernel``, ``_mixed_gemm_kernel``, ``_mixed_grad_kernel``: the same for batches whose
-  rows each name their own adapter (see the comment above them).
+- ``_mixed_stack_kernel``, ``_mixed_down_kernel``, ``_mixed_gemm_kernel``, ``_mixed_grad_kernel``: the same
+  for batches whose rows each name their own adapter (see the comment above them).
 
 Rules the CPU interpreter cannot check (it runs no software pipeline) but a GPU compile can
 break: a pipelined loop holds only loads and dots under compile-time conditions; no tile it
@@ -394,17 +394,71 @@ def _cast_pair_kernel(src1_ptr, dst1_ptr, n1, src2_ptr, dst2_ptr, n2, BLOCK: tl.
                  mask=offs < n2)
 
 
-# Mixed-adapter batches: each row names its own adapter (or none, -1). The launcher sorts the ids once
-# per call (stable, on the device): ``ids`` holds the sorted ids (int32) and ``order`` the original row of
-# each sorted position, so that every adapter's rows form one contiguous segment. The adapters' A's and B's
-# are stacked and zero-padded to R_PAD: A as ``(n, R_PAD, in)``, B as ``(n, out, R_PAD)``; the per-adapter
-# ``scale / (1 - p)`` (``factor``) and dropout threshold (``thr``) are small device tables. Kernels tile
+# Mixed-adapter batches: each row names its own adapter (or none, -1). The batch's routing holds the rows
+# sorted by adapter: ``ids`` the sorted ids (int32) and ``order`` the original row of each sorted position, so
+# that every adapter's rows form one contiguous segment. ``_mixed_stack_kernel`` stacks the adapters' A's and
+# B's zero-padded to R_PAD, A as ``(n, R_PAD, in)``, B as ``(n, out, R_PAD)``, and writes the per-adapter
+# ``scale / (1 - p)`` (``factor``) and dropout threshold (``thr``) tables. Kernels tile
 # the sorted positions; a tile meets a few segments and loops over them (``_first_segment``: the first
 # adapter and how many distinct adapters the tile holds), each iteration masking the tile's rows to its
 # segment, so that one accumulator serves them all. Rows are read through ``order`` and results written
 # back to the rows' original positions; the dropout hash keys on the original row, as the
 # single-adapter op's.
 _MAX_ID = tl.constexpr(2**31 - 1)
+
+
+# Tuple arguments' elements are specialized (a value of 1 compiles as a constant) whatever do_not_specialize says:
+# the stacking kernel takes in tuples only what is fixed for a set of adapters, and what varies per batch (which
+# adapters are selected) as plain scalars.
+@triton.jit(do_not_specialize=["selected", "sel_first", "n_zero", "first"])
+def _mixed_stack_kernel(
+    a_ptrs, b_ptrs, ranks, a_strides, b_strides, factors, thresholds,
+    a_stack_ptr, b_stack_ptr, factor_ptr, thr_ptr, sel_ptr, selected, sel_first, zero_ptr, n_zero, K, N, first,
+    R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Adapters ``first + s`` for each ``s`` of the tuples (``a_ptrs[s]``: A ``(ranks[s], K)`` with strides
+    ``a_strides[2s:2s+2]``, ``b_ptrs[s]``: B ``(N, ranks[s])``) into the stacks, in the stacks' dtype: A padded
+    with zero rows to ``(R_PAD, K)``, B with zero columns to ``(N, R_PAD)``; each program copies every
+    ``num_programs``-th BLOCK-wide block of A's columns and of B's rows. Program 0 also writes each adapter's
+    ``factors[s]`` and ``thresholds[s]`` into the tables and, with ``sel_ptr``, appends from ``sel_first`` on
+    those whose bit ``s`` of ``selected`` is set (the adapters whose gradients the backward computes); with
+    ``zero_ptr``, the programs zero its ``n_zero`` fp32 values (the gradient buffers accumulated atomically)."""
+    pid = tl.program_id(0)
+    stride = tl.num_programs(0) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, R_PAD)
+    for s in tl.static_range(len(a_ptrs)):
+        adapter = (first + s).to(tl.int64)
+        real = offs_r < ranks[s]
+        a_stack = a_stack_ptr + adapter * R_PAD * K + offs_r[:, None] * K
+        a_rows = a_ptrs[s] + offs_r[:, None] * a_strides[2 * s]
+        for k0 in range(pid * BLOCK, K, stride):
+            cols = k0 + offs
+            a = tl.load(a_rows + cols[None, :] * a_strides[2 * s + 1], mask=real[:, None] & (cols[None, :] < K),
+                        other=0.0)
+            tl.store(a_stack + cols[None, :], a.to(a_stack_ptr.dtype.element_ty), mask=cols[None, :] < K)
+        b_stack = b_stack_ptr + adapter * N * R_PAD + offs_r[None, :]
+        b_cols = b_ptrs[s] + offs_r[None, :] * b_strides[2 * s + 1]
+        for n0 in range(pid * BLOCK, N, stride):
+            rows = n0 + offs
+            b = tl.load(b_cols + rows.to(tl.int64)[:, None] * b_strides[2 * s],
+                        mask=(rows[:, None] < N) & real[None, :], other=0.0)
+            tl.store(b_stack + rows.to(tl.int64)[:, None] * R_PAD, b.to(b_stack_ptr.dtype.element_ty),
+                     mask=rows[:, None] < N)
+    if pid == 0:
+        for s in tl.static_range(len(a_ptrs)):
+            tl.store(factor_ptr + first + s, factors[s])
+            tl.store(thr_ptr + first + s, thresholds[s])
+        if sel_ptr is not None:
+            position = sel_first
+            for s in tl.static_range(len(a_ptrs)):
+                bit = (selected >> s) & 1
+                tl.store(sel_ptr + position, first + s, mask=bit != 0)
+                position += bit
+    if zero_ptr is not None:
+        for z0 in range(pid * 1024, n_zero, tl.num_programs(0) * 1024):
+            offs_z = z0 + tl.arange(0, 1024)
+            tl.store(zero_ptr + offs_z, tl.zeros((1024,), dtype=tl.float32), mask=offs_z < n_zero)
 
 
 @triton.jit
