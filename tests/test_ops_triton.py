@@ -664,6 +664,18 @@ def test_tile_filter_keeps_only_tiles_whose_shared_memory_and_register_estimates
         assert tuning.fitting_tiles(role, "fp32", 256, H100_SMEM) == (tuning.FALLBACK_TILE,)
 
 
+def test_float64_is_never_taken_for_a_16_bit_dtype():
+    """The planner sizes tiles by element size: fp64 has none among the kernels' dtypes, so it is refused, never
+    planned as 16-bit (the backend's DTYPES leave it to the reference)."""
+    assert tuning.family("forward", 10, torch.float32) == "fp32-small-m"
+    assert tuning.family("mixed", 2048, torch.bfloat16) == "16bit"
+    for call in (lambda: tuning.family("backward", 10, torch.float64), lambda: tuning.precision(torch.float64),
+                 lambda: tuning.family("hopper dx", 10, torch.float64)):
+        with pytest.raises(TypeError, match="float64"):
+            call()
+    assert torch.float64 not in triton_backend.DTYPES
+
+
 @pytest.mark.parametrize("role", list(tuning.ROLES))
 def test_autotuning_keys_on_the_variant_not_on_the_row_count(role):
     """A dropout-free call (eval) must not fix the config that a training call then uses; a new M must not re-tune;
@@ -998,3 +1010,28 @@ def test_mixed_training_keeps_no_tensors_across_steps(monkeypatch):
     for i in range(1, 50):
         step(i)
     assert _live_tensors() == before
+
+
+def test_float64_runs_the_reference_never_the_triton_kernels(monkeypatch):
+    """float64 is no dtype of the triton backend: even where triton is the preferred backend, lora_linear and the
+    mixed op on float64 tensors (forward and backward) run the reference, and forcing triton names the dtype."""
+    from fastlora.ops import dispatch
+
+    for name in ("forward", "backward", "forward_mixed", "backward_mixed"):
+        monkeypatch.setattr(triton_backend, name, lambda *args: pytest.fail("float64 reached the triton backend"))
+    monkeypatch.setitem(dispatch.PREFERRED, torch.device(DEVICE).type, "triton")
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})  # choices made before the preference changed
+    gen = torch.Generator().manual_seed(9)
+    x, weight, bias = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE) for shape in
+                       ((6, 8), (5, 8), (5,)))
+    lora_A, lora_B = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+                      for shape in ((2, 8), (5, 2)))
+    y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.1, seed=3)
+    y.sum().backward()
+    expected, _ = reference.forward(x, weight, bias, lora_A.detach(), lora_B.detach(), 2.0, 0.1, torch.tensor(3))
+    assert rel_err(y, expected) <= TOLERANCE[torch.float64] and lora_A.grad is not None
+    mixed = fastlora.lora_linear_mixed(x, weight, bias, [lora_A], [lora_B], [2.0], torch.tensor([0, -1] * 3))
+    mixed.sum().backward()
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0)

@@ -90,19 +90,29 @@ ROLES = {
                       ("N", "K", "NEED_DA", "DROPOUT", "W_T", "RS_PAD", "H_PAD", "ENABLED"), ("da_ptr",),
                       HOPPER_INTERPRET_CONFIG),
 }
+_ELEMENT_SIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+def element_size(dtype: torch.dtype) -> int:
+    """Bytes per element of a dtype the kernels take (float64 is not one: it never reaches them)."""
+    size = _ELEMENT_SIZES.get(dtype)
+    if size is None:
+        raise TypeError(f"the triton kernels take float32, float16 or bfloat16, got {dtype}")
+    return size
 
 
 def family(role: str, rows: int, dtype: torch.dtype) -> str:
     """The tile family for ``rows`` rows of ``dtype``: by element size and row count (persistent: row count)."""
     small = rows < SMALL_M
     if role.startswith("hopper"):
+        element_size(dtype)
         return "small-m" if small else "large"
-    return ("fp32" if dtype == torch.float32 else "16bit") + ("-small-m" if small else "")
+    return ("fp32" if element_size(dtype) == 4 else "16bit") + ("-small-m" if small else "")
 
 
 def precision(dtype: torch.dtype) -> str:
     """The dots' input precision: IEEE for fp32 storage (1e-5 accuracy); 16-bit inputs ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if element_size(dtype) == 4 else "tf32"
 
 
 def rank_pad(rank: int) -> int:
