@@ -6,16 +6,17 @@ of ``KERNELS_PY`` (or of its sibling ``module``, e.g. ``_hopper``) and its const
 its fp32 and int32 (``i32_ptrs``, optional) pointers (``ptr_dtypes``: any other pointer's dtype, e.g.
 ``i64`` for a seed in memory; a pointer given in the constexprs is passed as that constant, e.g.
 None), whether the layer's sizes and strides are multiples of 16 (``odd``: they are not, so no
-integer argument gets the JIT's divisibility hint), pointer dtype, warps, stages and target
-(``arch``, e.g. 90 for H100/H200, 86 for RTX 30xx); the script prints one JSON object per job, in
-order: the shared memory the compiled kernel asks for, ptxas's register and spill counts and whether
+integer argument gets the JIT's divisibility hint), pointer dtype, warps, stages, target
+(``arch``, e.g. 90 for H100/H200, 86 for RTX 30xx) and its tuple arguments' elements (``tuples``: a
+type, with ``:16`` for the divisibility hint, or a constant); the script prints one JSON object per
+job, in order: the shared memory the compiled kernel asks for, ptxas's register and spill counts and whether
 it serialized wgmma (its C7515 warning), facts about its PTX (wgmma or mma.sync tensor-core
 instructions, pipelined copies, TMA copies, global reductions, plain stores) and ``error``, the
 failure (a compile error, a broken pipelining rule, or machine code that reads a uniform register
 no path has written) or None. Run it with an empty TRITON_CACHE_DIR: a cached kernel skips ptxas,
 whose log gives the register counts. It compiles with the triton of the Python that runs it: the
 test's own, or (FASTLORA_COMPILE_PYTHON) another environment's, e.g. the release a GPU machine runs,
-to check that release's compiler (an environment that can import torch: _hopper.py does). Jobs run
+to check that release's compiler (the kernel files import triton alone). Jobs run
 in a process pool: compiling is single-threaded and CPU-bound.
 """
 
@@ -40,7 +41,8 @@ from triton.compiler import ASTSource
 # plus the float scalars. Every other integer is compiled as a multiple of 16, as the JIT would
 # see it for aligned tensors with 16-divisible sizes, unless the job is ``odd``.
 UNSPECIALIZED = {"M", "R", "seed_lo", "seed_hi", "threshold", "scale", "inv_keep", "stride_bn", "stride_ar",
-                 "rows_per_split", "N", "GROUP_ROWS", "m_blocks", "n_da", "n_db", "N_B"}
+                 "rows_per_split", "N", "GROUP_ROWS", "m_blocks", "n_da", "n_db", "N_B", "first", "n_zero",
+                 "selected", "sel_first"}
 FLOATS = {"scale", "inv_keep"}
 REDUCTION = re.compile(r"\b(red|atom)\.global\.")  # not the "shared.global" of cp.async; Triton 3.6 writes atom
 REGISTERS = re.compile(r"Used (\d+) registers")
@@ -67,18 +69,28 @@ def _kernels(path: str, module: str = "_kernels"):
 
 def pipelining_error(ttgir: str, arch: int) -> str | None:
     """No pipelined loop branches; on sm_90 each reads its shared-memory slots (local_load)
-    before it refills them (async copies): the first dB kernel read a refilled slot inside an
-    scf.if. (On sm_80-class targets Triton's prefetch loads the next iteration's operands from
+    before it refills them (async copies), else a branch may read a later tile (docs/triton-notes.md).
+    (On sm_80-class targets Triton's prefetch loads the next iteration's operands from
     another slot after issuing the copies, by design, so the order says nothing there.)"""
     for body in ttgir.split("scf.for ")[1:]:  # a loop's own ops (up to a nested loop's head: the head's own)
         end = body.find("scf.yield")
-        body = body[:end] if end >= 0 else body
+        body = body[:end] if end >= 0 else body[:_closing_brace(body)]  # a loop without results has no yield
         if "scf.if" in body:
             return "a branch inside a pipelined loop"
         read, refill = body.rfind("ttg.local_load"), body.find("ttg.async_copy_global_to_local")
         if arch >= 90 and read >= 0 and refill >= 0 and read > refill:
             return "a shared-memory slot read after its refill"
     return None
+
+
+def _closing_brace(text: str) -> int:
+    """Where the block opened by the first ``{`` of ``text`` closes (the text's end if it does not)."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += (char == "{") - (char == "}")
+        if depth == 0 and char == "}":
+            return i
+    return len(text)
 
 
 def _registers(first: int, count: int) -> int:
@@ -140,8 +152,7 @@ def undefined_uniform_reads(sass: str) -> list[str]:
     """SASS instructions that read a uniform register which some path from the entry has not written.
 
     A forward must-be-written analysis over the basic blocks of the reachable code. Such a read is a
-    compiler bug: ptxas 12.8 (Triton 3.6) built wgmma descriptors of the backward kernel from
-    UR22:UR23 this way, and dx came out wrong."""
+    compiler bug that made dx wrong on a GPU (ptxas 12.8: docs/triton-notes.md)."""
     code = [(int(address, 16), PREDICATE.sub("", text), text) for address, text in SASS_LINE.findall(sass)]
     if not code:
         return []
@@ -222,6 +233,20 @@ def compile_job(path: str, job: dict) -> dict:
         unspecialized = name in UNSPECIALIZED and (name != "N" or job["kernel"] == "_lora_down_kernel")
         if signature[name] != "constexpr" and not unspecialized and not odd:
             attrs[(i,)] = [["tt.divisibility", 16]]
+    for name, elements in job.get("tuples", {}).items():  # tuple arguments, element by element
+        i = fn.arg_names.index(name)
+        types = []
+        for j, element in enumerate(elements):
+            if not isinstance(element, str):  # a constant, e.g. a unit stride the JIT makes a constexpr
+                types.append("constexpr")
+                constexprs[(i, j)] = element
+                continue
+            kind, _, divisor = element.partition(":")
+            types.append(kind)
+            if kind.startswith("*") or divisor:
+                attrs[(i, j)] = [["tt.divisibility", 16]]
+        signature[name] = tuple(types)
+        attrs.pop((i,), None)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log goes to stdout: captured below
     log = io.StringIO()
     try:

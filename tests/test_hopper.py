@@ -1,5 +1,5 @@
-"""The persistent TMA forward GEMM (fastlora/ops/triton/_hopper.py): its results against a float64 reference, and
-the routing that picks it (``FASTLORA_TRITON_GEMM=hopper``) only for 16-bit, TMA-aligned operands on sm_90+.
+"""The persistent TMA GEMMs (fastlora/ops/triton/_hopper.py): their results against a float64 reference, and the
+routing that picks them (``FASTLORA_TRITON_GEMM=hopper``) only for 16-bit, TMA-aligned operands on sm_90+.
 
 On CPU the kernel runs under the Triton interpreter (fp16 only: the interpreter does not emulate bf16 dots); on a
 GPU without TMA (before sm_90) the tests that need the kernel skip.
@@ -20,7 +20,7 @@ import fastlora
 from fastlora.ops import reference
 
 triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
-hopper = triton_backend._hopper
+single = triton_backend.single
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 CAPABLE = not GPU or torch.cuda.get_device_capability()[0] >= 9
@@ -31,7 +31,7 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if GPU else [])
 def launches(monkeypatch) -> list:
     """The hopper route on for the test (restored after), and a list that records each launch of its kernels:
     ``("forward", rows)`` or ``("dx", rows)``."""
-    monkeypatch.setattr(triton_backend, "_GEMM", "hopper")
+    monkeypatch.setattr(single, "GEMM", "hopper")
     calls = []
 
     def recording(kind: str, launch):
@@ -39,8 +39,8 @@ def launches(monkeypatch) -> list:
             calls.append((kind, args[0].shape[0]))
             return launch(*args)
         return recorded
-    monkeypatch.setattr(hopper, "gemm", recording("forward", hopper.gemm))
-    monkeypatch.setattr(hopper, "dx", recording("dx", hopper.dx))
+    monkeypatch.setattr(single, "hopper_gemm", recording("forward", single.hopper_gemm))
+    monkeypatch.setattr(single, "hopper_dx", recording("dx", single.hopper_dx))
     return calls
 
 
@@ -58,7 +58,7 @@ def _layer(rows, n_in, n_out, rank, dtype, lora_dtype=None, conv1d=False, seed=0
 
 
 def _check(x, weight, bias, lora_A, lora_B, slices=None, p=0.1):
-    got = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, p, torch.tensor(11), slices)
+    got, _ = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, p, torch.tensor(11), slices)
     expected, _ = float64_reference(x, weight, bias, lora_A, lora_B, 0.7, p, 11, slices)
     assert got.dtype == x.dtype and got.shape == expected.shape
     assert rel_err(got, expected) <= TOLERANCE[x.dtype]
@@ -91,10 +91,10 @@ def test_forward_with_qv_slices_and_fp32_lora_over_16_bit(launches, dtype):
     lora_B = lora_B[:2 * n_out // 3, :rank].contiguous()
     slices = (True, False, True)
     _check(x, weight, bias, lora_A, lora_B, slices)
-    y = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.1, torch.tensor(11), slices)
+    y, _ = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.1, torch.tensor(11), slices)
     middle = slice(n_out // 3, 2 * n_out // 3)
-    base = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double() * 0, 0.7,
-                             0.0, torch.tensor(0), slices)
+    base, _ = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double() * 0,
+                                0.7, 0.0, torch.tensor(0), slices)
     assert rel_err(y[:, middle], base[:, middle]) <= TOLERANCE[dtype]
     assert launches == [("forward", rows)] * 2
 
@@ -111,7 +111,7 @@ def _check_backward(x, weight, bias, lora_A, lora_B, slices=None, p=0.1, needs=(
     """Forward and backward of the triton backend against the float64 reference: y, and dx, dA, dB as ``needs``
     asks (dA and dB in the parameters' dtype)."""
     seed = torch.tensor(11)
-    y, saved = triton_backend.forward_for_backward(x, weight, bias, lora_A, lora_B, 0.7, p, seed, slices, needs)
+    y, saved = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, p, seed, slices, needs)
     if grad is None:
         grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
     got = triton_backend.backward(grad, x, weight, lora_A, lora_B, 0.7, p, seed, needs, slices, saved)
@@ -190,10 +190,10 @@ def test_operands_tma_cannot_read_fall_back_to_the_tiled_kernel(launches, case):
 
 def test_tiled_is_the_default_route(monkeypatch):
     """Unless asked for, neither forward nor backward launches a persistent kernel, even where one applies."""
-    monkeypatch.setattr(triton_backend, "_GEMM", triton_backend._GEMM)
+    monkeypatch.setattr(single, "GEMM", single.GEMM)
     triton_backend.set_gemm("tiled")
-    for name in ("gemm", "dx"):
-        monkeypatch.setattr(hopper, name, lambda *args: pytest.fail("a hopper kernel ran"))
+    for name in ("hopper_gemm", "hopper_dx"):
+        monkeypatch.setattr(single, name, lambda *args: pytest.fail("a hopper kernel ran"))
     _check_backward(*_layer(70, 48, 40, 4, torch.float16), needs=(True, True, True))
 
 
@@ -207,8 +207,8 @@ def test_environment_variable_chooses_the_route_at_import(value, expected):
     env = {k: v for k, v in os.environ.items() if k != "FASTLORA_TRITON_GEMM"}
     if value is not None:
         env["FASTLORA_TRITON_GEMM"] = value
-    result = subprocess.run([sys.executable, "-c", "import fastlora.ops.triton as t; print(t._GEMM)"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    code = "from fastlora.ops.triton import single; print(single.GEMM)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == [expected]
 

@@ -22,7 +22,8 @@ NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_li
              aten.new_empty_strided.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
              aten._reshape_alias.default, aten.as_strided.default, aten.t.default, aten.transpose.int,
              aten.permute.default, aten.expand.default, aten.detach.default, aten.alias.default, aten.slice.Tensor,
-             aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.lift_fresh.default}
+             aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.lift_fresh.default,
+             aten.view.dtype}
 FORWARD_BUDGET, BACKWARD_BUDGET = 2, 4
 
 
@@ -107,10 +108,8 @@ def test_forward_and_backward_stay_within_the_kernel_budget(monkeypatch, rank, s
                                                             three_d, conv1d, autocast, gemm):
     """Every case, with the tiled GEMMs and with the persistent TMA ones (``FASTLORA_TRITON_GEMM=hopper``: 16-bit
     operands only, the interpreter standing in for sm_90)."""
-    from fastlora.ops import triton as triton_backend
-
     monkeypatch.setenv("FASTLORA_BACKEND", "triton")
-    monkeypatch.setattr(triton_backend, "_GEMM", gemm)
+    monkeypatch.setattr(triton_backend.single, "GEMM", gemm)
     hopper = gemm == "hopper" and (autocast or dtype in (torch.float16, torch.bfloat16))
     x, weight, bias, lora_A, lora_B = _case(rank, slices, dtype, lora_dtype, p, three_d, conv1d, autocast)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -139,3 +138,56 @@ def test_the_counter_sees_what_runs_a_kernel():
     with counted() as backward:
         y.sum().backward()
     assert len(backward[1]) > BACKWARD_BUDGET
+
+
+def _mixed_case(adapters, dtype, lora_dtype, slices):
+    """A (2, 9, 40) batch over ``adapters`` adapters of ranks 4, 8, 16, 5, ... (each named by some row, a few rows
+    named by none), with its routing built once, outside the counted calls (as ``fastlora.use_adapters`` builds it
+    once per batch for every layer)."""
+    gen = torch.Generator().manual_seed(adapters)
+    n_in, n_out = 40, 96
+    x = torch.randn(2, 9, n_in, generator=gen).to(dtype).requires_grad_()
+    weight, bias = torch.randn(n_out, n_in, generator=gen).to(dtype), torch.randn(n_out, generator=gen).to(dtype)
+    ranks = [(4, 8, 16, 5)[a % 4] for a in range(adapters)]
+    enabled = sum(slices) if slices else 1
+    rows = n_out // len(slices) * enabled if slices else n_out
+    As = [torch.randn(r * enabled, n_in, generator=gen).to(lora_dtype).requires_grad_() for r in ranks]
+    Bs = [torch.randn(rows, r, generator=gen).to(lora_dtype).requires_grad_() for r in ranks]
+    ids = torch.tensor([a % (adapters + 1) - 1 for a in range(18)]).view(2, 9)
+    routing = fastlora.ops.routing.AdapterRouting(ids, adapters)
+    routing.rows(x.shape[:-1], x.device)
+    return x, weight, bias, As, Bs, routing
+
+
+# A mixed batch, per call: forward = the adapters stacked (with their factor and threshold tables), h, the GEMM.
+# Backward = the stacks again (gradient buffers zeroed and the selected adapters written in the same launch), g,
+# the dx GEMM, h again, dA and dB; then autograd's copy of each dB whose rank is not its padded rank (the kernels
+# write dB rank-padded, and a gradient's strides must match its parameter's), and, for 16-bit LoRA parameters,
+# one cast of each dA and dB.
+MIXED_FORWARD_BUDGET, MIXED_BACKWARD_BUDGET = 3, 6
+
+
+@pytest.mark.parametrize("adapters", [1, 2, 4])
+@pytest.mark.parametrize("dtype, lora_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float16, torch.float16)])
+def test_mixed_batch_launch_counts(monkeypatch, adapters, dtype, lora_dtype):
+    """The device kernels of one mixed forward and backward, for 1, 2 and 4 adapters: the forward's three, however
+    many adapters; the backward's six, plus the per-adapter gradient copies and casts counted above."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    x, weight, bias, As, Bs, routing = _mixed_case(adapters, dtype, lora_dtype, None)
+    scales = [2.0] * adapters
+    with counted() as forward:
+        y = fastlora.lora_linear_mixed(x, weight, bias, As, Bs, scales, routing, dropout_ps=0.1)
+    grad = torch.ones_like(y)
+    with counted() as backward:
+        y.backward(grad)
+    (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = forward, backward
+    assert fwd_launches == ["_mixed_stack_kernel", "_mixed_down_kernel", "_mixed_gemm_kernel"] and not fwd_ops
+    assert bwd_launches == ["_mixed_stack_kernel", "_mixed_down_kernel", "_mixed_gemm_kernel", "_mixed_down_kernel",
+                            "_mixed_grad_kernel", "_mixed_grad_kernel"]
+    padded = sum(B.shape[1] != triton_backend.tuning.rank_pad(max(b.shape[1] for b in Bs)) for B in Bs)
+    casts = 2 * adapters if lora_dtype != torch.float32 else 0
+    assert len(bwd_ops) == (casts or padded), bwd_ops
+    assert len(fwd_launches) + len(fwd_ops) == MIXED_FORWARD_BUDGET
+    assert len(bwd_launches) == MIXED_BACKWARD_BUDGET
+    assert all(A.grad.dtype == lora_dtype and B.grad.dtype == lora_dtype for A, B in zip(As, Bs, strict=True))

@@ -2,6 +2,7 @@
 
 import ast
 import csv
+import gc
 import json
 import os
 import signal
@@ -12,10 +13,13 @@ import pytest
 import torch
 from conftest import TOLERANCE, rel_err
 
+import fastlora
 from fastlora.ops import reference
 from fastlora.ops.reference import dropout_keep_mask
+from fastlora.ops.routing import AdapterRouting
 
 triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
+mixed, single, tuning = triton_backend.mixed, triton_backend.single, triton_backend.tuning
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEEDS = [0, 12345, (7 << 32) + 99, 2**62 - 1, -3]
 
@@ -26,9 +30,9 @@ def test_forward_kernel_mask_is_bit_identical_to_reference(seed, p):
     """With A = I and x = 1 the forward's low-rank input is exactly the keep-mask over 1-p."""
     rows, cols = 70, 80  # neither a multiple of any block size
     x = torch.ones(rows, cols, device=DEVICE)
-    drop = triton_backend._dropout_args(p, torch.tensor(seed))
-    layout = triton_backend._layout(rows, 3, cols, None, 0)
-    h = triton_backend._down(x, torch.eye(cols, device=DEVICE), torch.zeros(3, cols, device=DEVICE), layout, drop)
+    drop = single.dropout_args(p, torch.tensor(seed))
+    layout = single.layout(rows, 3, cols, None, 0)
+    h = single.down(x, torch.eye(cols, device=DEVICE), torch.zeros(3, cols, device=DEVICE), layout, drop)
     keep = dropout_keep_mask(torch.tensor(seed), rows, cols, p, torch.device(DEVICE))
     assert torch.equal(h[:, :cols] != 0, keep)
     assert torch.all(h[:, :cols][keep] == torch.tensor(1 / (1 - p), dtype=torch.float32))
@@ -65,11 +69,11 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 
 @pytest.mark.parametrize("needs", NEEDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p, rows", [(0.2, 45), (0.0, 45), (0.2, triton_backend.SMALL_M + 45)])
+@pytest.mark.parametrize("p, rows", [(0.2, 45), (0.0, 45), (0.2, tuning.SMALL_M + 45)])
 def test_backward_computes_only_what_is_needed(needs, dtype, p, rows):
     """Each of dx, dA, dB alone or all three, for a layer whose sizes are no multiples of 16, with a strided x
-    and a Conv1D weight; on a GPU 45 rows take the small-M tile, 1069 the autotuned ones. (On an H200 with
-    Triton 3.6, ptxas miscompiled the dx-only kernel for such a layer: dx error 1.58.)"""
+    and a Conv1D weight; on a GPU 45 rows take the small-M tile, 1069 the autotuned ones (a ptxas once
+    miscompiled such a layer's dx-only kernel: docs/triton-notes.md)."""
     x, weight, _, lora_A, lora_B = _operands(rows, 40, 56, 5, dtype)
     assert not x.is_contiguous() and not weight.is_contiguous()
     grad_out = torch.randn(rows, 56, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
@@ -93,20 +97,20 @@ def test_forward_prepares_the_backward_b_and_zeroes_its_gradient_buffers(rank, s
     enabled = sum(slices) if slices else 1
     lora_A = torch.randn(rank * enabled, n_in, device=DEVICE)
     lora_B = torch.randn(rank, n_out // len(slices) * enabled if slices else n_out, device=DEVICE).t()  # strided
-    layout = triton_backend._layout(rows, n_out, lora_A.shape[0], slices, 0)
+    layout = single.layout(rows, n_out, lora_A.shape[0], slices, 0)
     bpad = torch.full((n_out, layout.h_pad), 7.0, device=DEVICE)
     dA, dB = torch.full_like(lora_A, 7.0), torch.full_like(lora_B, 7.0)
-    triton_backend._down(torch.randn(rows, n_in, device=DEVICE), lora_A, lora_B, layout,
-                         triton_backend._NO_DROPOUT, bpad, dA, dB)
+    single.down(torch.randn(rows, n_in, device=DEVICE), lora_A, lora_B, layout,
+                         single.NO_DROPOUT, bpad, dA, dB)
     dense = reference.expand_slices(lora_B, slices, n_out) if slices else lora_B
     expected = torch.zeros(n_out, layout.h_pad, device=DEVICE)
     for e in range(enabled):  # slice e's rank columns start at e * rs_pad
         expected[:, e * layout.rs_pad:e * layout.rs_pad + rank] = dense[:, e * rank:(e + 1) * rank]
     assert torch.equal(bpad, expected)
     assert not dA.any() and not dB.any()
-    assert triton_backend._needs_bpad(lora_B, lora_B, layout)
+    assert single.needs_bpad(lora_B, lora_B, layout)
     contiguous = torch.randn(n_out, 16, device=DEVICE)
-    assert triton_backend._needs_bpad(contiguous, contiguous, layout) == (rank > 16 or slices is not None or
+    assert single.needs_bpad(contiguous, contiguous, layout) == (rank > 16 or slices is not None or
                                                                           layout.h_pad != 16)
 
 
@@ -114,7 +118,7 @@ def test_forward_prepares_the_backward_b_and_zeroes_its_gradient_buffers(rank, s
 def test_layer_without_inputs_or_outputs(n_in, n_out):
     x, weight, bias, lora_A, lora_B = (torch.randn(*shape, device=DEVICE)
                                        for shape in ((5, n_in), (n_out, n_in), (n_out,), (2, n_in), (n_out, 2)))
-    out = triton_backend.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.0, torch.tensor(0))
+    out, _ = triton_backend.forward(x, weight, bias, lora_A, lora_B, 1.0, 0.0, torch.tensor(0))
     assert torch.equal(out, bias.expand(5, n_out))
     grads = triton_backend.backward(torch.ones(5, n_out, device=DEVICE), x, weight, lora_A, lora_B, 1.0, 0.0,
                                     torch.tensor(0), (True, True, True))
@@ -140,7 +144,7 @@ def test_db_alone_with_strided_grad_over_row_splits(rows, dtype):
 @pytest.mark.parametrize("side", [16, 64])
 def test_db_row_splits_cover_all_rows_in_whole_blocks(rows, column_blocks, side):
     for programs in (4, 264):
-        rows_per_split, splits = triton_backend._db_splits(rows, column_blocks, side, programs)
+        rows_per_split, splits = tuning.db_splits(rows, column_blocks, side, programs)
         assert rows_per_split % side == 0
         assert (splits - 1) * rows_per_split < rows <= splits * rows_per_split
         assert splits <= max(1, programs // column_blocks)
@@ -148,7 +152,7 @@ def test_db_row_splits_cover_all_rows_in_whole_blocks(rows, column_blocks, side)
 
 def test_db_tiles_fit_shared_memory_up_to_rank_512():
     for r_pad in (16, 32, 64, 128, 256, 512):
-        side, _ = triton_backend._db_tile(r_pad)
+        side, _ = tuning.db_tile(r_pad)
         assert 16 <= side <= 64 and _db_smem_bytes(r_pad) <= 72 * 1024
 
 
@@ -157,9 +161,9 @@ def test_forward_with_strided_operands_and_large_rank(rows):
     """Non-contiguous x and weight, M off every block size, rank above the 16-wide padding."""
     x, weight, bias, lora_A, lora_B = _operands(rows, 48, 40, 20, torch.float32)
     seed = torch.tensor(5)
-    got = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.1, seed)
-    expected = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double(),
-                                 0.7, 0.1, seed)
+    got, _ = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.1, seed)
+    expected, _ = reference.forward(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double(),
+                                    0.7, 0.1, seed)
     assert rel_err(got, expected) <= TOLERANCE[torch.float32]
 
 
@@ -186,14 +190,18 @@ BACKWARD_FLAGS = [{"NEED_DX": dx, "NEED_DA": da, "DROPOUT": dropout}
                   for dx, da in ((True, False), (False, True), (True, True)) for dropout in (True, False)]
 
 
+def _role(backward: bool) -> str:
+    return "backward" if backward else "forward"
+
+
 def _dtype_precision(family: str) -> tuple[str, str]:
     """The pointer dtype and dot precision a tile family compiles with."""
     return ("fp32", "ieee") if family.startswith("fp32") else ("bf16", "tf32")
 
 
 def _db_smem_bytes(r_pad: int) -> int:
-    """The dB kernel's shared memory bound (``_db_tile``'s docstring): stages of (dy, h) fp32-sized tiles."""
-    side, stages = triton_backend._db_tile(r_pad)
+    """The dB kernel's shared memory bound (``db_tile``'s docstring): stages of (dy, h) fp32-sized tiles."""
+    side, stages = tuning.db_tile(r_pad)
     return stages * (side * side + side * r_pad) * 4
 
 
@@ -203,15 +211,15 @@ def _gemm_jobs() -> list[dict]:
     without dropout and with partial gradients."""
     jobs = []
     for backward in (False, True):
-        for family in triton_backend.TILES:
+        for family in tuning.TILES:
             dtype, precision = _dtype_precision(family)
-            kept = {r_pad: triton_backend._fitting_tiles(backward, family, r_pad, H100_SMEM)
+            kept = {r_pad: tuning.fitting_tiles(_role(backward), family, r_pad, H100_SMEM)
                     for r_pad in (16, 64, 256, 512)}
-            for tile in triton_backend.TILES[family]:
+            for tile in tuning.TILES[family]:
                 largest = max(r_pad for r_pad, tiles in kept.items() if tile in tiles)
                 jobs += [_gemm_job(backward, tile, r_pad, dtype, precision) for r_pad in {16, largest}]
-            jobs.append(_gemm_job(backward, triton_backend.FALLBACK_TILE, 256, dtype, precision))
-        tile = triton_backend.TILES["16bit"][0]
+            jobs.append(_gemm_job(backward, tuning.FALLBACK_TILE, 256, dtype, precision))
+        tile = tuning.TILES["16bit"][0]
         jobs.append(_gemm_job(backward, tile, 16, "fp16", "tf32", layout="linear"))
         variants = ([{"NEED_DX": dx, "NEED_DA": da} for dx, da in ((True, False), (False, True))]
                     + [{"DROPOUT": False}]) if backward else [{"HAS_BIAS": False}]
@@ -226,7 +234,7 @@ def _gemm_jobs() -> list[dict]:
         for family in ("16bit", "16bit-small-m", "fp32"):  # what a 100 KB card (RTX 30xx/40xx, sm_86) keeps
             dtype, precision = _dtype_precision(family)
             jobs += [_gemm_job(backward, tile, 16, dtype, precision, arch=86, smem=SMALL_CARD_SMEM)
-                     for tile in triton_backend._fitting_tiles(backward, family, 16, SMALL_CARD_SMEM)]
+                     for tile in tuning.fitting_tiles(_role(backward), family, 16, SMALL_CARD_SMEM)]
     return list({json.dumps(job, sort_keys=True): job for job in jobs}.values())  # once each
 
 
@@ -234,14 +242,14 @@ def _variant_jobs() -> list[dict]:
     """The backward kernel in every variant the launcher launches, at the 16-bit small-M tile, for a layer whose
     sizes and strides are multiples of 16 and for one whose are not (``odd``: no divisibility hints, so dy's
     and W's tiles reach shared memory through registers: the layer of test_backward_computes_only_what_is_needed,
-    whose dx-only variant ptxas 12.8 miscompiled); odd layers also at the widest 16-bit and the small fp32
+    whose dx-only variant a ptxas miscompiled); odd layers also at the widest 16-bit and the small fp32
     tile, in bf16, and through the forward, down and dB kernels."""
-    small, widest = triton_backend.TILES["16bit-small-m"][0], triton_backend.TILES["16bit"][0]
+    small, widest = tuning.TILES["16bit-small-m"][0], tuning.TILES["16bit"][0]
     jobs = [_gemm_job(True, small, 16, "fp16", "tf32", layout=layout, odd=layout == "strided", **flags)
             for flags in BACKWARD_FLAGS for layout in ("conv1d", "strided")]
     jobs += [_gemm_job(True, tile, 16, dtype, precision, layout="strided", odd=True, **flags)
              for tile, dtype, precision in ((widest, "fp16", "tf32"), (small, "bf16", "tf32"),
-                                            (triton_backend.TILES["fp32-small-m"][0], "fp32", "ieee"))
+                                            (tuning.TILES["fp32-small-m"][0], "fp32", "ieee"))
              for flags in BACKWARD_FLAGS if flags["NEED_DX"] and flags["DROPOUT"]]
     jobs.append(_gemm_job(False, small, 16, "fp16", "tf32", layout="strided", odd=True))
     return jobs + [{**job, "odd": True} for job in _thin_jobs()
@@ -268,7 +276,7 @@ def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90,
             "unit_strides": (BACKWARD_UNITS if backward else FORWARD_UNITS)[layout], "dtype": dtype,
             "fp32_ptrs": fp32_ptrs + list(ptr32), "ptr_dtypes": {"seed_ptr": "i64"}, "odd": odd,
             "num_warps": warps, "num_stages": stages, "arch": arch,
-            "smem_limit": min(smem, triton_backend._smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2, backward))}
+            "smem_limit": min(smem, tuning.smem_bytes(_role(backward), tile, r_pad, 4 if dtype == "fp32" else 2))}
 
 
 def _thin_jobs() -> list[dict]:
@@ -278,17 +286,17 @@ def _thin_jobs() -> list[dict]:
     jobs = []
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for r_pad in (16, 128, 256, 512):
-            for block_m, block_k in {triton_backend._down_tile(rows, r_pad) for rows in (1, 4096)}:
+            for block_m, block_k in {tuning.down_tile(rows, r_pad) for rows in (1, 4096)}:
                 jobs.append({"kernel": "_lora_down_kernel", "dtype": dtype, "fp32_ptrs": ["h_ptr", "da_ptr", "db_ptr"],
                              "constexprs": {"DROPOUT": True, "SEED_FROM_PTR": False, "RS_PAD": r_pad,
                                             "H_PAD": r_pad, "GROUPS": 1, "SLICE_MASK": 1, "ENABLED": 1,
                                             "PRECISION": precision, "BLOCK_M": block_m, "BLOCK_K": block_k,
-                                            "AUX_PROGRAMS": triton_backend.AUX_PROGRAMS, "bpad_ptr": None,
+                                            "AUX_PROGRAMS": single.AUX_PROGRAMS, "bpad_ptr": None,
                                             "seed_ptr": None},
                              "unit_strides": ["stride_xk", "stride_ak"], "num_warps": 4, "num_stages": 2,
                              "arch": 90, "smem_limit": SMALL_CARD_SMEM})
         for r_pad in (16, 64, 512):
-            side, stages = triton_backend._db_tile(r_pad)
+            side, stages = tuning.db_tile(r_pad)
             for atomic in (True, False):
                 jobs.append({"kernel": "_lora_db_kernel", "dtype": dtype,
                              "fp32_ptrs": ["h_ptr"] + (["db_ptr"] if atomic else []),
@@ -296,19 +304,19 @@ def _thin_jobs() -> list[dict]:
                                             "SLICE_MASK": 1, "PRECISION": precision, "BLOCK_N": side, "BLOCK_M": side},
                              "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages,
                              "arch": 90, "smem_limit": _db_smem_bytes(r_pad)})
-    block_m, block_k = triton_backend._down_tile(4096, 32)
+    block_m, block_k = tuning.down_tile(4096, 32)
     jobs.append({"kernel": "_lora_down_kernel", "dtype": "bf16", "fp32_ptrs": ["h_ptr", "da_ptr", "db_ptr", "a_ptr",
                                                                             "b_ptr"],
                  "ptr_dtypes": {"seed_ptr": "i64"},
                  "constexprs": {"DROPOUT": True, "SEED_FROM_PTR": True, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3,
                                 "SLICE_MASK": 5, "ENABLED": 2, "PRECISION": "tf32", "BLOCK_M": block_m,
-                                "BLOCK_K": block_k, "AUX_PROGRAMS": triton_backend.AUX_PROGRAMS},
+                                "BLOCK_K": block_k, "AUX_PROGRAMS": single.AUX_PROGRAMS},
                  "unit_strides": ["stride_xk", "stride_ak", "stride_br"], "num_warps": 4, "num_stages": 2,
                  "arch": 90, "smem_limit": SMALL_CARD_SMEM})
     # an inference forward: no buffers to prepare, every pointer for them None (their loops must still compile)
     jobs.append({**jobs[-1], "constexprs": {**jobs[-1]["constexprs"], "SEED_FROM_PTR": False, "seed_ptr": None,
                                             "bpad_ptr": None, "da_ptr": None, "db_ptr": None}})
-    side, stages = triton_backend._db_tile(16)
+    side, stages = tuning.db_tile(16)
     jobs.append({"kernel": "_lora_db_kernel", "dtype": "bf16", "fp32_ptrs": ["h_ptr", "db_ptr"],
                  "constexprs": {"ATOMIC": True, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3, "SLICE_MASK": 5,
                                 "PRECISION": "tf32", "BLOCK_N": side, "BLOCK_M": side},
@@ -329,55 +337,102 @@ MIXED_GEMM_UNITS = {("forward", "linear"): ["stride_xk", "stride_wk", "stride_ur
                     ("dx", "conv1d"): ["stride_xk", "stride_wk", "stride_un", "stride_on"]}
 
 
-def _mixed_gemm_job(direction, tile, r_pad, dtype, precision, layout="linear", odd=False, dropout=None) -> dict:
+def _seed_place(dropout: bool, from_memory: bool) -> tuple[dict, dict]:
+    """The constexprs and pointer dtypes of a dropout kernel's seed: read from memory (an int64) or passed as
+    scalars (its pointer None), as the launchers pass it."""
+    if dropout and from_memory:
+        return {"SEED_FROM_PTR": True}, {"seed_ptr": "i64"}
+    return {"SEED_FROM_PTR": False, "seed_ptr": None}, {}
+
+
+def _mixed_gemm_job(direction, tile, r_pad, dtype, precision, layout="linear", odd=False, dropout=None,
+                    seed_in_memory=False) -> dict:
     rows, cols, step, stages, warps = tile
     forward = direction == "forward"
+    dropout = not forward if dropout is None else dropout
+    seed, ptr_dtypes = _seed_place(dropout, seed_in_memory)
     return {"kernel": "_mixed_gemm_kernel", "dtype": dtype, "fp32_ptrs": ["l_ptr"], "i32_ptrs": MIXED_I32,
-            "constexprs": {"HAS_BIAS": forward, "DROPOUT": not forward if dropout is None else dropout,
-                           "R_PAD": r_pad, "PRECISION": precision, "BLOCK_M": rows, "BLOCK_N": cols,
-                           "BLOCK_K": step, "GROUP_M": 8},
+            "ptr_dtypes": ptr_dtypes,
+            "constexprs": {"HAS_BIAS": forward, "DROPOUT": dropout, **seed, "R_PAD": r_pad, "PRECISION": precision,
+                           "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step, "GROUP_M": 8},
             "unit_strides": [] if odd else MIXED_GEMM_UNITS[direction, layout], "odd": odd,
             "num_warps": warps, "num_stages": stages, "arch": 90,
-            "smem_limit": triton_backend._mixed_smem_bytes(tile, r_pad, 4 if dtype == "fp32" else 2)}
+            "smem_limit": tuning.smem_bytes("mixed", tile, r_pad, 4 if dtype == "fp32" else 2)}
+
+
+def _mixed_down_job(dtype, precision, r_pad, dropout, seed_in_memory=False) -> dict:
+    """The mixed down kernel for h (A's stack, dropout) or g (B's stack, contiguous along the rank)."""
+    block_m, block_k = tuning.down_tile(4096, r_pad)
+    seed, ptr_dtypes = _seed_place(dropout, seed_in_memory)
+    return {"kernel": "_mixed_down_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "h_ptr"],
+            "i32_ptrs": MIXED_I32, "ptr_dtypes": ptr_dtypes,
+            "unit_strides": ["stride_xk", "stride_ak" if dropout else "stride_ar"],
+            "constexprs": {"DROPOUT": dropout, **seed, "R_PAD": r_pad, "PRECISION": precision, "BLOCK_M": block_m,
+                           "BLOCK_K": block_k},
+            "num_warps": 4, "num_stages": 2, "arch": 90, "smem_limit": SMALL_CARD_SMEM}
+
+
+def _mixed_grad_job(dtype, precision, r_pad, da, atomic, seed_in_memory=False) -> dict:
+    """The mixed dA (dropout) or dB reduction, stored or atomic."""
+    side, stages = tuning.db_tile(r_pad)
+    seed, ptr_dtypes = _seed_place(da, seed_in_memory)
+    return {"kernel": "_mixed_grad_kernel", "dtype": dtype, "fp32_ptrs": ["out_ptr", "l_ptr" if da else "r_ptr"],
+            "i32_ptrs": MIXED_I32, "ptr_dtypes": ptr_dtypes, "unit_strides": ["stride_lp", "stride_rq"],
+            "constexprs": {"DA": da, "DROPOUT": da, **seed, "ATOMIC": atomic, "PRECISION": precision,
+                           "BLOCK_P": r_pad if da else side, "BLOCK_Q": side if da else r_pad,
+                           "BLOCK_M": 16 if da and dtype == "fp32" else side},
+            "num_warps": 4, "num_stages": stages, "arch": 90, "smem_limit": _db_smem_bytes(r_pad)}
+
+
+def _mixed_stack_job(dtype, a_dtypes, r_pad, selected=True, zeroed=True) -> dict:
+    """The stacking kernel over adapters of these dtypes (contiguous, ranks and strides as the JIT sees them: A's
+    row stride a multiple of 16, unit column strides), writing the selected adapters and zeroing buffers or not."""
+    n = len(a_dtypes)
+    constexprs = {"R_PAD": r_pad, "BLOCK": max(16, min(128, 4096 // r_pad))}
+    if not selected:
+        constexprs["sel_ptr"] = None
+    if not zeroed:
+        constexprs["zero_ptr"] = None
+    return {"kernel": "_mixed_stack_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "zero_ptr"],
+            "i32_ptrs": ["thr_ptr", "sel_ptr"], "unit_strides": [], "constexprs": constexprs,
+            "tuples": {"a_ptrs": ["*" + d for d in a_dtypes], "b_ptrs": ["*" + d for d in a_dtypes],
+                       "ranks": ["i32"] * n, "a_strides": ["i32:16", 1] * n, "b_strides": ["i32", 1] * n,
+                       "factors": ["fp32"] * n, "thresholds": ["i32"] * n},
+            "num_warps": 4, "num_stages": 1, "arch": 90, "smem_limit": SMALL_CARD_SMEM}
 
 
 def _mixed_jobs() -> list[dict]:
     """The mixed-adapter kernels: the GEMM forward (bias) and dx (with and without dropout) at every 16-bit
     tile and the fp32 ones at padded rank 16, at 64 where kept, for both weight layouts and an odd layer;
     the down kernel for h (A's stack, dropout) and g (B's stack, contiguous along the rank); the dA and dB
-    reductions, stored and atomic."""
+    reductions, stored and atomic; every dropout variant also with the seed read from memory (a CUDA graph's);
+    the stacking kernel for one, four and twenty adapters (16-bit and fp32 LoRA parameters), with and without
+    the backward's extra work."""
     jobs = []
     for family in ("16bit", "16bit-small-m", "fp32"):
         dtype, precision = _dtype_precision(family)
-        for tile in triton_backend.TILES[family]:
+        for tile in tuning.TILES[family]:
             jobs += [_mixed_gemm_job(direction, tile, 16, dtype, precision) for direction in ("forward", "dx")]
-        for tile in triton_backend._mixed_fitting_tiles(family, 64, H100_SMEM)[:1]:
+        for tile in tuning.fitting_tiles("mixed", family, 64, H100_SMEM)[:1]:
             jobs += [_mixed_gemm_job(direction, tile, 64, dtype, precision) for direction in ("forward", "dx")]
-    small = triton_backend.TILES["16bit-small-m"][0]
+    small = tuning.TILES["16bit-small-m"][0]
     jobs += [_mixed_gemm_job(direction, small, 16, "fp16", "tf32", layout="conv1d") for direction in ("forward", "dx")]
     jobs += [_mixed_gemm_job("dx", small, 16, "bf16", "tf32", dropout=False),
-             _mixed_gemm_job("dx", small, 16, "fp16", "tf32", odd=True)]
+             _mixed_gemm_job("dx", small, 16, "fp16", "tf32", odd=True),
+             _mixed_gemm_job("dx", small, 16, "bf16", "tf32", seed_in_memory=True),
+             _mixed_gemm_job("dx", tuning.TILES["16bit"][0], 16, "bf16", "tf32", seed_in_memory=True)]
     for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
         for r_pad in (16, 64, 256):
-            block_m, block_k = triton_backend._down_tile(4096, r_pad)
-            for dropout, units in ((True, ["stride_xk", "stride_ak"]), (False, ["stride_xk", "stride_ar"])):
-                jobs.append({"kernel": "_mixed_down_kernel", "dtype": dtype, "fp32_ptrs": ["factor_ptr", "h_ptr"],
-                             "i32_ptrs": MIXED_I32, "unit_strides": units,
-                             "constexprs": {"DROPOUT": dropout, "R_PAD": r_pad, "PRECISION": precision,
-                                            "BLOCK_M": block_m, "BLOCK_K": block_k},
-                             "num_warps": 4, "num_stages": 2, "arch": 90, "smem_limit": SMALL_CARD_SMEM})
+            jobs += [_mixed_down_job(dtype, precision, r_pad, dropout) for dropout in (True, False)]
+        jobs.append(_mixed_down_job(dtype, precision, 16, True, seed_in_memory=True))
         for r_pad in (16, 64):
-            side, stages = triton_backend._db_tile(r_pad)
-            for da in (True, False):
-                for atomic in (True, False):
-                    jobs.append({"kernel": "_mixed_grad_kernel", "dtype": dtype,
-                                 "fp32_ptrs": ["out_ptr", "l_ptr" if da else "r_ptr"], "i32_ptrs": MIXED_I32,
-                                 "unit_strides": ["stride_lp", "stride_rq"],
-                                 "constexprs": {"DA": da, "DROPOUT": da, "ATOMIC": atomic, "PRECISION": precision,
-                                                "BLOCK_P": r_pad if da else side, "BLOCK_Q": side if da else r_pad,
-                                                "BLOCK_M": 16 if da and dtype == "fp32" else side},
-                                 "num_warps": 4, "num_stages": stages, "arch": 90,
-                                 "smem_limit": _db_smem_bytes(r_pad)})
+            jobs += [_mixed_grad_job(dtype, precision, r_pad, da, atomic) for da in (True, False)
+                     for atomic in (True, False)]
+        jobs.append(_mixed_grad_job(dtype, precision, 16, True, True, seed_in_memory=True))
+        for r_pad in (16, 64, 512):
+            jobs += [_mixed_stack_job(dtype, [dtype], r_pad),
+                     _mixed_stack_job(dtype, ["fp32"] * 4, r_pad, selected=False, zeroed=False)]
+    jobs.append(_mixed_stack_job("bf16", ["fp32"] * 20, 64))
     return jobs
 
 
@@ -389,7 +444,7 @@ def _hopper_job(tile, h_pad=16, dtype="bf16", odd=False, b_dtype=None, **flags) 
     return {"kernel": "_hopper_forward_kernel", "module": "_hopper", "dtype": dtype, "constexprs": constexprs,
             "fp32_ptrs": ["h_ptr"] + (["b_ptr"] if b_dtype == "fp32" else []), "unit_strides": ["stride_br"],
             "odd": odd, "num_warps": warps, "num_stages": stages, "arch": 90,
-            "smem_limit": min(H100_SMEM, triton_backend._hopper._smem_bytes(tile, h_pad))}
+            "smem_limit": min(H100_SMEM, tuning.smem_bytes("hopper forward", tile, h_pad, 2))}
 
 
 def _hopper_dx_job(tile, h_pad=16, dtype="bf16", a_dtype=None, **flags) -> dict:
@@ -403,7 +458,7 @@ def _hopper_dx_job(tile, h_pad=16, dtype="bf16", a_dtype=None, **flags) -> dict:
     return {"kernel": "_hopper_dx_kernel", "module": "_hopper", "dtype": dtype, "constexprs": constexprs,
             "fp32_ptrs": ["da_ptr"] + (["a_ptr"] if a_dtype == "fp32" else []), "ptr_dtypes": {"seed_ptr": "i64"},
             "unit_strides": ["stride_ak", "stride_xk"], "odd": False, "num_warps": warps, "num_stages": stages,
-            "arch": 90, "smem_limit": min(H100_SMEM, triton_backend._hopper._smem_bytes(tile, h_pad, True))}
+            "arch": 90, "smem_limit": min(H100_SMEM, tuning.smem_bytes("hopper dx", tile, h_pad, 2))}
 
 
 def _hopper_jobs() -> list[dict]:
@@ -412,16 +467,18 @@ def _hopper_jobs() -> list[dict]:
     rank it is kept for; and for a layer whose sizes are no multiples of 16 (no divisibility hints). The
     persistent dx: every config with dA and dropout; the first in fp16 with a Conv1D weight, dx alone, no dropout;
     and for q,v slices with fp32 LoRA parameters and the seed read from memory."""
-    hopper = triton_backend._hopper
-    tiles = hopper._fitting("large", 16, H100_SMEM) + hopper._fitting("small-m", 16, H100_SMEM)
+    tiles = tuning.fitting_tiles("hopper forward", "large", 16, H100_SMEM) + \
+        tuning.fitting_tiles("hopper forward", "small-m", 16, H100_SMEM)
     first = tiles[0]
-    largest = max(h_pad for h_pad in (16, 32, 64, 128, 256) if first in hopper._fitting("large", h_pad, H100_SMEM))
+    largest = max(h_pad for h_pad in (16, 32, 64, 128, 256)
+                  if first in tuning.fitting_tiles("hopper forward", "large", h_pad, H100_SMEM))
     jobs = [_hopper_job(tile) for tile in tiles]
     jobs += [_hopper_job(first, dtype="fp16", W_T=True, HAS_BIAS=False),
              {**_hopper_job(first, h_pad=32, b_dtype="fp32", GROUPS=3, SLICE_MASK=5), "odd": False},
              _hopper_job(first, h_pad=largest), _hopper_job(first, odd=True)]
     jobs[-3]["constexprs"]["RS_PAD"] = 16
-    dx_tiles = hopper._fitting("large", 16, H100_SMEM, True) + hopper._fitting("small-m", 16, H100_SMEM, True)
+    dx_tiles = tuning.fitting_tiles("hopper dx", "large", 16, H100_SMEM) + \
+        tuning.fitting_tiles("hopper dx", "small-m", 16, H100_SMEM)
     jobs += [_hopper_dx_job(tile) for tile in dx_tiles]
     jobs += [_hopper_dx_job(dx_tiles[0], dtype="fp16", W_T=True, DROPOUT=False, NEED_DA=False),
              _hopper_dx_job(dx_tiles[0], h_pad=32, a_dtype="fp32", ENABLED=2, SEED_FROM_PTR=True)]
@@ -432,7 +489,7 @@ def _hopper_jobs() -> list[dict]:
 def test_fallback_tile_fits_small_cards_up_to_rank_256():
     for backward in (False, True):
         for elem in (2, 4):
-            assert triton_backend._smem_bytes(triton_backend.FALLBACK_TILE, 256, elem, backward) <= SMALL_CARD_SMEM
+            assert tuning.smem_bytes(_role(backward), tuning.FALLBACK_TILE, 256, elem) <= SMALL_CARD_SMEM
 
 
 @pytest.mark.slow
@@ -440,17 +497,16 @@ def test_fallback_tile_fits_small_cards_up_to_rank_256():
 def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     """Compile (no GPU needed) every config an H100/H200 may run for sm_90, those a 100 KB card keeps for sm_86,
     and every variant of the backward kernel for layers with and without 16-divisible sizes: each compiles;
-    asks for no more shared memory than its estimate (the one the tile filter uses for the GEMMs, _db_tile's
-    bound for dB) or, for the down kernel, than any GPU has; keeps its pipelined loops free of branches and
-    (sm_90) of reads of refilled slots; has machine code that reads no uniform register before writing it;
+    asks for no more shared memory than its estimate (the one the tile filter uses for the GEMMs, db_tile's
+    bound for dB) or, for the down and stacking kernels, than any GPU has; keeps its pipelined loops free of
+    branches and (sm_90) of reads of refilled slots; has machine code that reads no uniform register before writing it;
     pipelines its loads (B's tile also when dy's and W's cannot be); runs 16-bit GEMMs on tensor cores (wgmma
     for sm_90 tiles of 64+ rows, mma.sync on sm_86); the persistent kernels (_hopper.py) load through TMA into
     wgmma that ptxas does not serialize, without spills; writes dx, dA and dB with the stores or reductions the
     launcher expects; reports ptxas's register count; spills as the comments below say.
 
     The compiler is the installed triton's, or the one of the triton in FASTLORA_COMPILE_PYTHON's environment
-    (e.g. a throwaway venv with the release a GPU machine runs: Triton 3.6's ptxas 12.8 miscompiled the old
-    dx-only kernel, 3.9's does not)."""
+    (e.g. a throwaway venv with the release a GPU machine runs: releases' ptxas differ, docs/triton-notes.md)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
@@ -488,6 +544,9 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
             continue
         if job["kernel"] == "_cast_pair_kernel":  # no loop, nothing to pipeline: plain loads and stores
             assert report["store"] and not report["reduction"], name
+            continue
+        if job["kernel"] == "_mixed_stack_kernel":  # copies: plain loads and stores, no spills
+            assert report["store"] and not report["reduction"] and report["spill_stores"] == 0, f"{name}: {report}"
             continue
         # Odd sizes leave loads too narrow to copy asynchronously, but those of padded tiles (B's, h's).
         if not job.get("odd") or job["kernel"] == "_lora_backward_kernel":
@@ -570,8 +629,9 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
         tree = ast.parse(source.read())
     loops = [node for node in ast.walk(tree) if isinstance(node, ast.For)
              and ast.unparse(node.iter).split("(")[0] != "tl.static_range"]  # unrolled at compile time
-    assert len(loops) == 11  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
-    # the down kernel's three preparing the backward (stores only), the mixed kernels' four others
+    assert len(loops) == 14  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
+    # the down kernel's three preparing the backward (stores only), the mixed kernels' four others, and the
+    # stacking kernel's three (copies and zeroing only)
     for loop in loops:
         for node in ast.walk(loop):
             if isinstance(node, ast.If):
@@ -580,44 +640,83 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
     assert "tl.trans" not in _calls(tree)
 
 
-@pytest.mark.parametrize("backward", [False, True])
-def test_tile_filter_keeps_only_tiles_whose_shared_memory_and_register_estimates_fit(backward):
-    """The filter against the estimates it uses (_smem_bytes, _epilogue_values): every kept tile's estimates fit,
-    all tiles are kept where all fit, the fallback tile is what is left where none does. The shared-memory estimate
-    meets the compiled kernels in test_every_kernel_config_compiles_within_its_shared_memory (no kept config asks
-    for more than its estimate); it is an upper bound, not a tight one, so a dropped tile may still fit."""
-    assert triton_backend._fitting_tiles(backward, "16bit", 16, H100_SMEM) == triton_backend.TILES["16bit"]
-    for family in triton_backend.TILES:
+@pytest.mark.parametrize("role", list(tuning.ROLES))
+def test_tile_filter_keeps_only_tiles_whose_shared_memory_and_register_estimates_fit(role):
+    """The filter against the estimates it uses (smem_bytes, register_values), for every autotuned GEMM: every kept
+    tile's estimates fit, all tiles are kept where all fit (padded rank 16 on an H100); where none does, the fallback
+    tile is what is left for the tiled and mixed GEMMs and nothing for the persistent ones (the tiled kernel runs).
+    The shared-memory estimate meets the compiled kernels in test_every_kernel_config_compiles_within_its_shared_memory
+    (no kept config asks for more than its estimate); it is an upper bound, not a tight one, so a dropped tile may
+    still fit."""
+    families = tuning.ROLES[role].tiles
+    persistent = role.startswith("hopper")
+    for family in families:
+        assert tuning.fitting_tiles(role, family, 16, H100_SMEM) == tuple(families[family])
+        elem = 4 if family.startswith("fp32") else 2
         for r_pad in (16, 64, 256):
-            elem = 4 if family.startswith("fp32") else 2
             for smem in (H100_SMEM, SMALL_CARD_SMEM):
-                tiles = triton_backend._fitting_tiles(backward, family, r_pad, smem)
-                assert tiles and all(triton_backend._smem_bytes(t, r_pad, elem, backward) <= smem for t in tiles)
-                assert all(triton_backend._epilogue_values(t, r_pad) <= triton_backend.REGISTER_BUDGET[elem]
-                           for t in tiles)
-    assert triton_backend._fitting_tiles(backward, "fp32", 256, H100_SMEM) == [triton_backend.FALLBACK_TILE]
+                tiles = tuning.fitting_tiles(role, family, r_pad, smem)
+                assert tiles or persistent
+                assert all(tuning.smem_bytes(role, t, r_pad, elem) <= smem for t in tiles)
+                assert all(tuning.register_values(role, t, r_pad) <= tuning.REGISTER_BUDGET[elem] for t in tiles)
+    if persistent:
+        assert tuning.fitting_tiles(role, "large", 256, SMALL_CARD_SMEM) == ()
+    else:
+        assert tuning.fitting_tiles(role, "fp32", 256, H100_SMEM) == (tuning.FALLBACK_TILE,)
 
 
-@pytest.mark.parametrize("backward", [False, True])
-def test_autotuning_keys_on_the_variant_not_on_the_row_count(backward):
-    """A dropout-free call (eval) must not fix the config that a training call then uses; a new M must not re-tune."""
-    tuned = triton_backend._autotuned(backward, "16bit", 16, H100_SMEM)
-    assert set(tuned.keys) == ({"N", "K", "NEED_DX", "NEED_DA", "DROPOUT"} if backward else {"N", "K", "HAS_BIAS"})
-    assert triton_backend._autotuned(backward, "16bit", 16, H100_SMEM) is tuned
+def test_float64_is_never_taken_for_a_16_bit_dtype():
+    """The planner sizes tiles by element size: fp64 has none among the kernels' dtypes, so it is refused, never
+    planned as 16-bit (the backend's DTYPES leave it to the reference)."""
+    assert tuning.family("forward", 10, torch.float32) == "fp32-small-m"
+    assert tuning.family("mixed", 2048, torch.bfloat16) == "16bit"
+    for call in (lambda: tuning.family("backward", 10, torch.float64), lambda: tuning.precision(torch.float64),
+                 lambda: tuning.family("hopper dx", 10, torch.float64)):
+        with pytest.raises(TypeError, match="float64"):
+            call()
+    assert torch.float64 not in triton_backend.DTYPES
 
 
-def test_tuned_configs_reports_each_choice_with_its_key(monkeypatch):
-    monkeypatch.setattr(triton_backend, "_AUTOTUNED", {})
-    tuned = triton_backend._autotuned(True, "16bit", 16, H100_SMEM)
-    assert triton_backend.tuned_configs() == []
-    tuned.cache[(3072, 1024, True, True, False, "torch.bfloat16", "torch.float32")] = tuned.configs[2]
-    rows, cols, step, stages, warps = triton_backend.TILES["16bit"][2]
-    assert triton_backend.tuned_configs() == [{
-        "kernel": "backward", "family": "16bit", "r_pad": 16,
-        "key": {"N": 3072, "K": 1024, "NEED_DX": True, "NEED_DA": True, "DROPOUT": False},
-        "dtypes": ["torch.bfloat16", "torch.float32"],
-        "tile": {"BLOCK_M": rows, "BLOCK_K": cols, "BLOCK_N": step, "GROUP_M": 8},
-        "num_warps": warps, "num_stages": stages}]
+@pytest.mark.parametrize("role", list(tuning.ROLES))
+def test_autotuning_keys_on_the_variant_not_on_the_row_count(role):
+    """A dropout-free call (eval) must not fix the config that a training call then uses; a new M must not re-tune;
+    where a seed comes from (scalars or memory) is no part of any key."""
+    family = next(iter(tuning.ROLES[role].tiles))
+    tuned = tuning.tuner(role, family, 16, H100_SMEM)
+    assert set(tuned.keys) == set(tuning.ROLES[role].key) and {"N", "K"} <= set(tuned.keys)
+    assert "M" not in tuned.keys and "SEED_FROM_PTR" not in tuned.keys
+    assert ("DROPOUT" in tuned.keys) == (role in ("backward", "mixed", "hopper dx"))
+    assert tuning.tuner(role, family, 16, H100_SMEM) is tuned
+
+
+def test_tuned_configs_reports_each_choice_with_its_key():
+    """One report for every autotuned kernel: the tiled backward's and the persistent forward's choices alike."""
+    before = tuning.tuned_configs()
+    backward = tuning.tuner("backward", "16bit", 16, H100_SMEM)
+    persistent = tuning.tuner("hopper forward", "large", 32, H100_SMEM)
+    backward_key = (3072, 1024, True, True, False, "torch.bfloat16", "torch.float32")
+    persistent_key = (4096, 1024, True, False, 16, 32, 3, 5, "torch.bfloat16")
+    backward.cache[backward_key] = backward.configs[2]
+    persistent.cache[persistent_key] = persistent.configs[0]
+    try:
+        added = [entry for entry in tuning.tuned_configs() if entry not in before]
+    finally:
+        del backward.cache[backward_key], persistent.cache[persistent_key]
+    rows, cols, step, stages, warps = tuning.TILES["16bit"][2]
+    p_rows, p_cols, p_step, p_stages, p_warps, subtiles = tuning.HOPPER_TILES["large"][0]
+    assert added == [
+        {"kernel": "backward", "family": "16bit", "r_pad": 16,
+         "key": {"N": 3072, "K": 1024, "NEED_DX": True, "NEED_DA": True, "DROPOUT": False},
+         "dtypes": ["torch.bfloat16", "torch.float32"],
+         "tile": {"BLOCK_M": rows, "BLOCK_K": cols, "BLOCK_N": step, "GROUP_M": 8},
+         "num_warps": warps, "num_stages": stages},
+        {"kernel": "hopper forward", "family": "large", "r_pad": 32,
+         "key": {"N": 4096, "K": 1024, "HAS_BIAS": True, "W_T": False, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3,
+                 "SLICE_MASK": 5}, "dtypes": ["torch.bfloat16"],
+         "tile": {"BLOCK_M": p_rows, "BLOCK_N": p_cols, "BLOCK_K": p_step, "GROUP_M": 8, "SUBTILES": subtiles},
+         "num_warps": p_warps, "num_stages": p_stages}]
+    assert tuning.tuned_configs() == before
+    assert triton_backend.tuned_configs is tuning.tuned_configs
 
 
 @pytest.mark.slow
@@ -661,15 +760,17 @@ def _check_mixed(rows, ids, ranks, dtype, layout, p, need_dx=True, need_lora=Non
     named = set(ids.tolist())
     need_lora = [need and a in named for a, need in enumerate(need_lora)]  # as the op asks: named adapters only
     seed = torch.tensor(1234)
+    routing = AdapterRouting(ids, len(ranks)).rows((rows,), x.device)
     doubled = [[t.double() for t in ts] for ts in (As, Bs)]
-    got = triton_backend.forward_mixed(x, weight, bias, As, Bs, scales, ps, ids, seed)
-    expected = reference.forward_mixed(x.double(), weight.double(), bias.double(), *doubled, scales, ps, ids, seed)
+    got = triton_backend.forward_mixed(x, weight, bias, As, Bs, scales, ps, routing, seed)
+    expected = reference.forward_mixed(x.double(), weight.double(), bias.double(), *doubled, scales, ps, routing,
+                                       seed)
     assert got.dtype == dtype and rel_err(got, expected) <= TOLERANCE[dtype], f"y error {rel_err(got, expected):.2e}"
     grad_out = torch.randn(rows, n_out, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
-    dx, dAs, dBs = triton_backend.backward_mixed(grad_out, x, weight, As, Bs, scales, ps, ids, seed, need_dx,
+    dx, dAs, dBs = triton_backend.backward_mixed(grad_out, x, weight, As, Bs, scales, ps, routing, seed, need_dx,
                                                  need_lora)
     ref_dx, ref_dAs, ref_dBs = reference.backward_mixed(grad_out.double(), x.double(), weight.double(), *doubled,
-                                                        scales, ps, ids, seed, need_dx, need_lora)
+                                                        scales, ps, routing, seed, need_dx, need_lora)
     assert (dx is None) == (not need_dx)
     if need_dx:
         assert dx.dtype == dtype and rel_err(dx, ref_dx) <= TOLERANCE[dtype], f"dx error {rel_err(dx, ref_dx):.2e}"
@@ -719,6 +820,14 @@ def test_mixed_backward_computes_only_what_is_needed(need_dx, need_lora, dtype):
     _check_mixed(len(ids), ids, [5, 16, 2, 40], dtype, "linear", 0.25, need_dx, need_lora)
 
 
+def test_mixed_more_adapters_than_one_stacking_launch_takes():
+    """40 adapters: two stacking launches, the second writing its selected adapters after the first's."""
+    ranks = [1 + a % 7 for a in range(40)]
+    assert len(ranks) > mixed.MAX_STACKED
+    ids = torch.randint(-1, len(ranks), (90,), generator=torch.Generator().manual_seed(2))
+    _check_mixed(90, ids, ranks, torch.float32, "linear", 0.2, need_lora=[a % 3 != 1 for a in range(len(ranks))])
+
+
 def test_mixed_one_adapter_over_every_row_spans_many_tiles():
     """One segment over 4.5 tiles of the GEMM and several dA/dB splits, no rows of other adapters."""
     _check_mixed(150, [1] * 150, [3, 6], torch.float16, "conv1d", 0.1)
@@ -726,18 +835,192 @@ def test_mixed_one_adapter_over_every_row_spans_many_tiles():
 
 @pytest.mark.parametrize("seed", SEEDS[:3])
 def test_mixed_kernels_mask_is_bit_identical_to_reference(seed):
-    """With x = 1 and each adapter's A a 0/1 selection, h's support is each row's keep-mask of its own p."""
+    """With W = 0, x = 1 and each adapter's A and B the identity, row i of the output is its adapter's keep-mask
+    times 1/(1-p) of that adapter's p, zero for rows without adapter."""
     rows, cols, ps = 50, 16, [0.3, 0.0, 0.7]
     ids = torch.tensor([a % 4 - 1 for a in range(rows)], device=DEVICE)  # -1, 0, 1, 2, -1, ...
-    As = [torch.eye(cols, device=DEVICE)] * 3
-    Bs = [torch.zeros(4, cols, device=DEVICE)] * 3
-    x = torch.ones(rows, cols, device=DEVICE)
-    batch = triton_backend._MixedBatch(x, 4, As, Bs, [1.0] * 3, ps, ids, torch.tensor(seed))
-    h = triton_backend._mixed_down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
-    h = torch.empty_like(h).index_copy_(0, batch.order.long(), h)  # back to the original row order
+    eye = torch.eye(cols, device=DEVICE)
+    x, weight = torch.ones(rows, cols, device=DEVICE), torch.zeros(cols, cols, device=DEVICE)
+    routing = AdapterRouting(ids, 3).rows((rows,), x.device)
+    y = triton_backend.forward_mixed(x, weight, None, [eye] * 3, [eye] * 3, [1.0] * 3, ps, routing,
+                                     torch.tensor(seed))
     for a, p in enumerate(ps):
         rows_a = ids == a
         keep = dropout_keep_mask(torch.tensor(seed), rows, cols, p, torch.device(DEVICE))[rows_a]
-        assert torch.equal(h[rows_a, :cols] != 0, keep)
-        assert torch.all(h[rows_a, :cols][keep] == torch.tensor(1 / (1 - p), dtype=torch.float32))
-    assert not h[ids == -1].any()
+        assert torch.equal(y[rows_a] != 0, keep)
+        assert torch.all(y[rows_a][keep] == torch.tensor(1 / (1 - p), dtype=torch.float32))
+    assert not y[ids == -1].any()
+
+
+def _host_reads():
+    """A dispatch mode that records every read of a tensor's value back to the host (``int(seed)``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+    return HostReads()
+
+
+def _both_seed_places(monkeypatch, run, seed: int):
+    """``run(seed_tensor)`` with the seed passed to the kernels as two scalars (a CPU tensor, read on the host)
+    and read by them from memory (on x's device, never read back): both results."""
+    monkeypatch.setattr(single, "SEED_IN_MEMORY_ON", frozenset())
+    by_value = run(torch.tensor(seed))
+    monkeypatch.setattr(single, "SEED_IN_MEMORY_ON", frozenset({"cpu", "cuda"}))
+    on_device = torch.tensor(seed, device=DEVICE)
+    assert single.seed_args(on_device)["SEED_FROM_PTR"]
+    with _host_reads() as reads:
+        from_memory = run(on_device)
+    assert reads.count == 0, "the seed was read back to the host"
+    return by_value, from_memory
+
+
+@pytest.mark.parametrize("seed", [12345, (7 << 32) + 99, -3])
+def test_single_adapter_seed_from_memory_is_bit_identical(monkeypatch, seed):
+    """The single-adapter kernels give the same output and gradients, bit for bit, whether the seed comes as
+    scalars or is read from memory (as inside a CUDA graph): the down, forward, backward and dB kernels."""
+    x, weight, bias, lora_A, lora_B = _operands(45, 40, 56, 5, torch.float32)
+    grad = torch.randn(45, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+
+    def run(seed_tensor):
+        needs = (True, True, True)
+        y, saved = triton_backend.forward(x, weight, bias, lora_A, lora_B, 0.7, 0.3, seed_tensor, None, needs)
+        return (y, *triton_backend.backward(grad, x, weight, lora_A, lora_B, 0.7, 0.3, seed_tensor, needs, None,
+                                            saved))
+    by_value, from_memory = _both_seed_places(monkeypatch, run, seed)
+    for a, b in zip(by_value, from_memory, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [12345, (7 << 32) + 99, -3])
+def test_mixed_seed_from_memory_is_bit_identical(monkeypatch, seed):
+    """The mixed kernels give the same output and gradients, bit for bit, whether the seed comes as scalars or is
+    read from memory: the down kernel (h), the dx GEMM's mask and the dA reduction's."""
+    ranks, rows = [3, 16, 5], 70
+    x, weight, bias, As, Bs = _mixed_operands(rows, 40, 56, ranks, torch.float32, "linear", seed=5)
+    ids = torch.tensor([a % 4 - 1 for a in range(rows)])
+    routing = AdapterRouting(ids, len(ranks)).rows((rows,), x.device)
+    grad = torch.randn(rows, 56, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    scales, ps = [0.5, 1.0, 2.0], [0.3, 0.0, 0.5]
+
+    def run(seed_tensor):
+        y = triton_backend.forward_mixed(x, weight, bias, As, Bs, scales, ps, routing, seed_tensor)
+        dx, dAs, dBs = triton_backend.backward_mixed(grad, x, weight, As, Bs, scales, ps, routing, seed_tensor, True,
+                                                     [True] * 3)
+        return y, dx, *dAs, *dBs
+    by_value, from_memory = _both_seed_places(monkeypatch, run, seed)
+    for a, b in zip(by_value, from_memory, strict=True):
+        assert torch.equal(a, b)
+    expected = reference.forward_mixed(x.double(), weight.double(), bias.double(), [A.double() for A in As],
+                                       [B.double() for B in Bs], scales, ps, routing, torch.tensor(seed))
+    assert rel_err(by_value[0], expected) <= TOLERANCE[torch.float32]
+
+
+def _adapters(ranks, n_in, n_out, slices, gen):
+    """One trainable adapter per rank (``slices[a]``: its enabled groups of the output, stacked as the op takes)."""
+    As, Bs = [], []
+    for rank, groups in zip(ranks, slices, strict=True):
+        enabled = sum(groups) if groups else 1
+        rows = n_out // len(groups) * enabled if groups else n_out
+        As.append(torch.nn.Parameter(torch.randn(rank * enabled, n_in, generator=gen).to(DEVICE)))
+        Bs.append(torch.nn.Parameter(torch.randn(rows, rank, generator=gen).to(DEVICE)))
+    return As, Bs
+
+
+MUTATIONS = {  # writes that bump no version counter, and an in-place add that does
+    "data.copy_": lambda p, new: p.data.copy_(new),
+    "data =": lambda p, new: setattr(p, "data", new.clone()),
+    "data.add_": lambda p, new: p.data.add_(new - p.data),
+    "no_grad add_": lambda p, new: p.detach().add_(new - p.detach()),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+@pytest.mark.parametrize("sliced", [False, True])
+def test_mixed_batch_reads_adapters_changed_in_place(monkeypatch, mutation, sliced):
+    """After an adapter's tensors change in place (through ``.data`` as loaders and weight averaging write, or
+    an optimizer's in-place step), the next mixed forward uses the new values: each row equals the single-adapter
+    op of its adapter, with and without slices. Nothing derived from the adapters is kept between calls."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(7)
+    n_in, n_out, rows = 24, 48, 30
+    slices = [(True, False, True), None, (False, True, False)] if sliced else [None] * 3
+    As, Bs = _adapters([4, 2, 3], n_in, n_out, slices, gen)
+    x = torch.randn(rows, n_in, generator=gen).to(DEVICE)
+    weight, bias = torch.randn(n_out, n_in, generator=gen).to(DEVICE), torch.randn(n_out, generator=gen).to(DEVICE)
+    ids = torch.tensor([a % 4 - 1 for a in range(rows)])
+    scales = [0.5, 1.5, 2.0]
+    with torch.no_grad():
+        fastlora.lora_linear_mixed(x, weight, bias, As, Bs, scales, ids, slices=slices)
+    for param in (As[0], Bs[0], As[2], Bs[1]):
+        MUTATIONS[mutation](param, torch.randn(param.shape, generator=gen).to(DEVICE))
+    with torch.no_grad():
+        y = fastlora.lora_linear_mixed(x, weight, bias, As, Bs, scales, ids, slices=slices)
+        for a in range(3):
+            expected = fastlora.lora_linear(x, weight, bias, As[a], Bs[a], scales[a], slices=slices[a])
+            assert rel_err(y[ids == a], expected[ids == a]) <= TOLERANCE[torch.float32], (mutation, a)
+        assert rel_err(y[ids == -1], torch.nn.functional.linear(x, weight, bias)[ids == -1]) <= 1e-6
+
+
+def _live_tensors() -> tuple[int, int]:
+    """How many tensors Python holds, and their bytes."""
+    gc.collect()
+    found = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    return len(found), sum(t.numel() * t.element_size() for t in found if not t.is_meta)
+
+
+def test_mixed_training_keeps_no_tensors_across_steps(monkeypatch):
+    """50 optimizer-like steps on a mixed batch, each changing the adapters in place (an in-place update and a
+    ``.data`` write): the tensors Python holds after the last step are those after the first, in number and bytes."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(8)
+    n_in, n_out, rows = 16, 32, 12
+    As, Bs = _adapters([2, 4], n_in, n_out, [None, None], gen)
+    x = torch.randn(rows, n_in, generator=gen).to(DEVICE)
+    weight = torch.randn(n_out, n_in, generator=gen).to(DEVICE)
+    routing = AdapterRouting(torch.tensor([a % 3 - 1 for a in range(rows)]), 2)
+
+    def step(i):
+        y = fastlora.lora_linear_mixed(x, weight, None, As, Bs, [1.0, 2.0], routing, dropout_ps=0.1, seed=i)
+        y.mean().backward()
+        with torch.no_grad():
+            for p in (*As, *Bs):
+                p.add_(p.grad, alpha=-1e-3)
+                p.grad = None
+        As[0].data.mul_(0.999)
+    step(0)
+    before = _live_tensors()
+    for i in range(1, 50):
+        step(i)
+    assert _live_tensors() == before
+
+
+def test_float64_runs_the_reference_never_the_triton_kernels(monkeypatch):
+    """float64 is no dtype of the triton backend: even where triton is the preferred backend, lora_linear and the
+    mixed op on float64 tensors (forward and backward) run the reference, and forcing triton names the dtype."""
+    from fastlora.ops import dispatch
+
+    for name in ("forward", "backward", "forward_mixed", "backward_mixed"):
+        monkeypatch.setattr(triton_backend, name, lambda *args: pytest.fail("float64 reached the triton backend"))
+    monkeypatch.setitem(dispatch.PREFERRED, torch.device(DEVICE).type, "triton")
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})  # choices made before the preference changed
+    gen = torch.Generator().manual_seed(9)
+    x, weight, bias = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE) for shape in
+                       ((6, 8), (5, 8), (5,)))
+    lora_A, lora_B = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+                      for shape in ((2, 8), (5, 2)))
+    y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.1, seed=3)
+    y.sum().backward()
+    expected, _ = reference.forward(x, weight, bias, lora_A.detach(), lora_B.detach(), 2.0, 0.1, torch.tensor(3))
+    assert rel_err(y, expected) <= TOLERANCE[torch.float64] and lora_A.grad is not None
+    mixed = fastlora.lora_linear_mixed(x, weight, bias, [lora_A], [lora_B], [2.0], torch.tensor([0, -1] * 3))
+    mixed.sum().backward()
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="float64"):
+        fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0)

@@ -4,8 +4,8 @@ compare.
     python examples/e2e/run_default.py [--out runs/e2e-default]
 
 Offline and CPU-sized (a few minutes on 2 cores). It trains LoRA in the paper's setup (q and v of c_attn), DoRA in
-the same setup, LoRA on every linear layer (a common modern setup) and full fine-tuning, all from the same base. It prints
-the training loss at the start and the end, the test scores of the base model before fine-tuning
+the same setup, LoRA on every linear layer (a common modern setup) and full fine-tuning, all from the same base. It
+prints the training loss at the start and the end, the test scores of the base model before fine-tuning
 ("untrained": the tiny model after its language-model pretraining on the training references, before it has
 seen any MR) and of each run, and the comparison (parameters, memory, time, scores); it exits with status 1
 if the loss did not fall or LoRA did not beat the base.

@@ -12,8 +12,8 @@ the padding columns of ``A`` and ``B`` load as zeros.
   (1-p)`` into dx and adds dA from the masked x tile of the same columns.
 - ``_lora_db_kernel``: ``dB = scale * dy.T @ h``, one fp32 tile per program over a split of
   the rows, written once after its loop.
-- ``_mixed_down_kernel``, ``_mixed_gemm_kernel``, ``_mixed_grad_kernel``: the same for batches whose
-  rows each name their own adapter (see the comment above them).
+- ``_mixed_stack_kernel``, ``_mixed_down_kernel``, ``_mixed_gemm_kernel``, ``_mixed_grad_kernel``: the same
+  for batches whose rows each name their own adapter (see the comment above them).
 
 Rules the CPU interpreter cannot check (it runs no software pipeline) but a GPU compile can
 break: a pipelined loop holds only loads and dots under compile-time conditions; no tile it
@@ -22,21 +22,8 @@ rank R: padding to R_PAD is the launcher's job), so that each can be copied asyn
 into a shared-memory ring; every atomic add is one per program, after its loop; transposed
 operands are loaded through transposed pointers, never made with ``tl.trans``.
 
-An earlier backward kernel added dB inside its N loop under a runtime ``if`` (a dot of
-``tl.trans(dy)`` and an atomic add); on an H200 (Triton 3.6) its dB came out zero or wrong
-while the interpreter's was right. Compiled for sm_90 (Triton 3.9) that loop keeps dy in a
-two-slot shared-memory ring and issues the copy of tile n+2 into tile n's slot before the
-branch reads its transposed view: the branch saw a later tile, or the zeros of a masked copy
-past the end. The next one read B's tile, contiguous along the rank, masked to R there and
-with a run-time row stride, so that it was never copied asynchronously but stored to shared
-memory from registers in every iteration. For layers whose sizes are no multiples of 16
-(where dy and W go through registers too) ptxas 12.8, Triton 3.6's, built the wgmma
-descriptors of that tile's k-steps 1-3 from a uniform register pair that nothing had written
-(dx alone on the small-M and 128x64 tiles, dx with or without dA on four other 16-bit
-tiles): on an H200 dx's rank-R term came out wrong (relative error 1.58) where the
-interpreter's was right. The same PTX assembled by ptxas 12.9 or 13.4 was sound. With B
-padded, ptxas 12.8 compiles every variant without such reads, and tests/compile_kernels.py
-reads the machine code for them.
+A dB added inside the backward's loop, and B's tile masked along the rank, each passed the interpreter and
+came out wrong on a GPU (docs/triton-notes.md); tests/compile_kernels.py reads the machine code of every variant.
 
 The dropout mask is the hash of :mod:`fastlora.ops.reference` on uint32 values, regenerated
 from (seed, row, col) wherever it is needed, never stored.
@@ -407,17 +394,71 @@ def _cast_pair_kernel(src1_ptr, dst1_ptr, n1, src2_ptr, dst2_ptr, n2, BLOCK: tl.
                  mask=offs < n2)
 
 
-# Mixed-adapter batches: each row names its own adapter (or none, -1). The launcher sorts the ids once
-# per call (stable, on the device): ``ids`` holds the sorted ids (int32) and ``order`` the original row of
-# each sorted position, so that every adapter's rows form one contiguous segment. The adapters' A's and B's
-# are stacked and zero-padded to R_PAD: A as ``(n, R_PAD, in)``, B as ``(n, out, R_PAD)``; the per-adapter
-# ``scale / (1 - p)`` (``factor``) and dropout threshold (``thr``) are small device tables. Kernels tile
+# Mixed-adapter batches: each row names its own adapter (or none, -1). The batch's routing holds the rows
+# sorted by adapter: ``ids`` the sorted ids (int32) and ``order`` the original row of each sorted position, so
+# that every adapter's rows form one contiguous segment. ``_mixed_stack_kernel`` stacks the adapters' A's and
+# B's zero-padded to R_PAD, A as ``(n, R_PAD, in)``, B as ``(n, out, R_PAD)``, and writes the per-adapter
+# ``scale / (1 - p)`` (``factor``) and dropout threshold (``thr``) tables. Kernels tile
 # the sorted positions; a tile meets a few segments and loops over them (``_first_segment``: the first
 # adapter and how many distinct adapters the tile holds), each iteration masking the tile's rows to its
 # segment, so that one accumulator serves them all. Rows are read through ``order`` and results written
 # back to the rows' original positions; the dropout hash keys on the original row, as the
 # single-adapter op's.
 _MAX_ID = tl.constexpr(2**31 - 1)
+
+
+# Tuple arguments' elements are specialized (a value of 1 compiles as a constant) whatever do_not_specialize says:
+# the stacking kernel takes in tuples only what is fixed for a set of adapters, and what varies per batch (which
+# adapters are selected) as plain scalars.
+@triton.jit(do_not_specialize=["selected", "sel_first", "n_zero", "first"])
+def _mixed_stack_kernel(
+    a_ptrs, b_ptrs, ranks, a_strides, b_strides, factors, thresholds,
+    a_stack_ptr, b_stack_ptr, factor_ptr, thr_ptr, sel_ptr, selected, sel_first, zero_ptr, n_zero, K, N, first,
+    R_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Adapters ``first + s`` for each ``s`` of the tuples (``a_ptrs[s]``: A ``(ranks[s], K)`` with strides
+    ``a_strides[2s:2s+2]``, ``b_ptrs[s]``: B ``(N, ranks[s])``) into the stacks, in the stacks' dtype: A padded
+    with zero rows to ``(R_PAD, K)``, B with zero columns to ``(N, R_PAD)``; each program copies every
+    ``num_programs``-th BLOCK-wide block of A's columns and of B's rows. Program 0 also writes each adapter's
+    ``factors[s]`` and ``thresholds[s]`` into the tables and, with ``sel_ptr``, appends from ``sel_first`` on
+    those whose bit ``s`` of ``selected`` is set (the adapters whose gradients the backward computes); with
+    ``zero_ptr``, the programs zero its ``n_zero`` fp32 values (the gradient buffers accumulated atomically)."""
+    pid = tl.program_id(0)
+    stride = tl.num_programs(0) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    offs_r = tl.arange(0, R_PAD)
+    for s in tl.static_range(len(a_ptrs)):
+        adapter = (first + s).to(tl.int64)
+        real = offs_r < ranks[s]
+        a_stack = a_stack_ptr + adapter * R_PAD * K + offs_r[:, None] * K
+        a_rows = a_ptrs[s] + offs_r[:, None] * a_strides[2 * s]
+        for k0 in range(pid * BLOCK, K, stride):
+            cols = k0 + offs
+            a = tl.load(a_rows + cols[None, :] * a_strides[2 * s + 1], mask=real[:, None] & (cols[None, :] < K),
+                        other=0.0)
+            tl.store(a_stack + cols[None, :], a.to(a_stack_ptr.dtype.element_ty), mask=cols[None, :] < K)
+        b_stack = b_stack_ptr + adapter * N * R_PAD + offs_r[None, :]
+        b_cols = b_ptrs[s] + offs_r[None, :] * b_strides[2 * s + 1]
+        for n0 in range(pid * BLOCK, N, stride):
+            rows = n0 + offs
+            b = tl.load(b_cols + rows.to(tl.int64)[:, None] * b_strides[2 * s],
+                        mask=(rows[:, None] < N) & real[None, :], other=0.0)
+            tl.store(b_stack + rows.to(tl.int64)[:, None] * R_PAD, b.to(b_stack_ptr.dtype.element_ty),
+                     mask=rows[:, None] < N)
+    if pid == 0:
+        for s in tl.static_range(len(a_ptrs)):
+            tl.store(factor_ptr + first + s, factors[s])
+            tl.store(thr_ptr + first + s, thresholds[s])
+        if sel_ptr is not None:
+            position = sel_first
+            for s in tl.static_range(len(a_ptrs)):
+                bit = (selected >> s) & 1
+                tl.store(sel_ptr + position, first + s, mask=bit != 0)
+                position += bit
+    if zero_ptr is not None:
+        for z0 in range(pid * 1024, n_zero, tl.num_programs(0) * 1024):
+            offs_z = z0 + tl.arange(0, 1024)
+            tl.store(zero_ptr + offs_z, tl.zeros((1024,), dtype=tl.float32), mask=offs_z < n_zero)
 
 
 @triton.jit
@@ -437,9 +478,9 @@ def _next_segment(ids, adapter):
 
 @triton.jit(do_not_specialize=["M", *_SEED])
 def _mixed_down_kernel(
-    x_ptr, a_ptr, ids_ptr, order_ptr, factor_ptr, thr_ptr, h_ptr, M, K,
+    x_ptr, a_ptr, ids_ptr, order_ptr, factor_ptr, thr_ptr, h_ptr, seed_ptr, M, K,
     stride_xm, stride_xk, stride_aa, stride_ar, stride_ak, seed_lo, seed_hi,
-    DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One block of sorted rows of ``h = factor_a * dropout_a(x_i) @ A_a.T``, fp32 ``(M, R_PAD)`` in sorted
@@ -455,7 +496,8 @@ def _mixed_down_kernel(
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     has_adapter = ids >= 0
     if DROPOUT:
-        row_key = _row_keys(rows, seed_lo, seed_hi)
+        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        row_key = _row_keys(rows, lo, hi)
         thr = tl.load(thr_ptr + ids, mask=has_adapter, other=0)
     adapter, segments = _first_segment(ids_ptr, offs_m, ids, M, first)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
@@ -479,10 +521,11 @@ def _mixed_down_kernel(
 
 @triton.jit(do_not_specialize=["M", *_SEED])
 def _mixed_gemm_kernel(
-    x_ptr, w_ptr, l_ptr, u_ptr, ids_ptr, order_ptr, thr_ptr, bias_ptr, out_ptr, M, N, K,
+    x_ptr, w_ptr, l_ptr, u_ptr, ids_ptr, order_ptr, thr_ptr, bias_ptr, out_ptr, seed_ptr, M, N, K,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_ua, stride_ur, stride_un, stride_om, stride_on,
     seed_lo, seed_hi,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, R_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of sorted rows of ``out_i = x_i @ w + bias + keep_i * l_i @ U_a``,
@@ -521,7 +564,8 @@ def _mixed_gemm_kernel(
         adapter = _next_segment(ids, adapter)
     if DROPOUT:
         thr = tl.load(thr_ptr + ids, mask=ids >= 0, other=0)
-        keep = _kept(_row_keys(rows, seed_lo, seed_hi)[:, None], _col_keys(offs_n)[None, :], thr[:, None])
+        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        keep = _kept(_row_keys(rows, lo, hi)[:, None], _col_keys(offs_n)[None, :], thr[:, None])
         acc += tl.where(keep, low_rank, 0.0)
     else:
         acc = low_rank
@@ -533,9 +577,10 @@ def _mixed_gemm_kernel(
 
 @triton.jit(do_not_specialize=["rows_per_split", *_SEED])
 def _mixed_grad_kernel(
-    l_ptr, r_ptr, seg_ptr, sel_ptr, order_ptr, thr_ptr, out_ptr, P, Q, rows_per_split,
+    l_ptr, r_ptr, seg_ptr, sel_ptr, order_ptr, thr_ptr, out_ptr, seed_ptr, P, Q, rows_per_split,
     stride_lm, stride_lp, stride_rm, stride_rq, seed_lo, seed_hi,
-    DA: tl.constexpr, DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    DA: tl.constexpr, DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr, ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One ``(BLOCK_P, BLOCK_Q)`` tile of ``out[s] = left.T @ right`` over one split of the rows of adapter
@@ -560,6 +605,7 @@ def _mixed_grad_kernel(
     if DROPOUT:
         col_key = _col_keys(offs_q)
         thr = tl.load(thr_ptr + adapter)
+        seed_low, seed_high = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         pos = m0 + offs_m
@@ -576,7 +622,8 @@ def _mixed_grad_kernel(
         right = tl.load(r_ptr + r_rows[:, None] * stride_rm + safe_q[None, :] * stride_rq,
                         mask=in_split[:, None], other=0.0)
         if DROPOUT:
-            right = tl.where(_kept(_row_keys(rows, seed_lo, seed_hi)[:, None], col_key[None, :], thr), right, 0.0)
+            right = tl.where(_kept(_row_keys(rows, seed_low, seed_high)[:, None], col_key[None, :], thr), right,
+                             0.0)
         if DA:
             acc = tl.dot(left_t.to(right.dtype), right, acc, input_precision=PRECISION)
         else:
