@@ -63,8 +63,7 @@ def openblas_core() -> str:
 
 def tuned_configs() -> list[dict]:
     """The triton backend's autotuning choices so far: its tiled kernels' and the persistent (hopper) GEMM's."""
-    triton = backend("triton")
-    return triton.tuned_configs() + triton._hopper.tuned_configs()
+    return backend("triton").tuned_configs()
 
 
 def triton_forward(gemm: str, x: Tensor, w: Tensor, b: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
@@ -92,25 +91,28 @@ def triton_dx(gemm: str, dy: Tensor, x: Tensor, w: Tensor, A: Tensor, B: Tensor,
 def triton_gemm_alone(gemm: str, x: Tensor, w: Tensor, b: Tensor, A: Tensor, B: Tensor, scale: float, p: float,
                       seed: Tensor) -> Callable[[], Tensor]:
     """A call of the forward's GEMM launch alone on route ``gemm``, its input h = dropout(x)·Aᵀ computed once."""
-    triton = backend("triton")
-    layout = triton._layout(x.shape[0], w.shape[0], A.shape[0], None, x.device.index or 0)
-    h = triton._down(x, A, B, layout, triton._dropout_args(p, seed))
+    from fastlora.ops.triton import single
+
+    layout = single.layout(x.shape[0], w.shape[0], A.shape[0], None, x.device.index or 0)
+    h = single.down(x, A, B, layout, single.dropout_args(p, seed))
 
     def call() -> Tensor:
-        triton.set_gemm(gemm)
-        return triton._gemm(x, w, b, B, h, scale, layout)
+        single.set_gemm(gemm)
+        return single.gemm(x, w, b, B, h, scale, layout)
     return call
 
 
 def hopper_launches(fn: Callable[[], object]) -> set[str]:
     """Which of the persistent kernels (``gemm``: the forward's, ``dx``) one call of ``fn`` launches."""
-    hopper, launched = backend("triton")._hopper, set()
-    launches = {"gemm": hopper.gemm, "dx": hopper.dx}
+    from fastlora.ops.triton import single
+
+    launched: set[str] = set()
+    launches = {"gemm": single.hopper_gemm, "dx": single.hopper_dx}
     for name, launch in launches.items():
-        setattr(hopper, name, lambda *args, name=name, launch=launch: launched.add(name) or launch(*args))
+        setattr(single, f"hopper_{name}", lambda *args, name=name, launch=launch: launched.add(name) or launch(*args))
     try:
         fn()
     finally:
         for name, launch in launches.items():
-            setattr(hopper, name, launch)
+            setattr(single, f"hopper_{name}", launch)
     return launched

@@ -20,8 +20,9 @@ from measure import capture
 
 # fastlora's private names these checks launch directly (they move with the package: follow them here)
 triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
-hopper = triton_backend._hopper
 import triton  # noqa: E402
+
+from fastlora.ops.triton import _hopper, single, tuning  # noqa: E402
 
 GPU = torch.cuda.is_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA device")]
@@ -103,17 +104,18 @@ def test_every_hopper_config_matches_the_fp32_reference():
     rank, p, scale = bench_hopper.RANK, bench_hopper.P, bench_hopper.ALPHA / bench_hopper.RANK
     t = bench_hopper.hopper_tensors(Spec(1100, 1024, 3072, rank, p, "bfloat16", "cuda", scale=scale))
     x, w = t["x"], t["w"]
-    layout = triton_backend._layout(x.shape[0], w.shape[0], rank, None, x.device.index or 0)
-    h = triton_backend._down(x, t["A"], t["B"], layout, triton_backend._dropout_args(p, t["seed"]))
-    sms, smem = triton_backend._sm_count(x.device.index), triton_backend._smem_limit(x.device.index)
-    configs = hopper._configs("large", layout.h_pad, smem) + hopper._configs("small-m", layout.h_pad, smem)
+    layout = single.layout(x.shape[0], w.shape[0], rank, None, x.device.index or 0)
+    h = single.down(x, t["A"], t["B"], layout, single.dropout_args(p, t["seed"]))
+    sms, smem = tuning.sm_count(x.device.index), tuning.smem_limit(x.device.index)
+    configs = [c for family in ("large", "small-m") for c in tuning.configs("hopper forward", family, layout.h_pad,
+                                                                            smem)]
     errors = {}
     for config in configs:
         out = x.new_empty(x.shape[0], w.shape[0])
-        triton.set_allocator(hopper._scratch)
+        triton.set_allocator(single.scratch)
         grid = (min(sms, triton.cdiv(x.shape[0], config.kwargs["BLOCK_M"])
                     * triton.cdiv(w.shape[0], config.kwargs["BLOCK_N"])),)
-        hopper._hopper_forward_kernel[grid](
+        _hopper._hopper_forward_kernel[grid](
             x, w, h, t["B"], t["b"], out, x.shape[0], w.shape[0], x.shape[1], rank, layout.group_rows,
             x.stride(0), w.stride(0), *t["B"].stride(), out.stride(0), scale, HAS_BIAS=True, W_T=False,
             RS_PAD=layout.rs_pad, H_PAD=layout.h_pad, GROUPS=1, SLICE_MASK=1, **config.all_kwargs())
