@@ -18,10 +18,15 @@ installed peft)::
 Run the same command without ``-p peft_accelerated`` for the baseline; the tests that fail only with the
 plugin are what acceleration changes. ``FASTLORA_BACKEND=reference|cpu`` picks fastlora's backend as usual.
 
-At the end of the session the plugin prints how many models it accelerated, how many layers it fused and
+At the end of the session the plugin prints how many times it accelerated a model, how many layers it fused and
 which stayed on peft's forward (and why), and how many forward calls of fused layers ran fastlora's op versus
 fell back to peft's forward. ``PEFT_ACCELERATED_STATS=path.json`` also writes, per test, the models accelerated,
-layers fused and fused/fallback forward calls (to tell whether a failing test ever ran the op).
+layers fused and fused/fallback forward calls (to tell whether a failing test ever ran the op; its tests that
+did are the only ones whose outcome can depend on ``FASTLORA_BACKEND``).
+
+Offline, peft's tests that reach the Hugging Face Hub fail either way (in both runs), but each first retries
+with backoff sleeps; patching ``huggingface_hub.utils._http``'s ``time.sleep`` to a no-op (and pointing
+``HTTPS_PROXY`` at a closed port) in a separate helper plugin loaded in both runs makes them fail fast.
 """
 
 from __future__ import annotations
@@ -147,7 +152,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     write = terminalreporter.write_line
     terminalreporter.section("peft_accelerated: fastlora.accelerate on every peft model")
     write(f"{ENV_VAR}={os.environ.get(ENV_VAR, '') or '(unset: automatic)'}")
-    write(f"models accelerated: {_STATS['models']} (inject_adapter calls without LoRA layers: {_STATS['non_lora']})")
+    write(f"accelerate runs: {_STATS['models']} (one per inject_adapter call on a model with peft LoRA layers: "
+          f"get_peft_model, add_adapter, load_adapter, ...; calls on models without any: {_STATS['non_lora']})")
     unfused = sum(_STATS["unfused_layers"].values())
     write(f"layers fused: {_STATS['fused_layers']}; left on peft's forward: {unfused}")
     for why, count in _STATS["unfused_layers"].most_common():
