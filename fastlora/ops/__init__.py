@@ -5,6 +5,19 @@ it runs as the torch custom ops ``fastlora::lora_linear`` and ``fastlora::lora_l
 ``torch.library`` with shape-only fake implementations), so ``fullgraph=True`` traces models that use it. Both paths
 share the backends' forward and backward. A backward taken with grad mode on (``create_graph=True``: a gradient
 penalty) runs the reference's, which is itself differentiable, so second-order gradients are exact.
+
+State kept between calls, all of it (anything else is computed anew on every call, from tensors read where they
+live, so a write through ``.data``, a reused ``id()`` or a merge cannot make it stale):
+
+- ``dispatch._CHOSEN``: the backend, by (``FASTLORA_BACKEND``, ``TRITON_INTERPRET``, device type, dtype), and
+  ``dispatch.load``: each backend's module or why it failed to import. Settings, not tensor values.
+- ``routing.AdapterRouting``: one mixed batch's routing, built by ``use_adapters`` from adapter ids it copies and
+  owns, with its ``Rows`` per input shape and device. It lives as long as the batch's ``with`` block.
+- ``triton.tuning``: ``_TUNERS`` / ``_CHOSEN``, the autotuner and the config it chose, by kernel role, shapes
+  (N, K, small or large M), dtypes, padded rank and flags; ``_SEED_VARIANTS``, the seed-from-memory kernels
+  compiled ahead; ``smem_limit``, ``sm_count``, ``fitting_tiles`` per device or tile family. ``single.layout``:
+  the rank and slice layout of a call's shapes (integers only). ``single._capable``: a device's compute capability.
+- ``accelerate._fused_class``: the peft subclass that runs the op, made once peft is imported.
 """
 
 from __future__ import annotations
