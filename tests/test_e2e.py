@@ -20,6 +20,8 @@ FAST = ["--threads", "1", "--no-progress"]
 # r=4 on q and v (train.py's default, used by the mechanics tests below) learns too slowly at this scale.
 WIDE_LORA = ["--lora-target", "c_attn,c_proj,c_fc", "--lora-slices", "q,k,v", "--lora-r", "16", "--lora-alpha", "32"]
 
+pytestmark = pytest.mark.slow  # the end-to-end runs: CI's second step (pytest -m slow)
+
 
 def run(script: str, *args: str, check: bool = True, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run an example script in a fresh process (fastlora importable from the checkout)."""

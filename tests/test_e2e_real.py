@@ -19,6 +19,8 @@ TEST_MRS = 40
 # cuts only the stand-in pretraining's documents (all references of one MR, up to 1138 tokens), its main cost.
 MAX_LENGTH = 160
 
+pytestmark = pytest.mark.slow  # the end-to-end runs: CI's second step (pytest -m slow)
+
 
 def copy_baseline(mrs: list[str]) -> list[str]:
     """An output that only lists the MR's values ("Blue Spice coffee shop city centre"): right words, no language."""
