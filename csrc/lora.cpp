@@ -88,11 +88,12 @@ void thin_x_wt(const float* a, int64_t lda, int64_t rows, const Matrix& w, float
         gemm_x_wt(a, lda, rows, w, 0, w.rows, c, ldc);
 }
 
-// c (rows x cols, ldc) += a (rows x out, lda) * W[:, k0 : k0 + cols], dispatched as gemm_x_wt.
+// c (rows x cols, ldc) = beta c + a (rows x out, lda) * W[:, k0 : k0 + cols], dispatched as gemm_x_wt.
 void gemm_dy_w(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64_t k0, int64_t cols, float* c,
-               int64_t ldc, Gemm gemm = openblas_gemm) {
+               int64_t ldc, float beta = 1.0f, Gemm gemm = openblas_gemm) {
     const int64_t out = w.rows;
     const bool row_major = w.col_stride == 1;
+    if (rows <= kSmallRows && beta == 0.0f) clear(c, ldc, rows, cols);
     if (rows <= kSmallRows && row_major)
         active_kernels().lowrank_rows(c, ldc, nullptr, a, lda, w.data + k0, w.row_stride, out, rows, cols, 1.0f, true);
     else if (rows <= kSmallRows)
@@ -100,10 +101,10 @@ void gemm_dy_w(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64
                                         nullptr);
     else if (row_major)
         gemm(false, false, to_int(rows), to_int(cols), to_int(out), 1.0f, a, ld(lda), w.data + k0, ld(w.row_stride),
-             1.0f, c, ld(ldc));
+             beta, c, ld(ldc));
     else
         gemm(false, true, to_int(rows), to_int(cols), to_int(out), 1.0f, a, ld(lda), w.data + k0 * w.col_stride,
-             ld(w.col_stride), 1.0f, c, ld(ldc));
+             ld(w.col_stride), beta, c, ld(ldc));
 }
 
 // The LoRA scale with inverted dropout's 1 / (1 - p) folded in.
@@ -180,50 +181,54 @@ struct BackwardScratch {
     Buffer x_block, h, g, dA, dB, sums, block_sums;
 };
 
-// What DoRA's dm reduces dy against: sums[j] += sum_i dy[i, j] (v[i, j] - shift[j]), v (M, out) contiguous, shift
-// (out,) or null for 0.
-struct ColumnDots {
+// What DoRA changes in backward's thin pass: dm's column dots, sums[j] += sum_i dy[i, j] (v[i, j] - shift[j])
+// (v (M, out) contiguous, or null for none; shift (out,) or null for 0); g = (c dy) B already made (M x rank), or
+// null to make it from lora_B; and dx already holding its product, onto which the rank-R term is added.
+struct DoraThin {
     const float* v;
     const float* shift;
+    const float* g;
+    bool dx_accumulates;
 };
 
-// sums (n,) += the column dots of dy's and v's rows [r0, r0 + rows) (see ColumnDots), summed by block into
+// sums (n,) += the column dots of dy's and v's rows [r0, r0 + rows) (see DoraThin), summed by block into
 // block_sums first: a block's sums stay small, so adding them up loses less than one running sum of all rows.
-void column_dots(const ColumnDots& dots, const float* dy, int64_t ld_dy, int64_t r0, int64_t rows, int64_t n,
+void column_dots(const DoraThin& d, const float* dy, int64_t ld_dy, int64_t r0, int64_t rows, int64_t n,
                  float* block_sums, float* sums) {
     std::fill(block_sums, block_sums + n, 0.0f);
     for (int64_t i = r0; i < r0 + rows; ++i) {
-        const float* d = dy + i * ld_dy;
-        const float* v = dots.v + i * n;
-        if (dots.shift)
-            for (int64_t j = 0; j < n; ++j) block_sums[j] += d[j] * (v[j] - dots.shift[j]);
+        const float* g = dy + i * ld_dy;
+        const float* v = d.v + i * n;
+        if (d.shift)
+            for (int64_t j = 0; j < n; ++j) block_sums[j] += g[j] * (v[j] - d.shift[j]);
         else
-            for (int64_t j = 0; j < n; ++j) block_sums[j] += d[j] * v[j];
+            for (int64_t j = 0; j < n; ++j) block_sums[j] += g[j] * v[j];
     }
     for (int64_t j = 0; j < n; ++j) sums[j] += block_sums[j];
 }
 
 // Backward's thin part for rows [rows), block by block: adds scale g^T dropout(x) to dA and
 // scale dy^T (dropout(x) A^T) to dB, and writes dx's masked rank-R term scale mask (g A) / (1-p)
-// into dx, where g = dy B; with dots, DoRA's column dots into sums while dy's block is in cache. Each output is
-// skipped when null.
+// into dx, where g = dy B; with dora, DoRA's changes (see DoraThin), dm's column dots made while dy's block is in
+// cache. Each output is skipped when null.
 void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* dy, int64_t ld_dy, Range rows,
-                   float* dx, float* dA, float* dB, const ColumnDots* dots, float* sums, BackwardScratch& s) {
+                   float* dx, float* dA, float* dB, const DoraThin* dora, float* sums, BackwardScratch& s) {
     const int64_t in = p.x.cols, out = p.weight.rows, rank = p.rank;
     const Kernels& k = active_kernels();
     const float scale = lora_scale(p);
     for (int64_t r0 = rows.begin; r0 < rows.end; r0 += kBlockRows) {
         const int n = to_int(std::min(kBlockRows, rows.end - r0));
         const float* dy_block = dy + r0 * ld_dy;
-        if (dA || dx)  // g = dy B: the gradient reaching dropout(x) A^T, unscaled
+        const float* g = dora && dora->g ? dora->g + r0 * rank : s.g.get();
+        if ((dA || dx) && g == s.g.get())  // g = dy B: the gradient reaching dropout(x) A^T, unscaled
             scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, to_int(rank), to_int(out), 1.0f, dy_block,
                               ld(ld_dy), p.lora_B, ld(rank), 0.0f, s.g.get(), ld(rank));
         if (dA || dB) {
             int64_t lds;
             const float* xs = lora_input(p, col_keys, r0, n, s.x_block.get(), &lds);
             if (dA)
-                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, scale,
-                                  s.g.get(), ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
+                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, scale, g,
+                                  ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
             if (dB) {
                 std::fill(s.h.get(), s.h.get() + n * rank, 0.0f);
                 thin_x_wt(xs, lds, n, Matrix{p.lora_A, rank, in, in, 1}, s.h.get(), rank);
@@ -231,10 +236,11 @@ void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* 
                                   dy_block, ld(ld_dy), s.h.get(), ld(rank), 1.0f, dB, ld(rank));
             }
         }
-        if (dots) column_dots(*dots, dy, ld_dy, r0, n, out, s.block_sums.get(), sums);
+        if (dora && dora->v) column_dots(*dora, dy, ld_dy, r0, n, out, s.block_sums.get(), sums);
         if (dx) {
             float* dx_block = dx + r0 * in;
-            k.lowrank_rows(dx_block, in, nullptr, s.g.get(), rank, p.lora_A, in, rank, n, in, scale, false);
+            k.lowrank_rows(dx_block, in, nullptr, g, rank, p.lora_A, in, rank, n, in, scale,
+                           dora && dora->dx_accumulates);
             if (p.dropout_p > 0.0f)
                 for (int64_t i = 0; i < n; ++i)
                     k.dropout_row(dx_block + i * in, dx_block + i * in, in, dropout_row_key(p.seed, r0 + i),
@@ -299,10 +305,11 @@ Buffer zeros(int64_t n) {
     return b;
 }
 
-// backward_thin over all rows, threads splitting them: dA, dB (zeroed here), dx's rank-R term and, with dots,
+// backward_thin over all rows, threads splitting them: dA, dB (zeroed here), dx's rank-R term and, with dora,
 // the column dots into sums (out,) (zeroed by the caller).
 void backward_thin_all(const LoraProblem& p, const uint32_t* col_keys, const float* dy, int64_t ld_dy, float* dx,
-                       float* dA, float* dB, const ColumnDots* dots, float* sums) {
+                       float* dA, float* dB, const DoraThin* dora, float* sums) {
+    const bool dots = dora && dora->v;
     const int64_t m = p.x.rows, n_out = p.weight.rows, in = p.x.cols, rank = p.rank;
     if (dA) std::fill(dA, dA + rank * in, 0.0f);
     if (dB) std::fill(dB, dB + n_out * rank, 0.0f);
@@ -323,7 +330,7 @@ void backward_thin_all(const LoraProblem& p, const uint32_t* col_keys, const flo
     parallel_run(n, [&](int t) {  // thread 0 accumulates straight into dA, dB, sums; the others into scratch
         BackwardScratch& s = scratch[static_cast<size_t>(t)];
         backward_thin(p, col_keys, dy, ld_dy, part(m, n, t, 1), dx, t == 0 || !dA ? dA : s.dA.get(),
-                      t == 0 || !dB ? dB : s.dB.get(), dots, t == 0 ? sums : s.sums.get(), s);
+                      t == 0 || !dB ? dB : s.dB.get(), dora, t == 0 ? sums : s.sums.get(), s);
     });
     for (int t = 1; t < n; ++t) {
         const BackwardScratch& s = scratch[static_cast<size_t>(t)];
@@ -941,12 +948,13 @@ void dora_forward(const DoraProblem& p, const float* factor, float* y, float* u)
 
 namespace {
 
-// dx[rows, cols) += (f dy[rows]) W[:, cols) for per-feature factors f (out,), dy's columns kc at a time: each
-// chunk scaled into buf (rows x kc), then multiplied with W's rows of that chunk.
+// dx[rows, cols) = (f dy[rows]) W[:, cols) for per-feature factors f (out,), dy's columns kc at a time: each
+// chunk scaled into buf (rows x kc), then multiplied with W's rows of that chunk. With g, also g[g_rows] =
+// (chunk of those rows) B[chunk] summed over the chunks: (c dy) B for f = c, with no scaled copy of B.
 void scaled_dy_w(const DoraProblem& p, const float* f, const float* dy, int64_t ld_dy, Range rows, Range cols,
-                 int64_t kc, float* buf, float* dx) {
+                 int64_t kc, float* buf, float* dx, float* g, Range g_rows) {
     const Matrix& w = p.lora.weight;
-    const int64_t out = w.rows, in = w.cols;
+    const int64_t out = w.rows, in = w.cols, rank = p.lora.rank;
     for (int64_t k0 = 0; k0 < out; k0 += kc) {
         const int64_t n = std::min(kc, out - k0);
         for (int64_t i = 0; i < rows.size(); ++i) {
@@ -955,7 +963,12 @@ void scaled_dy_w(const DoraProblem& p, const float* f, const float* dy, int64_t 
             for (int64_t k = 0; k < n; ++k) scaled[k] = f[k0 + k] * d[k];
         }
         const Matrix chunk{w.data + k0 * w.row_stride, n, in, w.row_stride, w.col_stride};
-        gemm_dy_w(buf, n, rows.size(), chunk, cols.begin, cols.size(), dx + rows.begin * in + cols.begin, in, p.gemm);
+        gemm_dy_w(buf, n, rows.size(), chunk, cols.begin, cols.size(), dx + rows.begin * in + cols.begin, in,
+                  k0 == 0 ? 0.0f : 1.0f, p.gemm);
+        if (g && g_rows.size() > 0)
+            openblas_gemm(false, false, to_int(g_rows.size()), to_int(rank), to_int(n), 1.0f,
+                          buf + (g_rows.begin - rows.begin) * n, ld(n), p.lora.lora_B + k0 * rank, ld(rank),
+                          k0 == 0 ? 0.0f : 1.0f, g + g_rows.begin * rank, ld(rank));
     }
 }
 
@@ -967,18 +980,39 @@ void dora_backward(const DoraProblem& p, const float* factor, const float* norm,
     const int64_t m = q.x.rows, out = q.weight.rows, in = q.x.cols, rank = q.rank;
     const bool dropout = q.dropout_p > 0.0f;
     const std::vector<uint32_t> col_keys = column_keys(q);
-    // LoRA's thin pass with c B for B: g = dy (c B) (dA, dx's rank-R term), and dB without its factor.
+    // dx's product first: (c dy) W, or with dropout ((c - 1) / (1 - p) dy) W (masked with the rank-R term below,
+    // then + dy W). Without dropout its chunks of c dy also give g = (c dy) B for dA and dx's rank-R term.
+    Buffer g;
+    if (dx && m > 0) {
+        std::vector<float> f(factor, factor + out);
+        if (dropout)
+            for (float& v : f) v = static_cast<float>((double{v} - 1.0) / (1.0 - double{q.dropout_p}));
+        else
+            g = buffer(m * rank);
+        const bool by_rows = split_rows(q.threads, m, in);
+        const int n = by_rows ? share(q.threads, m, kRowsPerThread) : share(q.threads, in, kColsPerThread);
+        parallel_run(n, [&](int t) {
+            const Range rows = by_rows ? part(m, n, t, 1) : Range{0, m};
+            const Range cols = by_rows ? Range{0, in} : part(in, n, t, kColAlign);
+            const int64_t kc = std::clamp<int64_t>(kScaledFloats / std::max<int64_t>(rows.size(), 1) / 16 * 16, 16,
+                                                   out);
+            const Buffer buf = buffer(rows.size() * kc);
+            scaled_dy_w(p, f.data(), dy, ld_dy, rows, cols, kc, buf.get(), dx, g.get(), by_rows ? rows : part(m, n, t, 1));
+        });
+    }
+    // The thin pass: LoRA's with c B for B (g = dy (c B) unless made above), dB without its factor (applied
+    // below), the rank-R term added onto dx's product and masked with it, dm's column dots.
     LoraProblem thin = q;
     std::vector<float> scaled_B;
-    if (dA || dx) {
+    if ((dA || dx) && !g) {
         scaled_B.resize(static_cast<size_t>(out * rank));
         for (int64_t i = 0; i < out; ++i)
             for (int64_t r = 0; r < rank; ++r) scaled_B[i * rank + r] = factor[i] * q.lora_B[i * rank + r];
         thin.lora_B = scaled_B.data();
     }
-    const ColumnDots dots{u ? u : y, u ? nullptr : q.bias};
+    const DoraThin dora{dm ? (u ? u : y) : nullptr, u ? nullptr : q.bias, g.get(), true};
     std::vector<float> sums(static_cast<size_t>(dm ? out : 0), 0.0f);
-    backward_thin_all(thin, col_keys.data(), dy, ld_dy, dx, dA, dB, dm ? &dots : nullptr, sums.data());
+    backward_thin_all(thin, col_keys.data(), dy, ld_dy, dx, dA, dB, &dora, sums.data());
     if (dB)
         for (int64_t i = 0; i < out; ++i)
             for (int64_t r = 0; r < rank; ++r) dB[i * rank + r] *= factor[i];
@@ -987,30 +1021,20 @@ void dora_backward(const DoraProblem& p, const float* factor, const float* norm,
             int64_t k;
             if (magnitude_index(p, i, &k)) dm[k] = sums[static_cast<size_t>(i)] / (u ? norm[i] : p.magnitude[k]);
         }
-    if (!dx || m == 0) return;
-    // dx += (c dy) W; with dropout dx = mask [((c - 1) / (1 - p) dy) W + rank-R term] + dy W.
-    std::vector<float> f(factor, factor + out);
-    if (dropout)
-        for (float& v : f) v = static_cast<float>((double{v} - 1.0) / (1.0 - double{q.dropout_p}));
-    auto tile = [&](Range rows, Range cols) {
-        const int64_t kc = std::clamp<int64_t>(kScaledFloats / std::max<int64_t>(rows.size(), 1) / 16 * 16, 16, out);
-        const Buffer buf = buffer(rows.size() * kc);
-        scaled_dy_w(p, f.data(), dy, ld_dy, rows, cols, kc, buf.get(), dx);
-        if (!dropout) return;
-        for (int64_t i = rows.begin; i < rows.end; ++i) {
-            float* row = dx + i * in + cols.begin;
-            active_kernels().dropout_row(row, row, cols.size(), dropout_row_key(q.seed, i),
-                                         col_keys.data() + cols.begin, q.threshold);
-        }
-        gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), q.weight, cols.begin, cols.size(),
-                  dx + rows.begin * in + cols.begin, in, p.gemm);
-    };
-    if (split_rows(q.threads, m, in)) {
+    if (!dx || !dropout || m == 0) return;
+    if (split_rows(q.threads, m, in)) {  // + dy W, the undropped base path's
         const int n = share(q.threads, m, kRowsPerThread);
-        parallel_run(n, [&](int t) { tile(part(m, n, t, 1), {0, in}); });
+        parallel_run(n, [&](int t) {
+            const Range rows = part(m, n, t, 1);
+            gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), q.weight, 0, in, dx + rows.begin * in, in, 1.0f,
+                      p.gemm);
+        });
     } else {
         const int n = share(q.threads, in, kColsPerThread);
-        parallel_run(n, [&](int t) { tile({0, m}, part(in, n, t, kColAlign)); });
+        parallel_run(n, [&](int t) {
+            const Range cols = part(in, n, t, kColAlign);
+            gemm_dy_w(dy, ld_dy, m, q.weight, cols.begin, cols.size(), dx + cols.begin, in, 1.0f, p.gemm);
+        });
     }
 }
 

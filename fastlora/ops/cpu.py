@@ -1,4 +1,4 @@
-"""The cpu backend: fp32 LoRA forward and backward in the C++ extension ``fastlora._C``, for one
+"""The cpu backend: fp32 LoRA (and DoRA) forward and backward in the C++ extension ``fastlora._C``, for one
 adapter and for mixed batches (each row its own adapter, see :mod:`fastlora.ops.mixed`).
 
 The extension writes bias + dropout + rank-R update into the output (and dx's masked rank-R
@@ -9,6 +9,10 @@ extension (``openblas``, from the ``scipy-openblas32`` wheel, the default otherw
 Zen it outran PyTorch's MKL). Either way a
 forward of at most 8 rows with a row-major (``nn.Linear``) weight streams W once through the
 extension's own kernel, which beats both GEMMs there. It runs on torch's thread count.
+
+DoRA runs whole in the extension, which calls the chosen GEMM itself (its per-feature factor scales the base
+product, so the product cannot be added afterwards): the norms ``|W_i + s B_i A|`` from one pass over W on every
+call, the factor applied in the tiles' epilogue, dx from dy's columns scaled a chunk at a time.
 
 The tensors go to the extension as they are (it reads their data pointers, shapes and strides),
 never through ``Tensor.numpy()``: that marks a tensor's storage non-resizable for good, and FSDP
