@@ -766,9 +766,9 @@ void lora_backward_mixed(const MixedProblem& p, const float* dy, int64_t ld_dy, 
 // DoRA: LoRA's passes with a per-output-feature factor c = m / n. The norms take one pass over W, a block of rows
 // at a time: W A^T and |W_i|^2 while the block is in cache, then n_i^2 = |W_i|^2 + 2 scale B_i (W A^T)_i +
 // scale^2 B_i (A A^T) B_i^T per feature. Forward's tiles get the base product(s) from the GEMM, then
-// dora_rows adds bias, rank-R update and factor while each tile row is in cache. Backward is LoRA's thin pass
-// with B's rows scaled by c (g = (c dy) B = dy (c B)) and dm's column dots beside dB's, then dx's product with
-// the factor on dy's columns, a chunk of them at a time (no scaled copy of dy, no scaled copy of W).
+// dora_rows adds bias, rank-R update and factor while each tile row is in cache. Backward makes dx's product
+// first, the factor on dy's columns a chunk of them at a time (no scaled copy of dy, none of W), then runs
+// LoRA's thin pass with g = (c dy) B, dB's factor applied after, and dm's column dots beside dB's.
 namespace {
 
 constexpr int64_t kNormRows = 48;           // rows of W whose W A^T and squared norms are made together
@@ -799,9 +799,9 @@ NormScratch norm_scratch(const LoraProblem& q) {
     return s;
 }
 
-// One thread's buffers for norm_block: W A^T of a block (padded), and a column-major W's block packed.
+// One thread's buffers for norm_block: panel_gemm's (padded) output, and a column-major W's block packed.
 struct NormBlockScratch {
-    Buffer wa, packed;
+    Buffer wide, packed;
 };
 
 // wa (rows x rank, rows <= kNormRows) = W[i0 : i0 + rows] A^T and sq (rows,) = those rows' squared norms,
@@ -816,9 +816,9 @@ void norm_block(const DoraProblem& p, const NormScratch& ns, int64_t i0, int64_t
     if (w.col_stride == 1) {
         const float* block = w.data + i0 * w.row_stride;
         if (ns.padded) {
-            k.panel_gemm(s.wa.get(), ns.padded, block, w.row_stride, rows, ns.at.data(), ns.padded, in, ns.padded);
+            k.panel_gemm(s.wide.get(), ns.padded, block, w.row_stride, rows, ns.at.data(), ns.padded, in, ns.padded);
             for (int64_t i = 0; i < rows; ++i)
-                std::copy(s.wa.get() + i * ns.padded, s.wa.get() + i * ns.padded + rank, wa + i * rank);
+                std::copy(s.wide.get() + i * ns.padded, s.wide.get() + i * ns.padded + rank, wa + i * rank);
         } else {
             std::fill(wa, wa + rows * rank, 0.0f);
             k.small_gemm_nt(wa, rank, block, w.row_stride, rows, p.lora.lora_A, in, rank, in, nullptr);
@@ -833,7 +833,7 @@ void norm_block(const DoraProblem& p, const NormScratch& ns, int64_t i0, int64_t
         std::copy(src, src + rows, packed + q * width);
         std::fill(packed + q * width + rows, packed + (q + 1) * width, 0.0f);
     }
-    float* wat = s.wa.get();  // (rank x width): W A^T transposed
+    float* wat = s.wide.get();  // (rank x width): W A^T transposed
     k.panel_gemm(wat, width, p.lora.lora_A, in, rank, packed, width, in, width);
     for (int64_t i = 0; i < rows; ++i)
         for (int64_t r = 0; r < rank; ++r) wa[i * rank + r] = wat[r * width + i];
