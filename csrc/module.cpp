@@ -420,6 +420,12 @@ std::vector<int64_t> slots_of(py::handle slices, int64_t out) {
     return slots;
 }
 
+// The magnitude's length: the features of the enabled groups.
+int64_t enabled_features(const std::vector<int64_t>& slots, int64_t out) {
+    const int64_t groups = static_cast<int64_t>(slots.size());
+    return out / groups * (groups - std::count(slots.begin(), slots.end(), int64_t{-1}));
+}
+
 fastlora::DoraProblem dora_problem(py::handle x, py::handle weight, py::handle bias, py::handle lora_A,
                                    py::handle lora_B, py::handle magnitude, py::handle slices, double scale,
                                    double dropout_p, int64_t seed, int threads, bool use_torch_gemm, Copies& copies) {
@@ -427,9 +433,7 @@ fastlora::DoraProblem dora_problem(py::handle x, py::handle weight, py::handle b
     p.lora = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, threads, true, copies);
     const int64_t out = p.lora.weight.rows;
     p.slots = slots_of(slices, out);
-    const int64_t groups = static_cast<int64_t>(p.slots.size());
-    const int64_t enabled = groups - std::count(p.slots.begin(), p.slots.end(), int64_t{-1});
-    p.magnitude = contiguous(magnitude, "magnitude", {out / groups * enabled}, &copies.magnitude);
+    p.magnitude = contiguous(magnitude, "magnitude", {enabled_features(p.slots, out)}, &copies.magnitude);
     p.gemm = use_torch_gemm ? torch_gemm : fastlora::openblas_gemm;
     return p;
 }
@@ -481,14 +485,11 @@ py::tuple dora_backward(py::handle grad_out, py::handle x, py::handle weight, py
     CHECK_ARG(!need_dm || y || u, "dm needs the forward's output or dropped (both are None)");
     CHECK_ARG(!need_dm || u || p.lora.dropout_p == 0.0f, "dm with dropout needs the forward's dropped");
     std::vector<float> factor(static_cast<size_t>(out));
-    const int64_t features = p.slots.size() == 1 ? out
-        : out / static_cast<int64_t>(p.slots.size()) *
-              (static_cast<int64_t>(p.slots.size()) - std::count(p.slots.begin(), p.slots.end(), int64_t{-1}));
     float *dx_data = nullptr, *dA_data = nullptr, *dB_data = nullptr, *dm_data = nullptr;
     py::object dx = need_dx ? new_tensor(m, in, &dx_data) : py::none();
     py::object dA = need_dA ? new_tensor(rank, in, &dA_data) : py::none();
     py::object dB = need_dB ? new_tensor(out, rank, &dB_data) : py::none();
-    py::object dm = need_dm ? new_vector(features, &dm_data) : py::none();
+    py::object dm = need_dm ? new_vector(enabled_features(p.slots, out), &dm_data) : py::none();
     {
         py::gil_scoped_release release;
         fastlora::dora_factors(p, norm_data, factor.data());
