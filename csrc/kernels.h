@@ -62,6 +62,19 @@ struct Kernels {
     // and each row's B in one pass, B untransposed.
     void (*small_gemm_nt)(float* c, int64_t ldc, const float* a, int64_t lda, int64_t rows, const float* w,
                           int64_t ldw, int64_t n, int64_t k, const RowLora* lora);
+    // DoRA's epilogue over `rows` rows and n columns, with l = alpha * h bt (as lowrank_rows; bias may be null):
+    // without u, y = bias + factor * (y + l) (y held x W^T); with u (which held x_d W^T, the dropped input's
+    // product), y += bias + (factor - 1) * u + factor * l and u += l.
+    void (*dora_rows)(float* y, int64_t ldy, float* u, int64_t ldu, const float* bias, const float* factor,
+                      const float* h, int64_t ldh, const float* bt, int64_t ldbt, int64_t rank, int64_t rows, int64_t n,
+                      float alpha);
+    // out[i] = sum_p a[i, p]^2 for i < rows, p < k: the squared norms of a's rows.
+    void (*square_sums)(const float* a, int64_t lda, int64_t rows, int64_t k, float* out);
+    // c[i, j] = sum_p a[i, p] * bt[p, j] for i < rows, j < n, p < k, n a multiple of 16: a GEMM micro-kernel
+    // (accumulators in registers over all of k): W A^T, W's rows against A^T padded to 16 columns, or a
+    // column-major W's packed columns against A's rows.
+    void (*panel_gemm)(float* c, int64_t ldc, const float* a, int64_t lda, int64_t rows, const float* bt,
+                       int64_t ldbt, int64_t k, int64_t n);
 };
 
 // The table of each instruction set built into this binary; null where it is not built here.

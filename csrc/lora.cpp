@@ -15,6 +15,13 @@
 #include "parallel.h"
 
 namespace fastlora {
+
+void openblas_gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                   const float* b, int ldb, float beta, float* c, int ldc) {
+    scipy_cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n,
+                      k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 namespace {
 
 constexpr int64_t kBlockRows = 64;        // rows whose dropped-out x and rank-R terms are made together
@@ -46,23 +53,29 @@ int share(int threads, int64_t units, int64_t least) {
     return static_cast<int>(std::clamp<int64_t>(units / least, 1, std::max(threads, 1)));
 }
 
-// c (rows x cols, ldc) += a (rows x in, lda) * W[n0 : n0 + cols, :]^T. A few rows take our
-// streaming kernels (W read once, no packing); more take OpenBLAS.
+// c (rows x cols, ldc) = 0 before a streaming kernel accumulates onto it (a GEMM's beta 0).
+void clear(float* c, int64_t ldc, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + cols, 0.0f);
+}
+
+// c (rows x cols, ldc) = beta c + a (rows x in, lda) * W[n0 : n0 + cols, :]^T, beta 0 or 1. A few rows take our
+// streaming kernels (W read once, no packing); more take the GEMM (OpenBLAS unless a DoRA call names PyTorch's).
 void gemm_x_wt(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64_t n0, int64_t cols, float* c,
-               int64_t ldc) {
+               int64_t ldc, float beta = 1.0f, Gemm gemm = openblas_gemm) {
     const int64_t in = w.cols;
     const bool row_major = w.col_stride == 1;
+    if (rows <= kSmallRows && beta == 0.0f) clear(c, ldc, rows, cols);
     if (rows <= kSmallRows && row_major)
         active_kernels().small_gemm_nt(c, ldc, a, lda, rows, w.data + n0 * w.row_stride, w.row_stride, cols, in,
                                         nullptr);
     else if (rows <= kSmallRows)
         active_kernels().lowrank_rows(c, ldc, nullptr, a, lda, w.data + n0, w.col_stride, in, rows, cols, 1.0f, true);
     else if (row_major)
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, to_int(rows), to_int(cols), to_int(in), 1.0f, a,
-                          ld(lda), w.data + n0 * w.row_stride, ld(w.row_stride), 1.0f, c, ld(ldc));
+        gemm(false, true, to_int(rows), to_int(cols), to_int(in), 1.0f, a, ld(lda), w.data + n0 * w.row_stride,
+             ld(w.row_stride), beta, c, ld(ldc));
     else
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, to_int(rows), to_int(cols), to_int(in), 1.0f,
-                          a, ld(lda), w.data + n0, ld(w.col_stride), 1.0f, c, ld(ldc));
+        gemm(false, false, to_int(rows), to_int(cols), to_int(in), 1.0f, a, ld(lda), w.data + n0, ld(w.col_stride),
+             beta, c, ld(ldc));
 }
 
 // c (rows x rank, ldc) += a (rows x in, lda) * A^T for a LoRA A (rank x in): our streaming kernel for any number
@@ -75,22 +88,23 @@ void thin_x_wt(const float* a, int64_t lda, int64_t rows, const Matrix& w, float
         gemm_x_wt(a, lda, rows, w, 0, w.rows, c, ldc);
 }
 
-// c (rows x cols, ldc) += a (rows x out, lda) * W[:, k0 : k0 + cols], dispatched as gemm_x_wt.
+// c (rows x cols, ldc) = beta c + a (rows x out, lda) * W[:, k0 : k0 + cols], dispatched as gemm_x_wt.
 void gemm_dy_w(const float* a, int64_t lda, int64_t rows, const Matrix& w, int64_t k0, int64_t cols, float* c,
-               int64_t ldc) {
+               int64_t ldc, float beta = 1.0f, Gemm gemm = openblas_gemm) {
     const int64_t out = w.rows;
     const bool row_major = w.col_stride == 1;
+    if (rows <= kSmallRows && beta == 0.0f) clear(c, ldc, rows, cols);
     if (rows <= kSmallRows && row_major)
         active_kernels().lowrank_rows(c, ldc, nullptr, a, lda, w.data + k0, w.row_stride, out, rows, cols, 1.0f, true);
     else if (rows <= kSmallRows)
         active_kernels().small_gemm_nt(c, ldc, a, lda, rows, w.data + k0 * w.col_stride, w.col_stride, cols, out,
                                         nullptr);
     else if (row_major)
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, to_int(rows), to_int(cols), to_int(out), 1.0f,
-                          a, ld(lda), w.data + k0, ld(w.row_stride), 1.0f, c, ld(ldc));
+        gemm(false, false, to_int(rows), to_int(cols), to_int(out), 1.0f, a, ld(lda), w.data + k0, ld(w.row_stride),
+             beta, c, ld(ldc));
     else
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, to_int(rows), to_int(cols), to_int(out), 1.0f, a,
-                          ld(lda), w.data + k0 * w.col_stride, ld(w.col_stride), 1.0f, c, ld(ldc));
+        gemm(false, true, to_int(rows), to_int(cols), to_int(out), 1.0f, a, ld(lda), w.data + k0 * w.col_stride,
+             ld(w.col_stride), beta, c, ld(ldc));
 }
 
 // The LoRA scale with inverted dropout's 1 / (1 - p) folded in.
@@ -164,29 +178,57 @@ void start_row(float* c, const float* bias, Range cols) {
 
 // One thread's buffers for backward: a block's dropped-out x, h and g, and its partial dA, dB.
 struct BackwardScratch {
-    Buffer x_block, h, g, dA, dB;
+    Buffer x_block, h, g, dA, dB, sums, block_sums;
 };
+
+// What DoRA changes in backward's thin pass: dm's column dots, sums[j] += sum_i dy[i, j] (v[i, j] - shift[j])
+// (v (M, out) contiguous, or null for none; shift (out,) or null for 0); g = (c dy) B already made (M x rank), or
+// null to make it from lora_B; and dx already holding its product, onto which the rank-R term is added.
+struct DoraThin {
+    const float* v;
+    const float* shift;
+    const float* g;
+    bool dx_accumulates;
+};
+
+// sums (n,) += the column dots of dy's and v's rows [r0, r0 + rows) (see DoraThin), summed by block into
+// block_sums first: a block's sums stay small, so adding them up loses less than one running sum of all rows.
+void column_dots(const DoraThin& d, const float* dy, int64_t ld_dy, int64_t r0, int64_t rows, int64_t n,
+                 float* block_sums, float* sums) {
+    std::fill(block_sums, block_sums + n, 0.0f);
+    for (int64_t i = r0; i < r0 + rows; ++i) {
+        const float* g = dy + i * ld_dy;
+        const float* v = d.v + i * n;
+        if (d.shift)
+            for (int64_t j = 0; j < n; ++j) block_sums[j] += g[j] * (v[j] - d.shift[j]);
+        else
+            for (int64_t j = 0; j < n; ++j) block_sums[j] += g[j] * v[j];
+    }
+    for (int64_t j = 0; j < n; ++j) sums[j] += block_sums[j];
+}
 
 // Backward's thin part for rows [rows), block by block: adds scale g^T dropout(x) to dA and
 // scale dy^T (dropout(x) A^T) to dB, and writes dx's masked rank-R term scale mask (g A) / (1-p)
-// into dx, where g = dy B. Each output is skipped when null.
+// into dx, where g = dy B; with dora, DoRA's changes (see DoraThin), dm's column dots made while dy's block is in
+// cache. Each output is skipped when null.
 void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* dy, int64_t ld_dy, Range rows,
-                   float* dx, float* dA, float* dB, BackwardScratch& s) {
+                   float* dx, float* dA, float* dB, const DoraThin* dora, float* sums, BackwardScratch& s) {
     const int64_t in = p.x.cols, out = p.weight.rows, rank = p.rank;
     const Kernels& k = active_kernels();
     const float scale = lora_scale(p);
     for (int64_t r0 = rows.begin; r0 < rows.end; r0 += kBlockRows) {
         const int n = to_int(std::min(kBlockRows, rows.end - r0));
         const float* dy_block = dy + r0 * ld_dy;
-        if (dA || dx)  // g = dy B: the gradient reaching dropout(x) A^T, unscaled
+        const float* g = dora && dora->g ? dora->g + r0 * rank : s.g.get();
+        if ((dA || dx) && g == s.g.get())  // g = dy B: the gradient reaching dropout(x) A^T, unscaled
             scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, to_int(rank), to_int(out), 1.0f, dy_block,
                               ld(ld_dy), p.lora_B, ld(rank), 0.0f, s.g.get(), ld(rank));
         if (dA || dB) {
             int64_t lds;
             const float* xs = lora_input(p, col_keys, r0, n, s.x_block.get(), &lds);
             if (dA)
-                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, scale,
-                                  s.g.get(), ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
+                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, to_int(rank), to_int(in), n, scale, g,
+                                  ld(rank), xs, ld(lds), 1.0f, dA, ld(in));
             if (dB) {
                 std::fill(s.h.get(), s.h.get() + n * rank, 0.0f);
                 thin_x_wt(xs, lds, n, Matrix{p.lora_A, rank, in, in, 1}, s.h.get(), rank);
@@ -194,9 +236,11 @@ void backward_thin(const LoraProblem& p, const uint32_t* col_keys, const float* 
                                   dy_block, ld(ld_dy), s.h.get(), ld(rank), 1.0f, dB, ld(rank));
             }
         }
+        if (dora && dora->v) column_dots(*dora, dy, ld_dy, r0, n, out, s.block_sums.get(), sums);
         if (dx) {
             float* dx_block = dx + r0 * in;
-            k.lowrank_rows(dx_block, in, nullptr, s.g.get(), rank, p.lora_A, in, rank, n, in, scale, false);
+            k.lowrank_rows(dx_block, in, nullptr, g, rank, p.lora_A, in, rank, n, in, scale,
+                           dora && dora->dx_accumulates);
             if (p.dropout_p > 0.0f)
                 for (int64_t i = 0; i < n; ++i)
                     k.dropout_row(dx_block + i * in, dx_block + i * in, in, dropout_row_key(p.seed, r0 + i),
@@ -252,12 +296,24 @@ void lora_forward(const LoraProblem& p, float* out) {
     }
 }
 
-void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* dx, float* dA, float* dB) {
+namespace {
+
+// Buffer(n) of zeros.
+Buffer zeros(int64_t n) {
+    Buffer b = buffer(n);
+    std::fill(b.get(), b.get() + n, 0.0f);
+    return b;
+}
+
+// backward_thin over all rows, threads splitting them: dA, dB (zeroed here), dx's rank-R term and, with dora,
+// the column dots into sums (out,) (zeroed by the caller).
+void backward_thin_all(const LoraProblem& p, const uint32_t* col_keys, const float* dy, int64_t ld_dy, float* dx,
+                       float* dA, float* dB, const DoraThin* dora, float* sums) {
+    const bool dots = dora && dora->v;
     const int64_t m = p.x.rows, n_out = p.weight.rows, in = p.x.cols, rank = p.rank;
     if (dA) std::fill(dA, dA + rank * in, 0.0f);
     if (dB) std::fill(dB, dB + n_out * rank, 0.0f);
     if (m == 0) return;
-    const std::vector<uint32_t> col_keys = column_keys(p);
     const int n = share(p.threads, m, kBlockRows);
     const int64_t block = std::min(kBlockRows, m);
     std::vector<BackwardScratch> scratch(static_cast<size_t>(n));
@@ -266,26 +322,31 @@ void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* 
         s.x_block = buffer(p.dropout_p > 0.0f ? block * in : 0);
         s.h = buffer(block * rank);
         s.g = buffer(block * rank);
-        if (t > 0 && dA) {
-            s.dA = buffer(rank * in);
-            std::fill(s.dA.get(), s.dA.get() + rank * in, 0.0f);
-        }
-        if (t > 0 && dB) {
-            s.dB = buffer(n_out * rank);
-            std::fill(s.dB.get(), s.dB.get() + n_out * rank, 0.0f);
-        }
+        if (t > 0 && dA) s.dA = zeros(rank * in);
+        if (t > 0 && dB) s.dB = zeros(n_out * rank);
+        if (t > 0 && dots) s.sums = zeros(n_out);
+        if (dots) s.block_sums = buffer(n_out);
     }
-    parallel_run(n, [&](int t) {  // thread 0 accumulates straight into dA, dB; the others into scratch
+    parallel_run(n, [&](int t) {  // thread 0 accumulates straight into dA, dB, sums; the others into scratch
         BackwardScratch& s = scratch[static_cast<size_t>(t)];
-        backward_thin(p, col_keys.data(), dy, ld_dy, part(m, n, t, 1), dx, t == 0 || !dA ? dA : s.dA.get(),
-                      t == 0 || !dB ? dB : s.dB.get(), s);
+        backward_thin(p, col_keys, dy, ld_dy, part(m, n, t, 1), dx, t == 0 || !dA ? dA : s.dA.get(),
+                      t == 0 || !dB ? dB : s.dB.get(), dora, t == 0 ? sums : s.sums.get(), s);
     });
     for (int t = 1; t < n; ++t) {
         const BackwardScratch& s = scratch[static_cast<size_t>(t)];
         if (dA) for (int64_t i = 0; i < rank * in; ++i) dA[i] += s.dA[i];
         if (dB) for (int64_t i = 0; i < n_out * rank; ++i) dB[i] += s.dB[i];
+        if (dots) for (int64_t i = 0; i < n_out; ++i) sums[i] += s.sums[i];
     }
-    if (!dx || !p.base_product) return;
+}
+
+}  // namespace
+
+void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* dx, float* dA, float* dB) {
+    const int64_t m = p.x.rows, in = p.x.cols;
+    const std::vector<uint32_t> col_keys = column_keys(p);
+    backward_thin_all(p, col_keys.data(), dy, ld_dy, dx, dA, dB, nullptr, nullptr);
+    if (m == 0 || !dx || !p.base_product) return;
     if (split_rows(p.threads, m, in)) {  // dx += dy W, split as forward splits its tiles
         const int nr = share(p.threads, m, kRowsPerThread);
         parallel_run(nr, [&](int t) {
@@ -699,6 +760,281 @@ void lora_backward_mixed(const MixedProblem& p, const float* dy, int64_t ld_dy, 
     } else {
         const int nc = share(p.threads, in, kColsPerThread);
         parallel_run(nc, [&](int t) { dx_tile({0, m}, part(in, nc, t, kColAlign)); });
+    }
+}
+
+// DoRA: LoRA's passes with a per-output-feature factor c = m / n. The norms take one pass over W, a block of rows
+// at a time: W A^T and |W_i|^2 while the block is in cache, then n_i^2 = |W_i|^2 + 2 scale B_i (W A^T)_i +
+// scale^2 B_i (A A^T) B_i^T per feature. Forward's tiles get the base product(s) from the GEMM, then
+// dora_rows adds bias, rank-R update and factor while each tile row is in cache. Backward makes dx's product
+// first, the factor on dy's columns a chunk of them at a time (no scaled copy of dy, none of W), then runs
+// LoRA's thin pass with g = (c dy) B, dB's factor applied after, and dm's column dots beside dB's.
+namespace {
+
+constexpr int64_t kNormRows = 48;           // rows of W whose W A^T and squared norms are made together
+constexpr int64_t kScaledFloats = 1 << 16;  // a thread's chunk of column-scaled dy for dx's product (256 KiB)
+
+// Whether output feature i has a magnitude (its group is enabled), and where: m[*k].
+bool magnitude_index(const DoraProblem& p, int64_t i, int64_t* k) {
+    const int64_t per = p.lora.weight.rows / static_cast<int64_t>(p.slots.size());
+    const int64_t slot = p.slots[static_cast<size_t>(i / per)];
+    *k = slot * per + i % per;
+    return slot >= 0;
+}
+
+// A^T (in x padded), zero-padded to 16 columns, for the norms' W A^T by panel_gemm over a row-major W's rows,
+// from rank 12 up; below it padding would cost more than it gains and the streaming kernel takes them. Empty
+// when not used (padded 0).
+struct NormScratch {
+    std::vector<float> at;
+    int64_t padded;
+};
+
+NormScratch norm_scratch(const LoraProblem& q) {
+    NormScratch s{{}, 0};
+    if (q.weight.col_stride != 1 || q.rank < 12) return s;
+    s.padded = (q.rank + 15) / 16 * 16;
+    s.at.assign(static_cast<size_t>(q.x.cols * s.padded), 0.0f);
+    active_kernels().transpose(q.lora_A, q.x.cols, q.rank, q.x.cols, s.at.data(), s.padded);
+    return s;
+}
+
+// One thread's buffers for norm_block: panel_gemm's (padded) output, and a column-major W's block packed.
+struct NormBlockScratch {
+    Buffer wide, packed;
+};
+
+// wa (rows x rank, rows <= kNormRows) = W[i0 : i0 + rows] A^T and sq (rows,) = those rows' squared norms,
+// reading the block from memory once. A column-major W's block (columns of the row-major W^T) is packed first
+// into rows' columns padded to 16 (a strided W^T would alias in cache), then W A^T = (A W^T)^T comes from
+// panel_gemm over A's rows and the squares from the packed copy.
+void norm_block(const DoraProblem& p, const NormScratch& ns, int64_t i0, int64_t rows, float* wa, float* sq,
+                NormBlockScratch& s) {
+    const Matrix& w = p.lora.weight;
+    const int64_t in = w.cols, rank = p.lora.rank;
+    const Kernels& k = active_kernels();
+    if (w.col_stride == 1) {
+        const float* block = w.data + i0 * w.row_stride;
+        if (ns.padded) {
+            k.panel_gemm(s.wide.get(), ns.padded, block, w.row_stride, rows, ns.at.data(), ns.padded, in, ns.padded);
+            for (int64_t i = 0; i < rows; ++i)
+                std::copy(s.wide.get() + i * ns.padded, s.wide.get() + i * ns.padded + rank, wa + i * rank);
+        } else {
+            std::fill(wa, wa + rows * rank, 0.0f);
+            k.small_gemm_nt(wa, rank, block, w.row_stride, rows, p.lora.lora_A, in, rank, in, nullptr);
+        }
+        k.square_sums(block, w.row_stride, rows, in, sq);
+        return;
+    }
+    const int64_t width = (rows + 15) / 16 * 16;
+    float* packed = s.packed.get();
+    for (int64_t q = 0; q < in; ++q) {
+        const float* src = w.data + q * w.col_stride + i0;
+        std::copy(src, src + rows, packed + q * width);
+        std::fill(packed + q * width + rows, packed + (q + 1) * width, 0.0f);
+    }
+    float* wat = s.wide.get();  // (rank x width): W A^T transposed
+    k.panel_gemm(wat, width, p.lora.lora_A, in, rank, packed, width, in, width);
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t r = 0; r < rank; ++r) wa[i * rank + r] = wat[r * width + i];
+    std::fill(sq, sq + rows, 0.0f);
+    for (int64_t q = 0; q < in; ++q)
+        for (int64_t i = 0; i < rows; ++i) sq[i] += packed[q * width + i] * packed[q * width + i];
+}
+
+}  // namespace
+
+void dora_norm(const DoraProblem& p, float* norm) {
+    const LoraProblem& q = p.lora;
+    const int64_t out = q.weight.rows, in = q.weight.cols, rank = q.rank;
+    if (out == 0) return;
+    std::vector<float> gram(static_cast<size_t>(rank * rank), 0.0f);  // A A^T
+    active_kernels().small_gemm_nt(gram.data(), rank, q.lora_A, in, rank, q.lora_A, in, rank, in, nullptr);
+    const double s = q.scale;
+    const NormScratch scratch = norm_scratch(q);
+    const bool packs = q.weight.col_stride != 1;
+    const int n = share(q.threads, out, kColsPerThread);
+    parallel_run(n, [&](int t) {
+        const Range rows = part(out, n, t, 1);
+        NormBlockScratch blocks{buffer(kNormRows * std::max(rank, scratch.padded)), buffer(packs ? kNormRows * in : 0)};
+        const Buffer wa = buffer(kNormRows * rank), bg = buffer(kNormRows * rank);
+        float sq[kNormRows];
+        for (int64_t i0 = rows.begin; i0 < rows.end; i0 += kNormRows) {
+            const int64_t b = std::min(kNormRows, rows.end - i0);
+            const float* lora_B = q.lora_B + i0 * rank;
+            norm_block(p, scratch, i0, b, wa.get(), sq, blocks);
+            std::fill(bg.get(), bg.get() + b * rank, 0.0f);  // B G (G symmetric)
+            active_kernels().small_gemm_nt(bg.get(), rank, lora_B, rank, b, gram.data(), rank, rank, rank, nullptr);
+            for (int64_t i = 0; i < b; ++i) {
+                double cross = 0.0, quad = 0.0;
+                for (int64_t r = 0; r < rank; ++r) {
+                    cross += double{lora_B[i * rank + r]} * wa[i * rank + r];
+                    quad += double{lora_B[i * rank + r]} * bg[i * rank + r];
+                }
+                norm[i0 + i] = static_cast<float>(std::sqrt(std::max(sq[i] + 2.0 * s * cross + s * s * quad, 0.0)));
+            }
+        }
+    });
+}
+
+bool dora_factors(const DoraProblem& p, const float* norm, float* factor) {
+    bool fine = true;
+    for (int64_t i = 0; i < p.lora.weight.rows; ++i) {
+        int64_t k;
+        if (!magnitude_index(p, i, &k)) {
+            factor[i] = 1.0f;
+            continue;
+        }
+        factor[i] = p.magnitude[k] / norm[i];
+        fine = fine && std::isfinite(factor[i]) && factor[i] != 0.0f;
+    }
+    return fine;
+}
+
+void dora_forward(const DoraProblem& p, const float* factor, float* y, float* u) {
+    const LoraProblem& q = p.lora;
+    const int64_t m = q.x.rows, out = q.weight.rows, in = q.x.cols, rank = q.rank;
+    if (m == 0 || out == 0) return;
+    // The dropped path's input x_d: x, or x's masked rows scaled by 1 / (1 - p) (the reference's order: the
+    // products then take x_d as it is).
+    LoraProblem d = q;
+    Buffer xd;
+    if (q.dropout_p > 0.0f) {
+        xd = buffer(m * in);
+        const std::vector<uint32_t> col_keys = column_keys(q);
+        const float keep = static_cast<float>(1.0 / (1.0 - double{q.dropout_p}));
+        const int n = share(q.threads, m, kBlockRows);
+        parallel_run(n, [&](int t) {
+            const Range rows = part(m, n, t, 1);
+            for (int64_t i = rows.begin; i < rows.end; ++i) {
+                float* row = xd.get() + i * in;
+                active_kernels().dropout_row(q.x.data + i * q.x.row_stride, row, in, dropout_row_key(q.seed, i),
+                                             col_keys.data(), q.threshold);
+                for (int64_t k = 0; k < in; ++k) row[k] *= keep;
+            }
+        });
+        d.x = Matrix{xd.get(), m, in, in, 1};
+        d.dropout_p = 0.0f;
+    }
+    const Buffer h = buffer(m * rank);  // scale x_d A^T
+    const int np = share(q.threads, m, kBlockRows);
+    parallel_run(np, [&](int t) {
+        const Range rows = part(m, np, t, 1);
+        project(d, nullptr, rows, h.get() + rows.begin * rank, nullptr);
+    });
+    const Buffer bt = buffer(rank * out);
+    active_kernels().transpose(q.lora_B, rank, out, rank, bt.get(), out);
+    // Each tile: y = x W^T (and u = x_d W^T), then the epilogue; split as lora_forward splits its tiles.
+    auto tile = [&](Range rows, Range cols) {
+        float* yc = y + rows.begin * out + cols.begin;
+        float* uc = u ? u + rows.begin * out + cols.begin : nullptr;
+        gemm_x_wt(q.x.data + rows.begin * q.x.row_stride, q.x.row_stride, rows.size(), q.weight, cols.begin,
+                  cols.size(), yc, out, 0.0f, p.gemm);
+        if (uc)
+            gemm_x_wt(d.x.data + rows.begin * d.x.row_stride, d.x.row_stride, rows.size(), q.weight, cols.begin,
+                      cols.size(), uc, out, 0.0f, p.gemm);
+        active_kernels().dora_rows(yc, out, uc, out, q.bias ? q.bias + cols.begin : nullptr, factor + cols.begin,
+                                   h.get() + rows.begin * rank, rank, bt.get() + cols.begin, out, rank, rows.size(),
+                                   cols.size(), 1.0f);
+    };
+    if (split_rows(q.threads, m, out)) {
+        const int n = share(q.threads, m, kRowsPerThread);
+        parallel_run(n, [&](int t) { tile(part(m, n, t, 1), {0, out}); });
+    } else {
+        const int n = share(q.threads, out, kColsPerThread);
+        parallel_run(n, [&](int t) { tile({0, m}, part(out, n, t, kColAlign)); });
+    }
+}
+
+namespace {
+
+// dx[rows, cols) = (f dy[rows]) W[:, cols) for per-feature factors f (out,), dy's columns kc at a time: each
+// chunk scaled into buf (rows x kc), then multiplied with W's rows of that chunk. With g, also g[g_rows] =
+// (chunk of those rows) B[chunk] summed over the chunks: (c dy) B for f = c, with no scaled copy of B.
+void scaled_dy_w(const DoraProblem& p, const float* f, const float* dy, int64_t ld_dy, Range rows, Range cols,
+                 int64_t kc, float* buf, float* dx, float* g, Range g_rows) {
+    const Matrix& w = p.lora.weight;
+    const int64_t out = w.rows, in = w.cols, rank = p.lora.rank;
+    for (int64_t k0 = 0; k0 < out; k0 += kc) {
+        const int64_t n = std::min(kc, out - k0);
+        for (int64_t i = 0; i < rows.size(); ++i) {
+            const float* d = dy + (rows.begin + i) * ld_dy + k0;
+            float* scaled = buf + i * n;
+            for (int64_t k = 0; k < n; ++k) scaled[k] = f[k0 + k] * d[k];
+        }
+        const Matrix chunk{w.data + k0 * w.row_stride, n, in, w.row_stride, w.col_stride};
+        gemm_dy_w(buf, n, rows.size(), chunk, cols.begin, cols.size(), dx + rows.begin * in + cols.begin, in,
+                  k0 == 0 ? 0.0f : 1.0f, p.gemm);
+        if (g && g_rows.size() > 0)
+            openblas_gemm(false, false, to_int(g_rows.size()), to_int(rank), to_int(n), 1.0f,
+                          buf + (g_rows.begin - rows.begin) * n, ld(n), p.lora.lora_B + k0 * rank, ld(rank),
+                          k0 == 0 ? 0.0f : 1.0f, g + g_rows.begin * rank, ld(rank));
+    }
+}
+
+}  // namespace
+
+void dora_backward(const DoraProblem& p, const float* factor, const float* norm, const float* dy, int64_t ld_dy,
+                   const float* y, const float* u, float* dx, float* dA, float* dB, float* dm) {
+    const LoraProblem& q = p.lora;
+    const int64_t m = q.x.rows, out = q.weight.rows, in = q.x.cols, rank = q.rank;
+    const bool dropout = q.dropout_p > 0.0f;
+    const std::vector<uint32_t> col_keys = column_keys(q);
+    // dx's product first: (c dy) W, or with dropout ((c - 1) / (1 - p) dy) W (masked with the rank-R term below,
+    // then + dy W). Without dropout its chunks of c dy also give g = (c dy) B for dA and dx's rank-R term.
+    Buffer g;
+    if (dx && m > 0) {
+        std::vector<float> f(factor, factor + out);
+        if (dropout)
+            for (float& v : f) v = static_cast<float>((double{v} - 1.0) / (1.0 - double{q.dropout_p}));
+        else
+            g = buffer(m * rank);
+        const bool by_rows = split_rows(q.threads, m, in);
+        const int n = by_rows ? share(q.threads, m, kRowsPerThread) : share(q.threads, in, kColsPerThread);
+        parallel_run(n, [&](int t) {
+            const Range rows = by_rows ? part(m, n, t, 1) : Range{0, m};
+            const Range cols = by_rows ? Range{0, in} : part(in, n, t, kColAlign);
+            const int64_t kc = std::clamp<int64_t>(kScaledFloats / std::max<int64_t>(rows.size(), 1) / 16 * 16, 16,
+                                                   out);
+            const Buffer buf = buffer(rows.size() * kc);
+            scaled_dy_w(p, f.data(), dy, ld_dy, rows, cols, kc, buf.get(), dx, g.get(), by_rows ? rows : part(m, n, t, 1));
+        });
+    }
+    // The thin pass: LoRA's with c B for B (g = dy (c B) unless made above), dB without its factor (applied
+    // below), the rank-R term added onto dx's product and masked with it, dm's column dots.
+    LoraProblem thin = q;
+    std::vector<float> scaled_B;
+    if ((dA || dx) && !g) {
+        scaled_B.resize(static_cast<size_t>(out * rank));
+        for (int64_t i = 0; i < out; ++i)
+            for (int64_t r = 0; r < rank; ++r) scaled_B[i * rank + r] = factor[i] * q.lora_B[i * rank + r];
+        thin.lora_B = scaled_B.data();
+    }
+    const DoraThin dora{dm ? (u ? u : y) : nullptr, u ? nullptr : q.bias, g.get(), true};
+    std::vector<float> sums(static_cast<size_t>(dm ? out : 0), 0.0f);
+    backward_thin_all(thin, col_keys.data(), dy, ld_dy, dx, dA, dB, &dora, sums.data());
+    if (dB)
+        for (int64_t i = 0; i < out; ++i)
+            for (int64_t r = 0; r < rank; ++r) dB[i * rank + r] *= factor[i];
+    if (dm)  // dm_i = sum dy_i u_i / n_i, or with y: sum dy_i (y_i - b_i) / m_i
+        for (int64_t i = 0; i < out; ++i) {
+            int64_t k;
+            if (magnitude_index(p, i, &k)) dm[k] = sums[static_cast<size_t>(i)] / (u ? norm[i] : p.magnitude[k]);
+        }
+    if (!dx || !dropout || m == 0) return;
+    if (split_rows(q.threads, m, in)) {  // + dy W, the undropped base path's
+        const int n = share(q.threads, m, kRowsPerThread);
+        parallel_run(n, [&](int t) {
+            const Range rows = part(m, n, t, 1);
+            gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), q.weight, 0, in, dx + rows.begin * in, in, 1.0f,
+                      p.gemm);
+        });
+    } else {
+        const int n = share(q.threads, in, kColsPerThread);
+        parallel_run(n, [&](int t) {
+            const Range cols = part(in, n, t, kColAlign);
+            gemm_dy_w(dy, ld_dy, m, q.weight, cols.begin, cols.size(), dx + cols.begin, in, 1.0f, p.gemm);
+        });
     }
 }
 

@@ -44,6 +44,42 @@ void lora_forward(const LoraProblem& problem, float* out);
 void lora_backward(const LoraProblem& problem, const float* grad_out, int64_t ld_grad, float* dx, float* dA,
                    float* dB);
 
+// A row-major GEMM with cblas_sgemm's arguments: c (m x n, ldc) = alpha op(a) op(b) + beta c, op(t) = t^T
+// when asked; beta 0 ignores c's contents. OpenBLAS's (openblas_gemm), or PyTorch's (module.cpp).
+using Gemm = void (*)(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                      const float* b, int ldb, float beta, float* c, int ldc);
+void openblas_gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                   const float* b, int ldb, float beta, float* c, int ldc);
+
+// DoRA over a LoRA problem whose lora_B is dense (out, rank) (slices expanded): per output feature i,
+// n_i = |W_i + scale B_i A| and the factor c_i = m_i / n_i (1 for a disabled group's features). The base
+// products run through gemm (the streaming kernels for a few rows); lora.base_product is not read.
+struct DoraProblem {
+    LoraProblem lora;
+    const float* magnitude;      // m: one per feature of the enabled groups, stacked
+    std::vector<int64_t> slots;  // per output group (one without slices): its index among the enabled, or -1
+    Gemm gemm;
+};
+
+// norm (out,) = n, from one pass over W (W A^T and |W_i|^2 together) and A A^T.
+void dora_norm(const DoraProblem& problem, float* norm);
+
+// factor (out,) = m / norm, 1 for a disabled group's features. Returns whether every enabled factor is finite
+// and nonzero: only then does the output y determine u (as (y - bias) / c).
+bool dora_factors(const DoraProblem& problem, const float* norm, float* factor);
+
+// y (M, out) contiguous = x W^T + bias + (c - 1) (x_d W^T) + c (scale x_d A^T B^T), x_d the dropped-out input;
+// without dropout c (x W^T + scale x A^T B^T) + bias. u (M, out) contiguous, or null without dropout, receives
+// the dropped path's pre-scale output x_d W^T + scale x_d A^T B^T.
+void dora_forward(const DoraProblem& problem, const float* factor, float* y, float* u);
+
+// grad_out (M, out) row-major with row stride ld_grad. Each of dx (M, in), dA (rank, in), dB (out, rank), dm (one
+// per enabled feature) (contiguous) is computed when non-null. dm reduces dy against u (M, out) contiguous when
+// given (dm_i = sum dy_i u_i / n_i), else against the forward's output y and problem.lora.bias
+// (dm_i = sum dy_i (y_i - bias_i) / m_i).
+void dora_backward(const DoraProblem& problem, const float* factor, const float* norm, const float* grad_out,
+                   int64_t ld_grad, const float* y, const float* u, float* dx, float* dA, float* dB, float* dm);
+
 // One adapter of a mixed batch.
 struct Adapter {
     Matrix A;           // (rank, in), row- or column-major

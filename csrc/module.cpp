@@ -13,7 +13,10 @@
 // the outputs, the dropout threshold, and whether the extension computes the base product; the
 // Python side adds PyTorch's GEMM only when it does not.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <cblas.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -203,7 +206,7 @@ bool base_in_extension(bool asked, const Matrix& x, const Matrix& weight) {
 
 // The copies a call makes of arguments in layouts the kernels do not take, alive until it returns.
 struct Copies {
-    at::Tensor x, weight, bias, lora_A, lora_B, grad_out;
+    at::Tensor x, weight, bias, lora_A, lora_B, grad_out, magnitude, norm, output, dropped;
 };
 
 fastlora::LoraProblem problem(py::handle x, py::handle weight, py::handle bias, py::handle lora_A,
@@ -375,6 +378,127 @@ MixedArgs mixed_args(py::handle x, py::handle weight, py::handle bias, py::handl
     return args;
 }
 
+// DoRA. The base products run through the GEMM the caller names: OpenBLAS, or PyTorch's own (torch_gemm), which
+// the kernels call on views of their buffers from inside the extension's threads, where it runs single-threaded
+// as OpenBLAS does there (the caller cannot add a product that the factor scales after it).
+
+// PyTorch's sgemm (MKL where torch has it) with cblas_sgemm's row-major arguments.
+void torch_gemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                int ldb, float beta, float* c, int ldc) {
+    const at::AutoDispatchBelowADInplaceOrView no_autograd;
+    const auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+    auto view = [&](const float* data, int rows, int cols, int ld_, bool trans) {  // op(t) as a (rows, cols) view
+        return at::from_blob(const_cast<float*>(data), {rows, cols},
+                             trans ? at::IntArrayRef{1, ld_} : at::IntArrayRef{ld_, 1}, options);
+    };
+    at::Tensor out = view(c, m, n, ldc, false);
+    at::addmm_out(out, out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
+}
+
+// A new float32 (n,) CPU tensor and its data.
+py::object new_vector(int64_t n, float** data) {
+    at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+    *data = t.mutable_data_ptr<float>();
+    return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+}
+
+// Each output group's index among the enabled ones, or -1; one enabled group for slices None.
+std::vector<int64_t> slots_of(py::handle slices, int64_t out) {
+    if (slices.is_none()) return {0};
+    const py::tuple groups = items(slices, "slices", -1);
+    std::vector<int64_t> slots;
+    int64_t enabled = 0;
+    for (py::handle g : groups) {
+        const int on = PyObject_IsTrue(g.ptr());
+        if (on < 0) throw py::error_already_set();
+        slots.push_back(on ? enabled++ : -1);
+    }
+    const int64_t n = static_cast<int64_t>(slots.size());
+    CHECK_ARG(n >= 1 && enabled >= 1, "slices must enable at least one group");
+    CHECK_ARG(out % n == 0, "slices: " + std::to_string(n) + " groups do not divide the " + std::to_string(out) +
+                                " output features");
+    return slots;
+}
+
+// The magnitude's length: the features of the enabled groups.
+int64_t enabled_features(const std::vector<int64_t>& slots, int64_t out) {
+    const int64_t groups = static_cast<int64_t>(slots.size());
+    return out / groups * (groups - std::count(slots.begin(), slots.end(), int64_t{-1}));
+}
+
+fastlora::DoraProblem dora_problem(py::handle x, py::handle weight, py::handle bias, py::handle lora_A,
+                                   py::handle lora_B, py::handle magnitude, py::handle slices, double scale,
+                                   double dropout_p, int64_t seed, int threads, bool use_torch_gemm, Copies& copies) {
+    fastlora::DoraProblem p;
+    p.lora = problem(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, threads, true, copies);
+    const int64_t out = p.lora.weight.rows;
+    p.slots = slots_of(slices, out);
+    p.magnitude = contiguous(magnitude, "magnitude", {enabled_features(p.slots, out)}, &copies.magnitude);
+    p.gemm = use_torch_gemm ? torch_gemm : fastlora::openblas_gemm;
+    return p;
+}
+
+// An (M, out) tensor that the forward made, or null for None.
+const float* saved_rows(py::handle obj, const char* name, int64_t m, int64_t out, at::Tensor* copy) {
+    return obj.is_none() ? nullptr : contiguous(obj, name, {m, out}, copy);
+}
+
+py::tuple dora_forward(py::handle x, py::handle weight, py::handle bias, py::handle lora_A, py::handle lora_B,
+                       py::handle magnitude, py::handle slices, double scale, double dropout_p, int64_t seed,
+                       int threads, bool use_torch_gemm, bool want_dropped) {
+    Copies copies;
+    const fastlora::DoraProblem p = dora_problem(x, weight, bias, lora_A, lora_B, magnitude, slices, scale, dropout_p,
+                                                 seed, threads, use_torch_gemm, copies);
+    const int64_t m = p.lora.x.rows, out = p.lora.weight.rows;
+    float *y, *norm, *u = nullptr;
+    py::object y_obj = new_tensor(m, out, &y), norm_obj = new_vector(out, &norm), u_obj = py::none();
+    std::vector<float> factor(static_cast<size_t>(out));
+    bool fine;
+    {
+        py::gil_scoped_release release;
+        fastlora::dora_norm(p, norm);
+        fine = fastlora::dora_factors(p, norm, factor.data());
+    }
+    // u: the dropped path's own output, or (without dropout) when y cannot give it back (a factor 0 or not finite).
+    if (p.lora.dropout_p > 0.0f || (want_dropped && !fine)) u_obj = new_tensor(m, out, &u);
+    {
+        py::gil_scoped_release release;
+        fastlora::dora_forward(p, factor.data(), y, u);
+    }
+    return py::make_tuple(y_obj, norm_obj, want_dropped ? u_obj : py::none());
+}
+
+py::tuple dora_backward(py::handle grad_out, py::handle x, py::handle weight, py::handle lora_A, py::handle lora_B,
+                        py::handle magnitude, py::handle slices, py::handle norm, py::handle output, py::handle bias,
+                        py::handle dropped, double scale, double dropout_p, int64_t seed, bool need_dx, bool need_dA,
+                        bool need_dB, bool need_dm, int threads, bool use_torch_gemm) {
+    Copies copies;
+    const fastlora::DoraProblem p = dora_problem(x, weight, bias, lora_A, lora_B, magnitude, slices, scale, dropout_p,
+                                                 seed, threads, use_torch_gemm, copies);
+    const int64_t m = p.lora.x.rows, in = p.lora.x.cols, out = p.lora.weight.rows, rank = p.lora.rank;
+    const Matrix dy = matrix(grad_out, "grad_out", false, &copies.grad_out);
+    CHECK_ARG(dy.rows == m && dy.cols == out, "grad_out must be (" + std::to_string(m) + ", " + std::to_string(out) +
+                                                  "), got " + shape_of(dy));
+    const float* norm_data = contiguous(norm, "norm", {out}, &copies.norm);
+    const float* y = saved_rows(output, "output", m, out, &copies.output);
+    const float* u = saved_rows(dropped, "dropped", m, out, &copies.dropped);
+    CHECK_ARG(!need_dm || y || u, "dm needs the forward's output or dropped (both are None)");
+    CHECK_ARG(!need_dm || u || p.lora.dropout_p == 0.0f, "dm with dropout needs the forward's dropped");
+    std::vector<float> factor(static_cast<size_t>(out));
+    float *dx_data = nullptr, *dA_data = nullptr, *dB_data = nullptr, *dm_data = nullptr;
+    py::object dx = need_dx ? new_tensor(m, in, &dx_data) : py::none();
+    py::object dA = need_dA ? new_tensor(rank, in, &dA_data) : py::none();
+    py::object dB = need_dB ? new_tensor(out, rank, &dB_data) : py::none();
+    py::object dm = need_dm ? new_vector(enabled_features(p.slots, out), &dm_data) : py::none();
+    {
+        py::gil_scoped_release release;
+        fastlora::dora_factors(p, norm_data, factor.data());
+        fastlora::dora_backward(p, factor.data(), norm_data, dy.data, dy.row_stride, y, u, dx_data, dA_data, dB_data,
+                                dm_data);
+    }
+    return py::make_tuple(dx, dA, dB, dm);
+}
+
 py::tuple forward_mixed(py::handle x, py::handle weight, py::handle bias, py::handle lora_As, py::handle lora_Bs,
                         py::handle scales, py::handle dropout_ps, py::handle adapter_ids, int64_t seed, int threads,
                         bool base_product) {
@@ -442,6 +566,22 @@ PYBIND11_MODULE(_C, m) {
           py::arg("need_dA"), py::arg("need_dB"), py::arg("threads"), py::arg("base_product") = true,
           "Returns (dx, dA, dB) of the forward with the same arguments, each None unless needed; dx without "
           "grad_out weight if base_product is False.");
+    m.def("dora_forward", &dora_forward, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_A"),
+          py::arg("lora_B"), py::arg("magnitude"), py::arg("slices"), py::arg("scale"), py::arg("dropout_p"),
+          py::arg("seed"), py::arg("threads"), py::arg("torch_gemm"), py::arg("want_dropped"),
+          "DoRA, returns (out, norm, dropped): out = x weight^T + bias + (c - 1) (x_d weight^T) + c scale (x_d "
+          "lora_A^T) lora_B^T with x_d = dropout(x), c = magnitude / norm per output feature (1 for a disabled "
+          "group's), norm = |weight_i + scale lora_B_i lora_A|; lora_B dense (out, rank), magnitude one per feature "
+          "of the groups that slices (None: one group) enables. dropped (only if want_dropped, and then None when out "
+          "gives it back) is x_d weight^T + scale (x_d lora_A^T) lora_B^T. torch_gemm: PyTorch's GEMM, else "
+          "OpenBLAS.");
+    m.def("dora_backward", &dora_backward, py::arg("grad_out"), py::arg("x"), py::arg("weight"), py::arg("lora_A"),
+          py::arg("lora_B"), py::arg("magnitude"), py::arg("slices"), py::arg("norm"), py::arg("output"),
+          py::arg("bias"), py::arg("dropped"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"),
+          py::arg("need_dx"), py::arg("need_dA"), py::arg("need_dB"), py::arg("need_dm"), py::arg("threads"),
+          py::arg("torch_gemm"),
+          "Returns (dx, dA, dB, dm) of dora_forward, each None unless needed: norm from dora_forward, and for dm "
+          "its dropped, or its output with the bias it was called with.");
     m.def("forward_mixed", &forward_mixed, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("lora_As"),
           py::arg("lora_Bs"), py::arg("scales"), py::arg("dropout_ps"), py::arg("adapter_ids"), py::arg("seed"),
           py::arg("threads"), py::arg("base_product") = true,

@@ -90,6 +90,30 @@ def float64_reference(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, s
     return y.reshape(*x.shape[:-1], weight.shape[0]), (x64, a64, b64)
 
 
+def float64_dora(x, weight, bias, A, B, m, scale, p, seed, slices):
+    """DoRA written out in float64 with the full (out, in) matrix, as peft does; n detached."""
+    x64, w64 = x.reshape(-1, x.shape[-1]).double(), weight.double()
+    dense = lora_update(torch.eye(x.shape[-1], dtype=torch.float64), A.double(), B.double(), scale, slices,
+                        weight.shape[0]).t()  # scale B A, block-structured with slices
+    norm = (w64 + dense).norm(dim=1).detach()
+    rows = weight.shape[0] // len(slices) if slices else weight.shape[0]
+    full_m = torch.ones(weight.shape[0], dtype=torch.float64)
+    enabled = [g for g, on in enumerate(slices)] if slices else [0]
+    enabled = [g for g in enabled if not slices or slices[g]]
+    c = torch.ones(weight.shape[0], dtype=torch.float64)
+    for j, g in enumerate(enabled):
+        part = slice(g * rows, (g + 1) * rows)
+        full_m[part] = m.double()[j * rows:(j + 1) * rows]
+        c[part] = full_m[part] / norm[part]
+    x_d = x64
+    if p:
+        x_d = x64 * dropout_keep_mask(torch.tensor(seed), x64.shape[0], x64.shape[1], p, x64.device) / (1 - p)
+    y = x64 @ w64.t() + (c - 1) * (x_d @ w64.t()) + c * (x_d @ dense.t())
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error."""
     diff = (actual.double() - expected.double()).norm()

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_cpu_kernels
+import bench_dora
 import bench_layer
 import bench_mixed
 import bench_overhead
@@ -198,3 +199,17 @@ def test_mixed_batches_and_cpu_kernels_run_at_their_smallest(tmp_path):
     if fastlora.backends()["cpu"].available:
         assert kernels == {"cpu op", "F.linear", "unfused", "cpu alone, torch", "cpu alone, openblas"}
     assert all(r["value"] > 0 for r in rows)
+
+
+def test_dora_benchmark_runs_at_its_smallest(tmp_path):
+    """Every contender and mode timed with its ratio to fastlora's LoRA op; peak memory from its own processes."""
+    csv = tmp_path / "all.csv"
+    bench_dora.main(["--smoke", "--threads", "1", "--csv", str(csv)])
+    rows = runner.read(csv)
+    times = [r for r in rows if r["metric"] == "time"]
+    assert {(r["contender"], r["params"]["mode"]) for r in times} == \
+        {(name, mode) for name in bench_dora.CONTENDERS for mode in bench_dora.MODES}
+    assert all(r["value"] > 0 and r["baseline"] == "fastlora lora" and r["threads"] == 1 for r in times)
+    if sys.platform.startswith("linux"):
+        peaks = [r for r in rows if r["metric"] == "peak with inputs"]
+        assert {r["contender"] for r in peaks} == set(bench_dora.CONTENDERS) and all(r["value"] > 0 for r in peaks)

@@ -4,7 +4,7 @@ composition, forward and every gradient, slices, dropout and second order."""
 import peft
 import pytest
 import torch
-from conftest import backend_device, lora_update, rel_err
+from conftest import backend_device, float64_dora, rel_err
 from torch import nn
 
 from fastlora import lora_linear
@@ -59,31 +59,23 @@ def test_the_op_equals_peft_dora_forward_and_every_gradient(backend, dropout, rs
         assert rel_err(t.grad, w) <= FP32, name
 
 
-def float64_dora(x, weight, bias, A, B, m, scale, p, seed, slices):
-    """DoRA written out in float64 with the full (out, in) matrix, as peft does; n detached."""
-    x64, w64 = x.reshape(-1, x.shape[-1]).double(), weight.double()
-    dense = lora_update(torch.eye(x.shape[-1], dtype=torch.float64), A.double(), B.double(), scale, slices,
-                        weight.shape[0]).t()  # scale B A, block-structured with slices
-    norm = (w64 + dense).norm(dim=1).detach()
-    rows = weight.shape[0] // len(slices) if slices else weight.shape[0]
-    full_m = torch.ones(weight.shape[0], dtype=torch.float64)
-    enabled = [g for g, on in enumerate(slices)] if slices else [0]
-    enabled = [g for g in enabled if not slices or slices[g]]
-    c = torch.ones(weight.shape[0], dtype=torch.float64)
-    for j, g in enumerate(enabled):
-        part = slice(g * rows, (g + 1) * rows)
-        full_m[part] = m.double()[j * rows:(j + 1) * rows]
-        c[part] = full_m[part] / norm[part]
-    x_d = x64
-    if p:
-        x_d = x64 * dropout_keep_mask(torch.tensor(seed), x64.shape[0], x64.shape[1], p, x64.device) / (1 - p)
-    y = x64 @ w64.t() + (c - 1) * (x_d @ w64.t()) + c * (x_d @ dense.t()) + bias.double()
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+@pytest.fixture
+def torch_base_gemm(backend):
+    """The cpu backend computing its base product with torch's GEMM, so that the base layer's output is torch's
+    ``x @ W.T + b`` bit for bit (with OpenBLAS it is OpenBLAS's product plus b: test_ops_cpu.py)."""
+    if backend != "cpu":
+        yield
+        return
+    from fastlora.ops import cpu
+    before = cpu.gemm()
+    cpu.set_gemm("torch")
+    yield
+    cpu.set_gemm(before)
 
 
 @pytest.mark.parametrize("slices", [None, (True, False, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_the_op_with_slices_matches_float64(backend, slices, dropout):
+def test_the_op_with_slices_matches_float64(backend, torch_base_gemm, slices, dropout):
     """With slices, m covers the enabled groups' features; a disabled group's output is the base's, bit for bit."""
     device = backend_device(backend)
     gen = torch.Generator().manual_seed(3)

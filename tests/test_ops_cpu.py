@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TOLERANCE, float64_reference, rel_err
+from conftest import TOLERANCE, float64_dora, float64_reference, rel_err
 
+import fastlora
 from fastlora.ops import reference
 from fastlora.ops.reference import dropout_keep_mask
 from fastlora.ops.routing import AdapterRouting
@@ -510,3 +511,201 @@ def test_a_layer_whose_w_and_ba_nearly_cancel_is_no_less_accurate_than_peft(gemm
         errors.append(rel_err(cpu.forward(x, W, b, A, B, 2.0, 0.0, torch.tensor(0))[0], exact))
         peft_errors.append(rel_err((x @ W.t() + b) + ((x @ A.t()) @ B.t()) * 2.0, exact))
     assert np.median(errors) <= 1.05 * np.median(peft_errors)
+
+
+# ---------------------------------------------------------------- DoRA
+
+
+def make_dora(m, n_in, n_out, rank, conv1d=False, seed=0, groups=None):
+    """make()'s tensors and a magnitude moved off the norms; with groups (slices), B and m of the enabled ones."""
+    x, weight, bias, lora_A, lora_B = make(m, n_in, n_out, rank, conv1d, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if groups:
+        enabled = sum(groups)
+        lora_A = torch.randn(rank * enabled, n_in, generator=gen) * n_in**-0.5
+        lora_B = torch.randn(n_out // len(groups) * enabled, rank, generator=gen) * rank**-0.5
+    magnitude = torch.rand(lora_B.shape[0], generator=gen) + 0.5
+    return x, weight, bias, lora_A, lora_B, magnitude
+
+
+def check_dora(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed, slices=None,
+               needs=(True, True, True, True), saved=True, tol=TOLERANCE[torch.float32]):
+    """The backend's DoRA forward and backward (with the forward's saved tensors, or recomputing them) against
+    the float64 composition; the gradients that needs leaves out are None."""
+    seed_t = torch.tensor(seed)
+    y, kept = cpu.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, p, seed_t, slices, needs)
+    grad = torch.randn_like(y)
+    got = cpu.dora_backward(grad, x, weight, lora_A, lora_B, magnitude, scale, p, seed_t, needs, slices,
+                            kept if saved else ())
+    leaves = [t.detach().double().requires_grad_() for t in (x, lora_A, lora_B, magnitude)]
+    want = float64_dora(leaves[0], weight, bias, *leaves[1:], scale, p, seed, slices)
+    want.backward(grad.double())
+    assert y.dtype == torch.float32 and rel_err(y, want) <= tol, f"y error {rel_err(y, want):.2e}"
+    for name, g, leaf, needed in zip(("dx", "dA", "dB", "dm"), got, leaves, needs, strict=True):
+        if not needed:
+            assert g is None, name
+            continue
+        assert g.dtype == torch.float32 and g.shape == leaf.shape, name
+        assert rel_err(g, leaf.grad) <= tol, f"{name} error {rel_err(g, leaf.grad):.2e}"
+    return y
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [1, 5, 9, 64, 600], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_dora_every_kernel_path_matches_float64(isa, gemm, threads, m, conv1d, p):
+    """Streaming rows (M <= 8), column-split and row-split tiles, both layouts and GEMMs, every ISA, dropout on/off;
+    sizes off the vector width."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_dora(*make_dora(m, 97, 523, 5, conv1d=conv1d, seed=m), scale=1.5, p=p, seed=m + 7)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 12, 16, 17])
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_dora_ranks_around_the_norms_panels(isa, two_threads, rank, conv1d):
+    """The norms' W A^T: the streaming kernel below rank 12, panels of 16 (padded) from 12 up, packed W^T blocks
+    for a column-major W (out not a multiple of 16 or of their 48 rows)."""
+    check_dora(*make_dora(70, 131, 203, rank, conv1d=conv1d, seed=rank), scale=0.7, p=0.25, seed=3)
+
+
+@pytest.mark.parametrize("m", [1, 130])
+def test_dora_row_strided_x(two_threads, gemm, m):
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(m, 40, 72, 4, seed=m)
+    wide = torch.randn(m, 100)
+    wide[:, :40] = x
+    check_dora(wide[:, :40], weight, bias, lora_A, lora_B, magnitude, scale=1.0, p=0.1, seed=m)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False), (False, False, False, True),
+                                   (False, True, True, False), (True, False, False, True),
+                                   (False, True, False, True)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_dora_gradients_by_need(two_threads, needs, p, saved):
+    """Each subset of (dx, dA, dB, dm), from the forward's saved tensors or recomputing them (the compiled path)."""
+    check_dora(*make_dora(150, 33, 65, 4, seed=2), scale=2.0, p=p, seed=5, needs=needs, saved=saved)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_slices_leave_a_disabled_group_exactly_the_base_product(gemm, one_thread, p):
+    """With slices, the disabled group's output is the base product plus bias, bit for bit (the product the
+    extension computes with this GEMM: its bias-free LoRA forward with a zero B), and every gradient matches."""
+    groups = (True, False, True)
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(40, 300, 48, 3, seed=6, groups=groups)
+    y = check_dora(x, weight, bias, lora_A, lora_B, magnitude, 1.5, p, 4, slices=groups)
+    base = cpu.forward(x, weight, None, lora_A, torch.zeros(48, 6), 1.0, 0.0, torch.tensor(0))[0] + bias
+    assert torch.equal(y[:, 16:32], base[:, 16:32])
+
+
+def test_dora_a_zero_magnitude_keeps_dm_exact(two_threads):
+    """m_i = 0 makes y_i the bias whatever u_i is: the forward then keeps u itself for dm."""
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(90, 24, 30, 4, seed=8)
+    magnitude[[0, 7]] = 0.0
+    _, (_, output, _, dropped) = cpu.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, 1.0, 0.0,
+                                                  torch.tensor(0), None, (True, True, True, True))
+    assert output is None and dropped is not None
+    check_dora(x, weight, bias, lora_A, lora_B, magnitude, 1.0, 0.0, 0)
+
+
+def test_dora_saves_the_output_itself_without_dropout():
+    """dm reduces against y (u = (y - b) / c): no (M, out) tensor saved beyond the output the caller holds."""
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(20, 16, 24, 4)
+    y, (norm, output, saved_bias, dropped) = cpu.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, 1.0, 0.0,
+                                                              torch.tensor(0), None, (True, True, True, True))
+    assert output is y and saved_bias is bias and dropped is None and norm.shape == (24,)
+    assert cpu.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, 1.0, 0.0, torch.tensor(0), None,
+                            (True, True, True, False))[1][1:] == (None, None, None)
+
+
+def test_modifying_the_dora_output_in_place_is_an_autograd_error():
+    """The output is saved for dm, so an in-place change to it before backward raises instead of corrupting dm."""
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(6, 8, 10, 2)
+    y = fastlora.lora_linear(x, weight, bias, lora_A.requires_grad_(), lora_B, 1.0,
+                             magnitude=magnitude.requires_grad_())
+    y.relu_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_dora_nan_propagates_as_in_the_reference(two_threads, gemm):
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(140, 40, 24, 4)
+    x[3, 5], x[77, 0] = float("nan"), float("nan")
+    grad = torch.randn(140, 24)
+    grad[10, 2] = float("nan")
+    needs = (True, True, True, True)
+    for p in (0.0, 0.5):
+        seed = torch.tensor(9)
+        y, saved = cpu.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, 1.0, p, seed, None, needs)
+        got = (y, *cpu.dora_backward(grad, x, weight, lora_A, lora_B, magnitude, 1.0, p, seed, needs, None, saved))
+        y_ref, saved_ref = reference.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, 1.0, p, seed, None, needs)
+        want = (y_ref, *reference.dora_backward(grad, x, weight, lora_A, lora_B, magnitude, 1.0, p, seed, needs, None,
+                                                saved_ref))
+        for name, g, w in zip(("y", "dx", "dA", "dB", "dm"), got, want, strict=True):
+            assert torch.equal(g.isnan(), w.isnan()), (p, name)
+
+
+def _good_dora_args():
+    m, n_in, n_out, rank = 5, 6, 8, 2
+    return dict(x=torch.ones(m, n_in), weight=torch.ones(n_out, n_in), bias=torch.ones(n_out),
+                lora_A=torch.ones(rank, n_in), lora_B=torch.ones(n_out, rank), magnitude=torch.ones(n_out),
+                slices=None, scale=1.0, dropout_p=0.1, seed=3, threads=2, torch_gemm=False, want_dropped=True)
+
+
+BAD_DORA_ARGS = {
+    "magnitude shape": (dict(magnitude=torch.ones(7)), r"magnitude must have shape \(8,\), got \(7,\)"),
+    "magnitude float64": (dict(magnitude=torch.ones(8, dtype=torch.float64)), "magnitude must be float32"),
+    "magnitude of slices": (dict(slices=[True, False]), r"magnitude must have shape \(4,\), got \(8,\)"),
+    "slices not dividing": (dict(slices=[True, False, True]), "3 groups do not divide the 8 output features"),
+    "no slice enabled": (dict(slices=[False, False]), "slices must enable at least one group"),
+    "slices not a list": (dict(slices=True), "slices must be a list or tuple, got bool"),
+    "lora_B shape": (dict(lora_B=torch.ones(8, 3)), r"lora_B must have shape \(8, 2\)"),
+    "x float64": (dict(x=torch.ones(5, 6, dtype=torch.float64)), "x must be float32, got torch.float64"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_DORA_ARGS)
+def test_malformed_dora_calls_raise_naming_the_argument(name):
+    changes, message = BAD_DORA_ARGS[name]
+    cpu._C.dora_forward(**_good_dora_args())
+    with pytest.raises((ValueError, TypeError), match=message):
+        cpu._C.dora_forward(**_good_dora_args() | changes)
+
+
+def test_malformed_dora_backward_calls_raise():
+    a = _good_dora_args()
+    y, norm, dropped = cpu._C.dora_forward(**a)
+    for key in ("want_dropped", "bias"):
+        del a[key]
+    good = dict(a, grad_out=torch.ones(5, 8), norm=norm, output=None, bias=None, dropped=dropped, need_dx=True,
+                need_dA=False, need_dB=True, need_dm=True)
+    dx, dA, dB, dm = cpu._C.dora_backward(**good)
+    assert dx.shape == (5, 6) and dA is None and dB.shape == (8, 2) and dm.shape == (8,)
+    bad_args = [(dict(grad_out=torch.ones(5, 6)), r"grad_out must be \(5, 8\), got \(5, 6\)"),
+                (dict(norm=torch.ones(7)), r"norm must have shape \(8,\), got \(7,\)"),
+                (dict(dropped=torch.ones(4, 8)), r"dropped must have shape \(5, 8\), got \(4, 8\)"),
+                (dict(dropped=None), "dm needs the forward's output or dropped"),
+                (dict(dropped=None, output=y), "dm with dropout needs the forward's dropped")]
+    for bad, message in bad_args:
+        with pytest.raises((ValueError, TypeError), match=message):
+            cpu._C.dora_backward(**(good | bad))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_repeated_dora_calls_do_not_grow_memory(one_thread):
+    x, weight, bias, lora_A, lora_B, magnitude = make_dora(64, 48, 80, 4)
+    seed, grad, needs = torch.tensor(1), torch.randn(64, 80), (True, True, True, True)
+
+    def calls(n):
+        for p in [0.0, 0.1] * (n // 2):
+            _, saved = cpu.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, 1.0, p, seed, None, needs)
+            cpu.dora_backward(grad, x, weight, lora_A, lora_B, magnitude, 1.0, p, seed, needs, None, saved)
+
+    calls(500)
+    before = _rss_bytes()
+    calls(3000)
+    assert _rss_bytes() - before < 8 * 2**20

@@ -1,4 +1,4 @@
-"""The cpu backend: fp32 LoRA forward and backward in the C++ extension ``fastlora._C``, for one
+"""The cpu backend: fp32 LoRA (and DoRA) forward and backward in the C++ extension ``fastlora._C``, for one
 adapter and for mixed batches (each row its own adapter, see :mod:`fastlora.ops.mixed`).
 
 The extension writes bias + dropout + rank-R update into the output (and dx's masked rank-R
@@ -9,6 +9,10 @@ extension (``openblas``, from the ``scipy-openblas32`` wheel, the default otherw
 Zen it outran PyTorch's MKL). Either way a
 forward of at most 8 rows with a row-major (``nn.Linear``) weight streams W once through the
 extension's own kernel, which beats both GEMMs there. It runs on torch's thread count.
+
+DoRA runs whole in the extension, which calls the chosen GEMM itself (its per-feature factor scales the base
+product, so the product cannot be added afterwards): the norms ``|W_i + s B_i A|`` from one pass over W on every
+call, the factor applied in the tiles' epilogue, dx from dy's columns scaled a chunk at a time.
 
 The tensors go to the extension as they are (it reads their data pointers, shapes and strides),
 never through ``Tensor.numpy()``: that marks a tensor's storage non-resizable for good, and FSDP
@@ -28,7 +32,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastlora.ops.reference import dora_backward, dora_forward, expand_slices, stack_slices  # noqa: F401 (DoRA: torch ops, not fused yet)
+from fastlora.ops.reference import expand_slices, stack_slices
 from fastlora.ops.routing import Rows
 
 NAME = "cpu"
@@ -135,6 +139,42 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     if dx is not None and not in_extension:
         dx.addmm_(grad_out.detach(), weight.detach())
     return dx, dA, dB
+
+
+def dora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                 scale: float, dropout_p: float, seed: Tensor, slices: tuple[bool, ...] | None = None,
+                 needs: tuple[bool, bool, bool, bool] | None = None) -> tuple[Tensor, tuple]:
+    """``(out, saved)`` of DoRA: :func:`fastlora._C.dora_forward`, norms, factors and the base products all in the
+    extension (the chosen GEMM). ``saved`` is ``(norm, output, bias, dropped)``: dm reduces against the output
+    itself (``u = (y - b) / c``, which costs no memory while the caller keeps y) unless dropout or a zero factor
+    needs the dropped path's own ``u``; ``output`` and ``dropped`` are None when dm is not wanted."""
+    dense_B = expand_slices(lora_B, slices, weight.shape[0]) if slices is not None else lora_B
+    want_dm = needs is not None and needs[3]
+    out, norm, dropped = _C.dora_forward(x, weight, bias, lora_A, dense_B, magnitude, slices, scale, dropout_p,
+                                         _seed(seed, dropout_p), torch.get_num_threads(), _gemm == "torch", want_dm)
+    if needs is None:
+        return out, ()
+    if not want_dm or dropped is not None:
+        return out, (norm, None, None, dropped)
+    return out, (norm, out, bias, None)
+
+
+def dora_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+                  scale: float, dropout_p: float, seed: Tensor, needs: tuple[bool, bool, bool, bool],
+                  slices: tuple[bool, ...] | None = None, saved: tuple = ()
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dA, dB, dm)``, each only when ``needs`` asks for it: :func:`fastlora._C.dora_backward` with
+    :func:`dora_forward`'s ``saved`` (its forward run again when empty)."""
+    if not saved:
+        saved = dora_forward(x, weight, None, lora_A, lora_B, magnitude, scale, dropout_p, seed, slices, needs)[1]
+    norm, output, bias, dropped = saved
+    dense_B = expand_slices(lora_B, slices, weight.shape[0]) if slices is not None else lora_B
+    dx, dA, dB, dm = _C.dora_backward(grad_out, x, weight, lora_A, dense_B, magnitude, slices, norm, output, bias,
+                                      dropped, scale, dropout_p, _seed(seed, dropout_p), *needs,
+                                      torch.get_num_threads(), _gemm == "torch")
+    if dB is not None and slices is not None:
+        dB = stack_slices(dB, slices)
+    return dx, dA, dB, dm
 
 
 def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
