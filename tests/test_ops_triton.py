@@ -968,16 +968,16 @@ def test_mixed_batch_reads_adapters_changed_in_place(monkeypatch, mutation, slic
         assert rel_err(y[ids == -1], torch.nn.functional.linear(x, weight, bias)[ids == -1]) <= 1e-6
 
 
-def _live_tensors() -> tuple[int, int]:
-    """How many tensors Python holds, and their bytes."""
+def _live_tensors() -> list[torch.Tensor]:
+    """Every tensor Python holds now."""
     gc.collect()
-    found = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
-    return len(found), sum(t.numel() * t.element_size() for t in found if not t.is_meta)
+    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
 
 
 def test_mixed_training_keeps_no_tensors_across_steps(monkeypatch):
     """50 optimizer-like steps on a mixed batch, each changing the adapters in place (an in-place update and a
-    ``.data`` write): the tensors Python holds after the last step are those after the first, in number and bytes."""
+    ``.data`` write): no tensor made after the first step is alive after the last. (Tensors other tests left for the
+    collector may go meanwhile, so the check is on the new ones, not on a count.)"""
     monkeypatch.setenv("FASTLORA_BACKEND", "triton")
     gen = torch.Generator().manual_seed(8)
     n_in, n_out, rows = 16, 32, 12
@@ -995,10 +995,12 @@ def test_mixed_training_keeps_no_tensors_across_steps(monkeypatch):
                 p.grad = None
         As[0].data.mul_(0.999)
     step(0)
-    before = _live_tensors()
+    before = _live_tensors()  # held, so no id is reused by a new tensor
+    known = {id(t) for t in before}
     for i in range(1, 50):
         step(i)
-    assert _live_tensors() == before
+    new = [tuple(t.shape) for t in _live_tensors() if id(t) not in known]
+    assert new == []
 
 
 def test_float64_runs_the_reference_never_the_triton_kernels(monkeypatch):
