@@ -1,4 +1,5 @@
-"""The triton backend's kernel budget: one forward runs at most 2 device kernels, one backward at most 4.
+"""The triton backend's kernel budget: one forward runs at most 2 device kernels, one backward at most 4; with DoRA
+(a magnitude) at most 3 and 5.
 
 Counted under the interpreter (on a GPU, ``benchmarks/gpu_check.sh`` counts the real kernels with the torch
 profiler): every Triton launch, and every aten op that would run a device kernel — all but allocations, views
@@ -25,6 +26,7 @@ NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_li
              aten.select.int, aten.unsqueeze.default, aten.squeeze.dim, aten.lift_fresh.default,
              aten.view.dtype}
 FORWARD_BUDGET, BACKWARD_BUDGET = 2, 4
+DORA_FORWARD_BUDGET, DORA_BACKWARD_BUDGET = 3, 5
 
 
 class DeviceWork(TorchDispatchMode):
@@ -124,6 +126,28 @@ def test_forward_and_backward_stay_within_the_kernel_budget(monkeypatch, rank, s
     assert fwd_launches == ["_lora_down_kernel", "_hopper_forward_kernel" if hopper else "_lora_forward_kernel"]
     assert {"_hopper_dx_kernel" if hopper else "_lora_backward_kernel", "_lora_db_kernel"} <= set(bwd_launches)
     assert x.grad is not None and lora_A.grad.dtype == lora_dtype and lora_B.grad.dtype == lora_dtype
+
+
+@pytest.mark.parametrize("rank, slices, dtype, lora_dtype, p, three_d, conv1d, autocast", CASES)
+def test_dora_stays_within_its_kernel_budget(monkeypatch, rank, slices, dtype, lora_dtype, p, three_d, conv1d,
+                                             autocast):
+    """Every case with a magnitude (DoRA), with and without dropout: the norms take one launch more than LoRA's
+    forward; the backward runs LoRA's kernels with the factors fused, plus dm's conversion for a 16-bit m."""
+    monkeypatch.setenv("FASTLORA_BACKEND", "triton")
+    x, weight, bias, lora_A, lora_B = _case(rank, slices, dtype, lora_dtype, p, three_d, conv1d, autocast)
+    magnitude = (torch.rand(lora_B.shape[0], generator=torch.Generator().manual_seed(rank)) + 1).to(lora_dtype)
+    magnitude.requires_grad_()
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context, counted(exempt=(x, weight, bias) if autocast else ()) as forward:
+        y = fastlora.lora_linear(x, weight, bias, lora_A, lora_B, 2.0, p, slices=slices, magnitude=magnitude)
+    with counted() as backward:
+        y.backward(torch.ones_like(y))
+    (fwd_launches, fwd_ops), (bwd_launches, bwd_ops) = forward, backward
+    assert len(fwd_launches) + len(fwd_ops) <= DORA_FORWARD_BUDGET, (fwd_launches, fwd_ops)
+    assert len(bwd_launches) + len(bwd_ops) <= DORA_BACKWARD_BUDGET, (bwd_launches, bwd_ops)
+    assert fwd_launches == ["_lora_down_kernel", "_dora_norm_kernel", "_lora_forward_kernel"]
+    assert {"_lora_backward_kernel", "_lora_db_kernel"} <= set(bwd_launches)
+    assert magnitude.grad is not None and magnitude.grad.dtype == lora_dtype and lora_B.grad.dtype == lora_dtype
 
 
 def test_the_counter_sees_what_runs_a_kernel():

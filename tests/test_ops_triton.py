@@ -20,6 +20,7 @@ from fastlora.ops.routing import AdapterRouting
 
 triton_backend = pytest.importorskip("fastlora.ops.triton", reason="triton is unavailable", exc_type=ImportError)
 mixed, single, tuning = triton_backend.mixed, triton_backend.single, triton_backend.tuning
+dora = triton_backend.dora
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEEDS = [0, 12345, (7 << 32) + 99, 2**62 - 1, -3]
 
@@ -264,19 +265,65 @@ def _gemm_job(backward, tile, r_pad, dtype, precision, layout="conv1d", arch=90,
                       "BLOCK_N": step}
     else:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": rows, "BLOCK_N": cols, "BLOCK_K": step}
-    rank_axis = {"ENABLED": 1, "SEED_FROM_PTR": False} if backward else {"GROUPS": 1, "SLICE_MASK": 1}
-    constexprs.update(RS_PAD=r_pad, H_PAD=r_pad, PRECISION=precision, GROUP_M=8, **rank_axis)
+    rank_axis = {"ENABLED": 1} if backward else {"GROUPS": 1, "SLICE_MASK": 1, "DROPOUT": False}
+    constexprs.update(RS_PAD=r_pad, H_PAD=r_pad, PRECISION=precision, GROUP_M=8, SEED_FROM_PTR=False, DORA=False,
+                      **rank_axis)
     constexprs.update(flags)
     # As the launcher passes them: the fp32 h, or dA; without dA its pointer is dx's, without dx dx's is dA's.
     fp32_ptrs = ["h_ptr"] if not backward else (["da_ptr"] if constexprs["NEED_DA"] else []) + (
         [] if constexprs["NEED_DX"] else ["dx_ptr"])
     if constexprs.get("SEED_FROM_PTR") is False:
         constexprs["seed_ptr"] = None
+    if constexprs["DORA"]:  # DoRA's fp32 factors; the forward also writes u, in x's dtype
+        fp32_ptrs.append("c_ptr")
+    else:
+        constexprs.update({"c_ptr": None} if backward else {"c_ptr": None, "u_ptr": None})
     return {"kernel": "_lora_backward_kernel" if backward else "_lora_forward_kernel", "constexprs": constexprs,
             "unit_strides": (BACKWARD_UNITS if backward else FORWARD_UNITS)[layout], "dtype": dtype,
             "fp32_ptrs": fp32_ptrs + list(ptr32), "ptr_dtypes": {"seed_ptr": "i64"}, "odd": odd,
             "num_warps": warps, "num_stages": stages, "arch": arch,
             "smem_limit": min(smem, tuning.smem_bytes(_role(backward), tile, r_pad, 4 if dtype == "fp32" else 2))}
+
+
+DB_WITHOUT_DORA = {"NEED_DB": True, "NEED_DM": False, "c_ptr": None, "norm_ptr": None, "u_ptr": None, "dm_ptr": None}
+
+
+def _dora_jobs() -> list[dict]:
+    """DoRA's variants: the forward GEMM with dropout (two accumulators) at every 16-bit tile its role keeps on an
+    H100, small-M and fp32, without dropout at every 16-bit tile of its role; the dx kernel likewise (without
+    dropout at LoRA's widest tile), also for dA alone; the dB
+    kernel with dm, stored and atomic, and dm alone; the norm kernel for nn.Linear and Conv1D weights, fp32
+    parameters over bf16, and q,v slices."""
+    jobs = []
+    for backward, role in ((False, "dropped forward"), (True, "dropped backward")):
+        for family in ("16bit", "16bit-small-m", "fp32"):
+            dtype, precision = _dtype_precision(family)
+            jobs += [_gemm_job(backward, tile, 16, dtype, precision, DORA=True, DROPOUT=True)
+                     for tile in tuning.fitting_tiles(role, family, 16, H100_SMEM)]
+        tiles = tuning.fitting_tiles("dora forward", "16bit", 16, H100_SMEM) if not backward \
+            else tuning.TILES["16bit"][:1]
+        jobs += [_gemm_job(backward, tile, 16, "bf16", "tf32", DORA=True, DROPOUT=False) for tile in tiles]
+    jobs.append(_gemm_job(True, tuning.TILES["16bit-small-m"][0], 16, "bf16", "tf32", DORA=True, NEED_DX=False))
+    side, stages = tuning.db_tile(16)
+    for atomic, need_db in ((True, True), (False, True), (True, False)):
+        jobs.append({"kernel": "_lora_db_kernel", "dtype": "bf16",
+                     "fp32_ptrs": ["h_ptr", "c_ptr", "norm_ptr"] + (["db_ptr", "dm_ptr"] if atomic else []),
+                     "constexprs": {"ATOMIC": atomic, "RS_PAD": 16, "H_PAD": 16, "GROUPS": 1, "SLICE_MASK": 1,
+                                    "PRECISION": "tf32", "BLOCK_N": side, "BLOCK_M": side, "NEED_DB": need_db,
+                                    "NEED_DM": True, **({} if need_db else {"db_ptr": None})},
+                     "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages, "arch": 90,
+                     "smem_limit": _db_smem_bytes(16) + stages * side * side * 2})
+    for unit, lora, slices in (("stride_wk", "bf16", (1, 1, 1)), ("stride_wn", "fp32", (1, 1, 1)),
+                               ("stride_wk", "fp32", (3, 5, 2))):
+        groups, mask, enabled = slices
+        jobs.append({"kernel": "_dora_norm_kernel", "dtype": "bf16",
+                     "fp32_ptrs": ["norm_ptr", "c_ptr", "dm_ptr"] + (["a_ptr", "b_ptr", "m_ptr"] if lora == "fp32"
+                                                                     else []),
+                     "constexprs": {"RS_PAD": 16, "H_PAD": 16 * enabled, "GROUPS": groups, "SLICE_MASK": mask,
+                                    "ENABLED": enabled, "BLOCK_N": dora.NORM_BLOCK, "BLOCK_K": dora.NORM_BLOCK},
+                     "unit_strides": [unit, "stride_ak"], "num_warps": dora.NORM_WARPS, "num_stages": 2, "arch": 90,
+                     "smem_limit": SMALL_CARD_SMEM})
+    return jobs
 
 
 def _thin_jobs() -> list[dict]:
@@ -301,7 +348,8 @@ def _thin_jobs() -> list[dict]:
                 jobs.append({"kernel": "_lora_db_kernel", "dtype": dtype,
                              "fp32_ptrs": ["h_ptr"] + (["db_ptr"] if atomic else []),
                              "constexprs": {"ATOMIC": atomic, "RS_PAD": r_pad, "H_PAD": r_pad, "GROUPS": 1,
-                                            "SLICE_MASK": 1, "PRECISION": precision, "BLOCK_N": side, "BLOCK_M": side},
+                                            "SLICE_MASK": 1, "PRECISION": precision, "BLOCK_N": side, "BLOCK_M": side,
+                                            **DB_WITHOUT_DORA},
                              "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages,
                              "arch": 90, "smem_limit": _db_smem_bytes(r_pad)})
     block_m, block_k = tuning.down_tile(4096, 32)
@@ -319,7 +367,7 @@ def _thin_jobs() -> list[dict]:
     side, stages = tuning.db_tile(16)
     jobs.append({"kernel": "_lora_db_kernel", "dtype": "bf16", "fp32_ptrs": ["h_ptr", "db_ptr"],
                  "constexprs": {"ATOMIC": True, "RS_PAD": 16, "H_PAD": 32, "GROUPS": 3, "SLICE_MASK": 5,
-                                "PRECISION": "tf32", "BLOCK_N": side, "BLOCK_M": side},
+                                "PRECISION": "tf32", "BLOCK_N": side, "BLOCK_M": side, **DB_WITHOUT_DORA},
                  "unit_strides": ["stride_dyn"], "num_warps": 4, "num_stages": stages, "arch": 90,
                  "smem_limit": _db_smem_bytes(32)})
     jobs.append({"kernel": "_cast_pair_kernel", "dtype": "bf16", "fp32_ptrs": ["src1_ptr", "src2_ptr"],
@@ -513,7 +561,8 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     except ImportError as error:
         pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
     jobs = list({json.dumps(job, sort_keys=True): job
-                 for job in _gemm_jobs() + _thin_jobs() + _variant_jobs() + _mixed_jobs() + _hopper_jobs()}.values())
+                 for job in _gemm_jobs() + _thin_jobs() + _variant_jobs() + _mixed_jobs() + _hopper_jobs()
+                 + _dora_jobs()}.values())
     kernels_path = os.path.join(os.path.dirname(triton_backend.__file__), "_kernels.py")
     script = os.path.join(os.path.dirname(__file__), "compile_kernels.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -548,6 +597,9 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
         if job["kernel"] == "_mixed_stack_kernel":  # copies: plain loads and stores, no spills
             assert report["store"] and not report["reduction"] and report["spill_stores"] == 0, f"{name}: {report}"
             continue
+        if flags.get("DORA") or flags.get("NEED_DM") or job["kernel"] == "_dora_norm_kernel":
+            _check_dora_report(job, report, name)
+            continue
         # Odd sizes leave loads too narrow to copy asynchronously, but those of padded tiles (B's, h's).
         if not job.get("odd") or job["kernel"] == "_lora_backward_kernel":
             assert report["cp_async"], f"{name}: loads not pipelined"
@@ -579,6 +631,25 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
     # With dropout the backward's widest tiles spill (the masked rank-R term needs a second tile-sized fp32
     # temporary); the autotuner, keyed on DROPOUT, measures them against the spill-free ones.
     assert 0 in spills["_lora_backward_kernel"], spills
+
+
+def _check_dora_report(job: dict, report: dict, name: str) -> None:
+    """DoRA's variants: none spills (the forward's and the dropout GEMMs' tile tables keep only tiles that do
+    not); the GEMMs run on tensor cores in 16-bit and pipeline their loads; dx, dA,
+    dB and dm are written as the launcher expects (the dm-only dB variant, for a frozen B, has no dot and so
+    nothing it must pipeline). The norm kernel's loop (one pass over W per forward) is not required to pipeline:
+    with 16-bit LoRA parameters Triton 3.6 does not."""
+    flags = job["constexprs"]
+    assert report["spill_stores"] == 0, f"{name}: {report['spill_stores']} bytes spilled"
+    if job["kernel"] in ("_lora_forward_kernel", "_lora_backward_kernel"):
+        assert report["cp_async"] and report["wgmma"] == (job["dtype"] != "fp32" and flags["BLOCK_M"] >= 64), name
+    if job["kernel"] == "_lora_backward_kernel":
+        assert report["reduction"] == flags["NEED_DA"] and report["store"] == flags["NEED_DX"], name
+    if job["kernel"] == "_lora_db_kernel":
+        assert report["reduction"] == flags["ATOMIC"] and report["store"] != flags["ATOMIC"], name
+        assert report["cp_async"] == flags["NEED_DB"], name
+    if job["kernel"] == "_dora_norm_kernel":
+        assert report["store"] and not report["reduction"], name
 
 
 # Abridged from the SASS that ptxas 12.8 (Triton 3.6) made of the old dx-only backward kernel for sm_90a: the
@@ -629,9 +700,9 @@ def test_kernels_follow_the_rules_the_interpreter_cannot_check():
         tree = ast.parse(source.read())
     loops = [node for node in ast.walk(tree) if isinstance(node, ast.For)
              and ast.unparse(node.iter).split("(")[0] != "tl.static_range"]  # unrolled at compile time
-    assert len(loops) == 14  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
-    # the down kernel's three preparing the backward (stores only), the mixed kernels' four others, and the
-    # stacking kernel's three (copies and zeroing only)
+    assert len(loops) == 16  # the down, backward and dB kernels' loops, the base product shared by the two GEMMs,
+    # DoRA's base and dropped-out products and its norms, the down kernel's three preparing the backward (stores
+    # only), the mixed kernels' four others, and the stacking kernel's three (copies and zeroing only)
     for loop in loops:
         for node in ast.walk(loop):
             if isinstance(node, ast.If):
@@ -661,7 +732,7 @@ def test_tile_filter_keeps_only_tiles_whose_shared_memory_and_register_estimates
                 assert all(tuning.register_values(role, t, r_pad) <= tuning.REGISTER_BUDGET[elem] for t in tiles)
     if persistent:
         assert tuning.fitting_tiles(role, "large", 256, SMALL_CARD_SMEM) == ()
-    else:
+    elif not role.startswith("dropped"):  # (DoRA-with-dropout's one fp32 tile is small enough for rank 256)
         assert tuning.fitting_tiles(role, "fp32", 256, H100_SMEM) == (tuning.FALLBACK_TILE,)
 
 
@@ -694,7 +765,7 @@ def test_tuned_configs_reports_each_choice_with_its_key():
     before = tuning.tuned_configs()
     backward = tuning.tuner("backward", "16bit", 16, H100_SMEM)
     persistent = tuning.tuner("hopper forward", "large", 32, H100_SMEM)
-    backward_key = (3072, 1024, True, True, False, "torch.bfloat16", "torch.float32")
+    backward_key = (3072, 1024, True, True, False, False, "torch.bfloat16", "torch.float32")
     persistent_key = (4096, 1024, True, False, 16, 32, 3, 5, "torch.bfloat16")
     backward.cache[backward_key] = backward.configs[2]
     persistent.cache[persistent_key] = persistent.configs[0]
@@ -706,7 +777,7 @@ def test_tuned_configs_reports_each_choice_with_its_key():
     p_rows, p_cols, p_step, p_stages, p_warps, subtiles = tuning.HOPPER_TILES["large"][0]
     assert added == [
         {"kernel": "backward", "family": "16bit", "r_pad": 16,
-         "key": {"N": 3072, "K": 1024, "NEED_DX": True, "NEED_DA": True, "DROPOUT": False},
+         "key": {"N": 3072, "K": 1024, "NEED_DX": True, "NEED_DA": True, "DROPOUT": False, "DORA": False},
          "dtypes": ["torch.bfloat16", "torch.float32"],
          "tile": {"BLOCK_M": rows, "BLOCK_K": cols, "BLOCK_N": step, "GROUP_M": 8},
          "num_warps": warps, "num_stages": stages},

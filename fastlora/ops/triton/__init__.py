@@ -18,6 +18,7 @@ except ImportError as error:
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     raise ImportError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on CPU)")
 
+from fastlora.ops.triton.dora import dora_backward, dora_forward
 from fastlora.ops.triton.mixed import backward_mixed, forward_mixed
 from fastlora.ops.triton.single import GEMMS, backward, forward, set_gemm
 from fastlora.ops.triton.tuning import INTERPRET, tuned_configs
@@ -26,8 +27,6 @@ NAME = "triton"
 DEVICES = frozenset({"cuda", "cpu"} if INTERPRET else {"cuda"})  # the interpreter runs the kernels on CPU tensors
 DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 CHECKS_ARGUMENTS = False
-
-from fastlora.ops.reference import dora_backward, dora_forward  # noqa: E402 (DoRA: torch ops, not fused yet)
 
 __all__ = ["CHECKS_ARGUMENTS", "DEVICES", "DTYPES", "GEMMS", "NAME", "backward", "backward_mixed", "dora_backward",
            "dora_forward", "forward", "forward_mixed", "set_gemm", "tuned_configs"]

@@ -220,13 +220,35 @@ def _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION: tl.constex
     return acc
 
 
-@triton.jit(do_not_specialize=[*_SHAPE, "stride_bn", "GROUP_ROWS"])
+@triton.jit
+def _base_and_dropped_products(x_ptrs, w_ptrs, K, stride_xk, stride_wk, row_key, threshold,
+                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    """The fp32 tiles of ``x @ W.T`` and of ``(x * keep) @ W.T`` (DoRA with dropout), every W tile read once for
+    both; the keep-mask regenerated from the rows' keys on each x tile."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dropped = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        keep = _kept(row_key[:, None], _col_keys(k * BLOCK_K + offs_k)[None, :], threshold)
+        dropped = tl.dot(tl.where(keep, x, 0.0), w, dropped, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, dropped
+
+
+@triton.jit(do_not_specialize=[*_SHAPE, *_SEED, "stride_bn", "GROUP_ROWS"])
 def _lora_forward_kernel(
     x_ptr, w_ptr, h_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, R, GROUP_ROWS,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br, stride_om, stride_on,
-    scale,
+    scale, c_ptr, u_ptr, seed_ptr, inv_keep, seed_lo, seed_hi, threshold,
     HAS_BIAS: tl.constexpr, RS_PAD: tl.constexpr, H_PAD: tl.constexpr, GROUPS: tl.constexpr,
-    SLICE_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    SLICE_MASK: tl.constexpr, PRECISION: tl.constexpr, DORA: tl.constexpr, DROPOUT: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x @ W.T + bias + scale * h @ B.T``, written once.
@@ -236,6 +258,12 @@ def _lora_forward_kernel(
     with slices the enabled groups' ``(GROUP_ROWS, R)`` blocks stacked; the epilogue reads, for each output
     feature, its group's rows of B into that group's ``RS_PAD`` columns of the rank axis (zero for a disabled
     group), so no dense B is ever built.
+
+    DORA: each feature's factor ``c = m / n`` (fp32 at ``c_ptr``, ``_dora_norm_kernel``'s) scales the pre-scale
+    output ``u = x_d @ W.T + scale * h @ B.T`` in the epilogue: ``y = c * u + bias`` without dropout; with it
+    (DROPOUT: x_d the dropped-out x, its product accumulated beside the base one from the same W tiles)
+    ``y = x @ W.T + bias + (c - 1) * (x_d @ W.T) + c * scale * h @ B.T``, as peft computes it. ``u`` is also
+    written (``u_ptr``, contiguous ``(M, N)`` in x's dtype) when given: the backward's dm reduces against it.
     """
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -243,29 +271,92 @@ def _lora_forward_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     safe_m = (offs_m % M).to(tl.int64)  # rows/cols past the end re-read valid ones and are never stored
     safe_n = (offs_n % N).to(tl.int64)
+    in_out = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
-    acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if DORA and DROPOUT:
+        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        acc, dropped = _base_and_dropped_products(x_ptrs, w_ptrs, K, stride_xk, stride_wk,
+                                                  _row_keys(offs_m, lo, hi), threshold, PRECISION, BLOCK_M,
+                                                  BLOCK_N, BLOCK_K)
+    else:
+        acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     offs_c = tl.arange(0, H_PAD)
     b_t = _b_tile(b_ptr, offs_c, safe_n, R, stride_br, stride_bn, GROUP_ROWS, GROUPS, SLICE_MASK, RS_PAD)
     h = tl.load(h_ptr + safe_m[:, None] * H_PAD + offs_c[None, :])
-    acc = tl.dot((h * scale).to(x_ptr.dtype.element_ty), b_t.to(x_ptr.dtype.element_ty), acc,
-                 input_precision=PRECISION)
+    low_rank_h = (h * scale).to(x_ptr.dtype.element_ty)
+    low_rank_b = b_t.to(x_ptr.dtype.element_ty)
+    if DORA and DROPOUT:
+        c = tl.load(c_ptr + safe_n)[None, :]
+        lora = tl.dot(low_rank_h, low_rank_b, input_precision=PRECISION)
+        dropped *= inv_keep
+        if u_ptr is not None:
+            tl.store(u_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+                     (dropped + lora).to(u_ptr.dtype.element_ty), mask=in_out)
+        acc += (c - 1.0) * dropped + c * lora  # c = 1 (a disabled slice): the base output, bit for bit
+    else:
+        acc = tl.dot(low_rank_h, low_rank_b, acc, input_precision=PRECISION)
+        if DORA:
+            if u_ptr is not None:
+                tl.store(u_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+                         acc.to(u_ptr.dtype.element_ty), mask=in_out)
+            acc *= tl.load(c_ptr + safe_n)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_out)
+
+
+@triton.jit(do_not_specialize=["R", "GROUP_ROWS", "n_dm"])
+def _dora_norm_kernel(
+    w_ptr, a_ptr, b_ptr, m_ptr, norm_ptr, c_ptr, dm_ptr, N, K, R, GROUP_ROWS, n_dm,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, scale,
+    RS_PAD: tl.constexpr, H_PAD: tl.constexpr, GROUPS: tl.constexpr, SLICE_MASK: tl.constexpr,
+    ENABLED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One block of output features: ``n_i = |W_i + scale * B_i A|`` (fp32, the sum of squares of W's tiles plus
+    the matching tiles of ``scale * B A``, formed one ``(BLOCK_K, BLOCK_N)`` tile at a time: no (out, in) matrix
+    and no cancellation) and the factor ``c_i = m_i / n_i`` (1 for a disabled slice's features; m stacked like
+    B's rows), both written to fp32 ``(N,)`` buffers; with ``dm_ptr``, the block's share of dm's fp32 buffer
+    (``n_dm`` values, accumulated atomically by the backward) zeroed. A, B and W are read in their own dtypes and
+    strides (a Conv1D weight as its transposed view)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, H_PAD)
+    safe_n = (offs_n % N).to(tl.int64)  # features past the end re-read valid ones and are never written
+    b_t = _b_tile(b_ptr, offs_c, safe_n, R, stride_br, stride_bn, GROUP_ROWS, GROUPS, SLICE_MASK, RS_PAD)
+    b_t = b_t.to(tl.float32) * scale
+    real, a_row = _rank_row(offs_c, R, RS_PAD, ENABLED)
+    a_ptrs = a_ptr + offs_k[:, None] * stride_ak + a_row[None, :] * stride_ar
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
+    squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a_t = tl.load(a_ptrs, mask=(offs_k[:, None] < k_left) & real[None, :], other=0.0)
+        w_t = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        merged = w_t.to(tl.float32) + tl.dot(a_t.to(tl.float32), b_t, input_precision="ieee")
+        squares += tl.sum(merged * merged, axis=0)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    norm = tl.sqrt(squares)
+    enabled, _, m_row = _slice_of(offs_n, GROUP_ROWS, GROUPS, SLICE_MASK)
+    in_n = offs_n < N
+    m = tl.load(m_ptr + m_row, mask=in_n & enabled, other=1.0).to(tl.float32)
+    tl.store(norm_ptr + offs_n, norm, mask=in_n)
+    tl.store(c_ptr + offs_n, tl.where(enabled, m / norm, 1.0), mask=in_n)
+    if dm_ptr is not None:
+        tl.store(dm_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=offs_n < n_dm)
 
 
 @triton.jit(do_not_specialize=[*_SHAPE, *_SEED])
 def _lora_backward_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, dx_ptr, da_ptr, seed_ptr, M, N, K, R,
+    dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, dx_ptr, da_ptr, seed_ptr, c_ptr, M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxm, stride_dxk,
     scale, inv_keep, seed_lo, seed_hi, threshold,
     NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, DROPOUT: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
-    RS_PAD: tl.constexpr, H_PAD: tl.constexpr, ENABLED: tl.constexpr, PRECISION: tl.constexpr,
+    RS_PAD: tl.constexpr, H_PAD: tl.constexpr, ENABLED: tl.constexpr, PRECISION: tl.constexpr, DORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_K)`` tile of dx and its share of dA, reading its rows of dy once.
@@ -276,6 +367,11 @@ def _lora_backward_kernel(
     ``scale * keep * (g @ A) / (1-p)`` to the dx tile and writes it once, then adds ``scale * (dropout(x).T @
     g).T / (1-p)`` for these columns into dA, a zeroed contiguous fp32 ``(R * enabled, K)`` buffer, with one
     atomic add. A is read in its own dtype.
+
+    DORA: the gradient reaching the pre-scale output is ``dy * c`` (each feature's factor, fp32 at ``c_ptr``), so
+    each dy tile is scaled by its columns' c before the dots; with dropout the base path's ``dy @ W`` and the
+    dropped path's ``(dy * (c - 1)) @ W`` accumulate side by side from the same W tiles, the second masked and
+    added in the epilogue beside the rank-R term.
     """
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -290,15 +386,28 @@ def _lora_backward_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + safe_k[None, :] * stride_wk
     b_ptrs = b_ptr + offs_n[:, None] * H_PAD + offs_c[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if DORA and DROPOUT:
+        dropped = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, H_PAD), dtype=tl.float32)
     for n in range(0, tl.cdiv(N, BLOCK_N)):
         n_left = N - n * BLOCK_N
         dy = tl.load(dy_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
+        if DORA:
+            c = tl.load(c_ptr + n * BLOCK_N + offs_n, mask=offs_n < n_left, other=0.0)[None, :]
+            scaled = (dy.to(tl.float32) * c).to(dy.dtype)
+        else:
+            scaled = dy
         if NEED_DX:
             w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
-            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+            if DROPOUT:
+                acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+                if DORA:
+                    dropped = tl.dot((dy.to(tl.float32) * (c - 1.0)).to(dy.dtype), w, dropped,
+                                     input_precision=PRECISION)
+            else:
+                acc = tl.dot(scaled, w, acc, input_precision=PRECISION)
         b = tl.load(b_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
-        g = tl.dot(dy, b, g, input_precision=PRECISION)
+        g = tl.dot(scaled, b, g, input_precision=PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
         b_ptrs += BLOCK_N * H_PAD
@@ -314,7 +423,10 @@ def _lora_backward_kernel(
         a_t = a_t.to(dy_ptr.dtype.element_ty)
         if DROPOUT:
             keep = _kept(row_key[:, None], col_key[None, :], threshold)
-            acc += tl.where(keep, tl.dot(g_scaled, a_t, input_precision=PRECISION), 0.0)
+            dropped_path = tl.dot(g_scaled, a_t, input_precision=PRECISION)
+            if DORA:
+                dropped_path += dropped * inv_keep
+            acc += tl.where(keep, dropped_path, 0.0)
         else:
             acc = tl.dot(g_scaled, a_t, acc, input_precision=PRECISION)
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -329,11 +441,13 @@ def _lora_backward_kernel(
                       mask=col_ok[:, None] & real[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "GROUP_ROWS", "N_B"])
+@triton.jit(do_not_specialize=["M", "R", "rows_per_split", "GROUP_ROWS", "N_B", "N"])
 def _lora_db_kernel(
     dy_ptr, h_ptr, db_ptr, M, N_B, R, GROUP_ROWS, rows_per_split, stride_dym, stride_dyn, scale,
+    c_ptr, norm_ptr, u_ptr, dm_ptr, N,
     ATOMIC: tl.constexpr, RS_PAD: tl.constexpr, H_PAD: tl.constexpr, GROUPS: tl.constexpr,
-    SLICE_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    SLICE_MASK: tl.constexpr, PRECISION: tl.constexpr, NEED_DB: tl.constexpr, NEED_DM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """One ``(BLOCK_N, RS_PAD)`` tile of ``dB = scale * dy.T @ h`` over one split of the rows.
 
@@ -344,6 +458,10 @@ def _lora_db_kernel(
     up to the next split. dy is read transposed as ``(BLOCK_N, BLOCK_M)`` tiles, so no ``tl.trans``. The loop
     holds only masked loads and a dot; the one write follows it: a plain store into dB (its own dtype) when
     there is one split, else (ATOMIC) an atomic add into a zeroed fp32 buffer.
+
+    DoRA (``c_ptr`` given): dB's rows are scaled by their features' factors c after the loop; NEED_DM also
+    reduces ``dm_i = sum(dy[:, i] * u[:, i]) / n_i`` over the same rows (``u``: the forward's pre-scale output,
+    contiguous ``(M, N)``; n at ``norm_ptr``) and writes it like dB, m stacked like B's rows.
     """
     first = tl.program_id(1) * rows_per_split
     first_row = tl.program_id(0) * BLOCK_N
@@ -362,20 +480,38 @@ def _lora_db_kernel(
     rows = (first + offs_m).to(tl.int64)
     dy_ptrs = dy_ptr + dy_cols[:, None] * stride_dyn + rows[None, :] * stride_dym
     h_ptrs = h_ptr + rows[:, None] * H_PAD + index * RS_PAD + offs_r[None, :]
+    if NEED_DM:
+        u_ptrs = u_ptr + dy_cols[:, None] + rows[None, :] * N
     acc = tl.zeros((BLOCK_N, RS_PAD), dtype=tl.float32)
+    dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for m in range(0, tl.cdiv(min(rows_per_split, M - first), BLOCK_M)):
         m_left = M - first - m * BLOCK_M
         dy_t = tl.load(dy_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
-        h = tl.load(h_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
-        acc = tl.dot(dy_t, h.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        if NEED_DB:
+            h = tl.load(h_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
+            acc = tl.dot(dy_t, h.to(dy_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        if NEED_DM:
+            u_t = tl.load(u_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
+            dm += tl.sum(dy_t.to(tl.float32) * u_t.to(tl.float32), axis=1)
+            u_ptrs += BLOCK_M * N
         dy_ptrs += BLOCK_M * stride_dym
         h_ptrs += BLOCK_M * H_PAD
-    db_ptrs = db_ptr + offs_n[:, None] * R + offs_r[None, :]
-    in_db = (offs_n[:, None] < N_B) & (offs_r[None, :] < R)
-    if ATOMIC:
-        tl.atomic_add(db_ptrs, acc * scale, mask=in_db, sem="relaxed")
-    else:
-        tl.store(db_ptrs, (acc * scale).to(db_ptr.dtype.element_ty), mask=in_db)
+    if NEED_DB:
+        db_ptrs = db_ptr + offs_n[:, None] * R + offs_r[None, :]
+        in_db = (offs_n[:, None] < N_B) & (offs_r[None, :] < R)
+        acc *= scale
+        if c_ptr is not None:
+            acc *= tl.load(c_ptr + dy_cols)[:, None]
+        if ATOMIC:
+            tl.atomic_add(db_ptrs, acc, mask=in_db, sem="relaxed")
+        else:
+            tl.store(db_ptrs, acc.to(db_ptr.dtype.element_ty), mask=in_db)
+    if NEED_DM:
+        dm /= tl.load(norm_ptr + dy_cols)
+        if ATOMIC:
+            tl.atomic_add(dm_ptr + offs_n, dm, mask=offs_n < N_B, sem="relaxed")
+        else:
+            tl.store(dm_ptr + offs_n, dm.to(dm_ptr.dtype.element_ty), mask=offs_n < N_B)
 
 
 @triton.jit

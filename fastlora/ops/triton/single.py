@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -113,10 +114,15 @@ def layout(M: int, N: int, total_rank: int, slices: Slices, device_index: int) -
     return Layout(M, N, total_rank, slices, tuning.sm_count(device_index))
 
 
+def slices_fit(slices: Slices, N: int) -> bool:
+    """Whether the kernels take these slices of N features as they are: rows per group a multiple of 16, the dB
+    tile's side (always so in common models)."""
+    return slices is None or (N // len(slices)) % 16 == 0
+
+
 def _dense(lora_B: Tensor, slices: Slices, N: int) -> tuple[Tensor, Slices]:
-    """B and slices as the kernels take them: slices whose groups the kernels cannot take as they are (rows per
-    group no multiple of 16, the dB tile's side; never so in common models) become a dense B."""
-    if slices is None or (N // len(slices)) % 16 == 0:
+    """B and slices as the kernels take them: slices that do not fit (:func:`slices_fit`) become a dense B."""
+    if slices_fit(slices, N):
         return lora_B, slices
     return expand_slices(lora_B, slices, N), None
 
@@ -263,55 +269,88 @@ def hopper_dx(dy: Tensor, weight: Tensor, lora_A: Tensor, b: Tensor, x: Tensor, 
     tuning.launch("hopper dx", grid, args, meta, key, family, layout.h_pad, smem)
 
 
+class DoraEpilogue(NamedTuple):
+    """What DoRA adds to the forward GEMM: each feature's fp32 factor ``c``, the dropout arguments (both base
+    products accumulated when it drops), and ``u`` (the pre-scale output, written for dm) or None."""
+
+    c: Tensor
+    drop: dict
+    u: Tensor | None
+
+
 def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora_B: Tensor, h: Tensor, scale: float,
-          layout: Layout) -> Tensor:
-    """The forward GEMM with bias and the rank-R term in its epilogue."""
+         layout: Layout, dora: DoraEpilogue | None = None) -> Tensor:
+    """The forward GEMM with bias and the rank-R term in its epilogue (and DoRA's factors, ``dora``)."""
     (M, K), N = x.shape, weight.shape[0]
     out = x.new_empty(M, N)
-    sms, smem = _hopper_route(x)
+    sms, smem = _hopper_route(x) if dora is None else (0, 0)
     if smem and hopper_applies(x, weight, layout.h_pad, smem):
         hopper_gemm(x, weight, bias, lora_B, h, scale, layout, out, sms, smem)
         return out
+    drop = dora.drop if dora is not None else NO_DROPOUT
     args = (x, weight, h, lora_B, bias if bias is not None else out, out, M, N, K, layout.rank, layout.group_rows,
-            *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale)
+            *x.stride(), *weight.stride(), *lora_B.stride(), *out.stride(), scale,
+            dora.c if dora is not None else None, dora.u if dora is not None else None, drop["seed_ptr"],
+            drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
+    dropped = dora is not None and drop["DROPOUT"]
     meta = {"HAS_BIAS": bias is not None, "RS_PAD": layout.rs_pad, "H_PAD": layout.h_pad, "GROUPS": layout.groups,
-            "SLICE_MASK": layout.mask, "PRECISION": precision(x.dtype)}
-    family = tuning.family("forward", M, x.dtype)
-    key = ("forward", family, N, K, bias is not None, layout.h_pad, layout.rs_pad, layout.mask, layout.groups,
-           x.dtype, weight.dtype, lora_B.dtype, x.device.index)
-    tuning.launch("forward", lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),), args,
+            "SLICE_MASK": layout.mask, "PRECISION": precision(x.dtype), "DORA": dora is not None,
+            "DROPOUT": dropped, "SEED_FROM_PTR": drop["SEED_FROM_PTR"]}
+    role = "dropped forward" if dropped else "dora forward" if dora is not None else "forward"
+    family = tuning.family(role, M, x.dtype)
+    key = (role, family, N, K, bias is not None, dora is not None, dora is not None and dora.u is not None,
+           layout.h_pad, layout.rs_pad, layout.mask, layout.groups, x.dtype, weight.dtype, lora_B.dtype,
+           x.device.index)
+    tuning.launch(role, lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),), args,
                   meta, key, family, layout.h_pad, tuning.smem_limit(x.device.index or 0))
     return out
 
 
 def _dx(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, b: Tensor, scale: float, layout: Layout,
-        drop: dict, dx: Tensor | None, dA: Tensor | None) -> None:
-    """The dx GEMM into ``dx`` with the rank-R term fused, and dA added into its zeroed fp32 buffer (``dA``)."""
+        drop: dict, dx: Tensor | None, dA: Tensor | None, dora_c: Tensor | None = None) -> None:
+    """The dx GEMM into ``dx`` with the rank-R term fused, and dA added into its zeroed fp32 buffer (``dA``);
+    ``dora_c``: DoRA's per-feature factors, which scale dy on its way in."""
     (M, K), N = x.shape, weight.shape[0]
-    sms, smem = _hopper_route(x) if dx is not None else (0, 0)
+    sms, smem = _hopper_route(x) if dx is not None and dora_c is None else (0, 0)
     if smem and hopper_applies_dx(grad_out, weight, b, layout.h_pad, smem):
         hopper_dx(grad_out, weight, lora_A, b, x, dx, dA, layout, scale, drop, sms, smem)
         return
     args = (grad_out, weight, lora_A, b, x, dx if dx is not None else dA, dA if dA is not None else dx,
-            drop["seed_ptr"], M, N, K, layout.rank, *grad_out.stride(), *weight.stride(), *lora_A.stride(),
+            drop["seed_ptr"], dora_c, M, N, K, layout.rank, *grad_out.stride(), *weight.stride(), *lora_A.stride(),
             *x.stride(), *(dx.stride() if dx is not None else (0, 0)),
             scale, drop["inv_keep"], drop["seed_lo"], drop["seed_hi"], drop["threshold"])
     meta = {"NEED_DX": dx is not None, "NEED_DA": dA is not None, "DROPOUT": drop["DROPOUT"],
             "SEED_FROM_PTR": drop["SEED_FROM_PTR"], "RS_PAD": layout.rs_pad, "H_PAD": layout.h_pad,
-            "ENABLED": layout.enabled, "PRECISION": precision(x.dtype)}
-    family = tuning.family("backward", M, x.dtype)
-    key = ("backward", family, N, K, dx is not None, dA is not None, drop["DROPOUT"], layout.h_pad, layout.rs_pad,
-           layout.enabled, x.dtype, weight.dtype, lora_A.dtype, x.device.index)
-    tuning.launch("backward", lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),), args,
+            "ENABLED": layout.enabled, "PRECISION": precision(x.dtype), "DORA": dora_c is not None}
+    role = "dropped backward" if dora_c is not None and drop["DROPOUT"] and dx is not None else "backward"
+    family = tuning.family(role, M, x.dtype)
+    key = (role, family, N, K, dx is not None, dA is not None, drop["DROPOUT"], dora_c is not None, layout.h_pad,
+           layout.rs_pad, layout.enabled, x.dtype, weight.dtype, lora_A.dtype, x.device.index)
+    tuning.launch(role, lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),), args,
                   meta, key, family, layout.h_pad, tuning.smem_limit(x.device.index or 0))
 
 
-def _db(grad_out: Tensor, h: Tensor, scale: float, layout: Layout, dB: Tensor, atomic: bool) -> None:
-    """``dB = scale * dy.T @ h`` into ``dB`` (its own dtype), or added into its zeroed fp32 buffer (``atomic``)."""
+class DoraGrads(NamedTuple):
+    """What DoRA's dB kernel takes besides dB's: the factors ``c`` that scale dB's rows, and for dm (``dm`` its
+    output, else None) the norms and the forward's pre-scale output ``u``."""
+
+    c: Tensor
+    norm: Tensor
+    u: Tensor | None
+    dm: Tensor | None
+
+
+def _db(grad_out: Tensor, h: Tensor, scale: float, layout: Layout, dB: Tensor | None, atomic: bool,
+        dora: DoraGrads | None = None) -> None:
+    """``dB = scale * dy.T @ h`` into ``dB`` (its own dtype), or added into its zeroed fp32 buffer (``atomic``);
+    with ``dora``, dB's rows scaled by c and dm reduced into ``dora.dm`` alike."""
+    need_dm = dora is not None and dora.dm is not None
     _lora_db_kernel[(layout.db_blocks, layout.db_splits)](
         grad_out, h, dB, grad_out.shape[0], layout.db_rows, layout.rank, layout.group_rows, layout.db_rows_per_split,
-        *grad_out.stride(), scale, ATOMIC=atomic, RS_PAD=layout.rs_pad, H_PAD=layout.h_pad,
-        GROUPS=layout.groups, SLICE_MASK=layout.mask, PRECISION=precision(grad_out.dtype),
+        *grad_out.stride(), scale, *(dora[:3] if dora is not None else (None, None, None)),
+        dora.dm if need_dm else None, grad_out.shape[1],
+        ATOMIC=atomic, RS_PAD=layout.rs_pad, H_PAD=layout.h_pad, GROUPS=layout.groups, SLICE_MASK=layout.mask,
+        PRECISION=precision(grad_out.dtype), NEED_DB=dB is not None, NEED_DM=need_dm,
         BLOCK_N=layout.db_side, BLOCK_M=layout.db_side, num_warps=4, num_stages=layout.db_stages,
     )
 

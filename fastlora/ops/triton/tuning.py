@@ -38,6 +38,14 @@ TILES = {
     "16bit-small-m": [(64, 64, 64, 4, 4)],
     "fp32-small-m": [(64, 64, 32, 3, 4)],
 }
+# DoRA's forward writes u beside y (and scales by c): TILES' two widest tiles spilled on sm_90 (ptxas, Triton 3.6).
+# With dropout the GEMMs also hold a second output-sized fp32 accumulator (and the forward hashes its x tiles):
+# tiles that spilled are left out, narrower ones put in.
+DORA_FORWARD_TILES = {**TILES, "16bit": TILES["16bit"][2:]}
+DROPPED_FORWARD_TILES = {"16bit": [(128, 64, 64, 4, 8), (64, 128, 64, 3, 8)], "16bit-small-m": [(64, 64, 64, 4, 4)],
+                         "fp32": [(32, 32, 32, 3, 4)], "fp32-small-m": [(32, 32, 32, 3, 4)]}
+DROPPED_BACKWARD_TILES = {"16bit": [(128, 128, 64, 4, 8), (128, 128, 32, 4, 8)], "16bit-small-m": [(64, 64, 64, 4, 4)],
+                          "fp32": [(32, 32, 32, 3, 4)], "fp32-small-m": [(32, 32, 32, 3, 4)]}
 FALLBACK_TILE = (32, 32, 16, 2, 4)
 SMALL_M = 1024
 # The persistent TMA kernels' (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SUBTILES), after Inductor's persistent
@@ -80,7 +88,15 @@ ROLES = {
     "forward": Role(_lora_forward_kernel, TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("N", "K", "HAS_BIAS"), (),
                     INTERPRET_CONFIG),
     "backward": Role(_lora_backward_kernel, TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-                     ("N", "K", "NEED_DX", "NEED_DA", "DROPOUT"), ("da_ptr",), INTERPRET_CONFIG),
+                     ("N", "K", "NEED_DX", "NEED_DA", "DROPOUT", "DORA"), ("da_ptr",), INTERPRET_CONFIG),
+    # DoRA: the same kernels with its epilogue; with dropout, holding two output-sized accumulators (base and
+    # dropped-out products)
+    "dora forward": Role(_lora_forward_kernel, DORA_FORWARD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                         ("N", "K", "HAS_BIAS"), (), INTERPRET_CONFIG),
+    "dropped forward": Role(_lora_forward_kernel, DROPPED_FORWARD_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                            ("N", "K", "HAS_BIAS"), (), INTERPRET_CONFIG),
+    "dropped backward": Role(_lora_backward_kernel, DROPPED_BACKWARD_TILES, ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+                             ("N", "K", "NEED_DA"), ("da_ptr",), INTERPRET_CONFIG),
     "mixed": Role(_mixed_gemm_kernel, TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), ("N", "K", "HAS_BIAS", "DROPOUT"),
                   (), INTERPRET_CONFIG),
     "hopper forward": Role(_hopper_forward_kernel, HOPPER_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
@@ -130,6 +146,7 @@ def smem_bytes(role: str, tile: tuple, r_pad: int, elem: int) -> int:
     allocates.
     """
     rows, cols, step, stages, *_ = tile
+    role = role.removeprefix("dropped ").removeprefix("dora ")
     if role == "forward":  # per stage x (rows, step), W (step, cols); then h (fp32) and B tiles
         return max(stages * (rows * step + step * cols) * elem, rows * r_pad * 4 + r_pad * cols * elem)
     if role == "backward":  # per stage dy (rows, step), W (step, cols), B (step, r_pad); then g (fp32), A, x tiles
@@ -146,9 +163,11 @@ def smem_bytes(role: str, tile: tuple, r_pad: int, elem: int) -> int:
 
 def register_values(role: str, tile: tuple, r_pad: int) -> int:
     """fp32 values a thread holds at the end of a GEMM tile: its share of the output tile and of the rank-wide tile
-    (g in backward, h in forward); the persistent dx kernel also holds its masked rank-R term."""
+    (g in backward, h in forward); the persistent dx kernel also holds its masked rank-R term, DoRA's dropped
+    GEMMs their second product."""
     rows, cols, _, _, warps, *_ = tile
-    return rows * ((2 if role == "hopper dx" else 1) * cols + r_pad) // (32 * warps)
+    outputs = 2 if role in ("hopper dx", "dropped forward", "dropped backward") else 1
+    return rows * (outputs * cols + r_pad) // (32 * warps)
 
 
 @functools.cache
