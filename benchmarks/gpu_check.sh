@@ -75,11 +75,12 @@ step backends 30 "$PY" -m fastlora
 # torch.compile reduce-overhead trains, every hopper config against a reference). Then the benchmarks, most
 # important first: the hopper route against the tiled GEMM and cuBLAS, what a call costs on the host and how many
 # kernels it runs, the captured step's replay against eager, the GPT-2 Medium-shape training step against peft,
-# the layer grid (eager and graph replays), mixed-adapter batches against peft; then FSDP2 and DDP over nccl (one
+# DoRA (bf16, 16384 tokens, 4096->4096 and 4096->14336) against peft's DoRA and fastlora's LoRA, the layer grid (eager and graph replays), mixed-adapter batches against peft; then FSDP2 and DDP over nccl (one
 # GPU: one rank) against the one-process run, the rest of the suite, the quick layer suite.
 PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # kernel compiles are CPU-bound: spread them
 TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops_triton.py tests/test_ops.py tests/test_autocast.py \
-    tests/test_ops_mixed.py -k "triton or cuda or mixed" -q --maxfail=15 -p no:cacheprovider $PARALLEL
+    tests/test_ops_mixed.py tests/test_dora.py tests/test_dora_triton.py -k "triton or cuda or mixed" -q --maxfail=15 \
+    -p no:cacheprovider $PARALLEL
 TAIL=30 step pytest_hopper 100 env FASTLORA_TRITON_GEMM=hopper "$PY" -m pytest tests/test_hopper.py tests/test_ops.py \
     -k "hopper or triton" -q --maxfail=10 -p no:cacheprovider $PARALLEL
 TAIL=30 step pytest_gpu_checks 150 "$PY" -m pytest tests/test_gpu_checks.py -m gpu -q -p no:cacheprovider
@@ -87,6 +88,7 @@ TAIL=45 step bench_hopper 75 "$PY" benchmarks/bench_hopper.py --budget-s 45 --cs
 TAIL=40 step bench_host_profile 70 "$PY" benchmarks/bench_host_profile.py --csv "$CSV"
 TAIL=10 step bench_graph_step 45 "$PY" benchmarks/bench_graph_step.py --csv "$CSV"
 TAIL=20 step bench_train_step 100 "$PY" benchmarks/bench_train_step.py --full --csv "$CSV"
+TAIL=20 step bench_dora_gpu 80 "$PY" benchmarks/bench_dora.py --gpu --repeats 5 --csv "$CSV"
 TAIL=70 step bench_layer_gpu 150 "$PY" benchmarks/bench_layer.py --gpu --csv "$CSV"
 TAIL=40 step bench_mixed 60 "$PY" benchmarks/bench_mixed.py --device cuda --repeats 5 --csv "$CSV"
 step distributed_cuda 60 bash tests/distributed_cuda.sh "$PY" "$OUT"

@@ -253,3 +253,25 @@ def test_fp32_lora_over_a_16_bit_input_keeps_fp32_precision_on_the_reference(dty
     assert rel_err(lora_B.grad, 0.5 * dy64.t() @ (x64 @ A64.t())) <= 1e-6
     y64 = x64 @ weight.double().t() + bias.double() + 0.5 * (x64 @ A64.t()) @ B64.t()
     assert y.dtype == dtype and rel_err(y, y64) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_a_second_backward_through_the_same_graph_adds_the_same_gradients(backend, dora, dropout_p):
+    """``backward(retain_graph=True)`` twice: every gradient is twice one backward's (the first consumed the
+    buffers its forward prepared, e.g. the triton backend's atomically accumulated ones; the second prepares anew)."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 24, generator=gen).to(device).requires_grad_()
+    weight, bias = torch.randn(64, 24, generator=gen).to(device), torch.randn(64, generator=gen).to(device)
+    A = (torch.randn(4, 24, generator=gen) * 0.3).to(device).requires_grad_()
+    B = (torch.randn(64, 4, generator=gen) * 0.3).to(device).requires_grad_()
+    m = (torch.rand(64, generator=gen) + 1).to(device).requires_grad_() if dora else None
+    leaves = [t for t in (x, A, B, m) if t is not None]
+    y = lora_linear(x, weight, bias, A, B, 1.5, dropout_p, seed=3, magnitude=m)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy, retain_graph=True)
+    once = [t.grad.clone() for t in leaves]
+    y.backward(dy)
+    for t, g in zip(leaves, once, strict=True):
+        assert rel_err(t.grad, 2 * g) <= 1e-6

@@ -69,7 +69,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, lora_A, lora_B, magnitude, seed, *saved = ctx.saved_tensors
         if not ctx.fresh:  # a second backward through the same graph: the prepared buffers were consumed
-            saved = () if not ctx.dora else saved
+            saved = ()
         ctx.fresh = False
         backend = reference if torch.is_grad_enabled() else ctx.backend  # grad mode on: differentiable
         if not ctx.dora:
