@@ -621,7 +621,8 @@ def test_every_kernel_config_compiles_within_its_shared_memory(tmp_path):
             continue
         assert report["registers"] is not None, f"{name}: no ptxas register count"
         if job["arch"] == 90 and job["dtype"] == "bf16" and flags.get("H_PAD") == 16 and not job.get("odd") \
-                and all(flags.get(k, True) for k in ("HAS_BIAS", "NEED_DX", "NEED_DA", "DROPOUT", "ATOMIC")):
+                and all(flags.get(k, True) for k in ("HAS_BIAS", "NEED_DX", "NEED_DA", "ATOMIC")) \
+                and (flags.get("DROPOUT", True) or job["kernel"] == "_lora_forward_kernel"):  # (LoRA's: no dropout)
             spills.setdefault(job["kernel"], []).append(report["spill_stores"])
     assert set(spills) == {"_lora_forward_kernel", "_lora_backward_kernel", "_lora_down_kernel", "_lora_db_kernel"}
     assert all(s == 0 for kernel, found in spills.items() if kernel != "_lora_backward_kernel" for s in found), spills
