@@ -9,7 +9,7 @@ library it wraps, so a variant is ``functools.partial`` of an existing builder, 
     Contender("peft dora", partial(peft_layer, use_dora=True), needs="peft")
 
 A model contender (:data:`MODELS`) adds LoRA to a Hugging Face GPT-2 as the LoRA paper did: r=4, alpha 32,
-dropout 0.1 on q and v of every ``c_attn``.
+dropout 0.1 on q and v of every ``c_attn`` (fastlora's and peft's also as DoRA).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -405,4 +406,5 @@ def gpt2_loralib(model: nn.Module, dropout: float = DROPOUT) -> nn.Module:
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "floor": gpt2_floor, "fastlora": gpt2_fastlora, "peft": gpt2_peft, "peft+accelerate": gpt2_peft_accelerated,
-    "loralib": gpt2_loralib}
+    "loralib": gpt2_loralib, "fastlora dora": partial(gpt2_fastlora, use_dora=True),
+    "peft dora": partial(gpt2_peft, use_dora=True)}

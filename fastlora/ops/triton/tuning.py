@@ -38,7 +38,7 @@ TILES = {
     "16bit-small-m": [(64, 64, 64, 4, 4)],
     "fp32-small-m": [(64, 64, 32, 3, 4)],
 }
-# DoRA's forward writes u beside y (and scales by c): TILES' two widest tiles spilled on sm_90 (ptxas, Triton 3.6).
+# DoRA's forward writes u beside y (and scales by c): TILES' two widest tiles spilled on sm_90 (Triton 3.9).
 # With dropout the GEMMs also hold a second output-sized fp32 accumulator (and the forward hashes its x tiles):
 # tiles that spilled are left out, narrower ones put in.
 DORA_FORWARD_TILES = {**TILES, "16bit": TILES["16bit"][2:]}
