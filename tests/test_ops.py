@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import TOLERANCE, backend_device, float64_reference, lora_update, rel_err
 
+import fastlora
 from fastlora import lora_linear
 from fastlora.ops.reference import COL_MUL, ELEMENT_MUL, MIX_MUL_1, MIX_MUL_2, dropout_keep_mask
 
@@ -275,3 +276,38 @@ def test_a_second_backward_through_the_same_graph_adds_the_same_gradients(backen
     y.backward(dy)
     for t, g in zip(leaves, once, strict=True):
         assert rel_err(t.grad, 2 * g) <= 1e-6
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_strided_bias_and_magnitude_are_read_through_their_strides(backend, dora):
+    """Every other element of a longer tensor as the bias (and DoRA's m): the result of their contiguous copies."""
+    device = backend_device(backend)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(20, 16, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(32, 16, generator=gen).to(device)
+    bias = torch.randn(64, generator=gen).to(device)[::2]
+    A = (torch.randn(2, 16, generator=gen) * 0.3).to(device).requires_grad_()
+    B = (torch.randn(32, 2, generator=gen) * 0.3).to(device).requires_grad_()
+    m_storage = (torch.rand(64, generator=gen) + 1).to(device).requires_grad_() if dora else None
+    m = m_storage[::2] if dora else None
+    y = lora_linear(x, weight, bias, A, B, 1.5, magnitude=m)
+    dy = torch.randn(y.shape, generator=gen).to(device)
+    y.backward(dy)
+    got = [t.grad.clone() for t in (x, A, B, *([m_storage] if dora else []))]
+    for t in (x, A, B, *([m_storage] if dora else [])):
+        t.grad = None
+    m_copy = m.detach().contiguous().requires_grad_() if dora else None
+    want = lora_linear(x, weight, bias.contiguous(), A, B, 1.5, magnitude=m_copy)
+    assert rel_err(y, want) <= 1e-6
+    want.backward(dy)
+    for g, t in zip(got, (x, A, B), strict=False):
+        assert rel_err(g, t.grad) <= 1e-6
+    if dora:
+        assert rel_err(got[3][::2], m_copy.grad) <= 1e-6
+        assert torch.equal(got[3][1::2], torch.zeros(32, device=device))
+    else:  # a mixed batch too
+        ids = torch.tensor([i % 3 - 1 for i in range(20)])
+        with torch.no_grad():
+            mixed = fastlora.lora_linear_mixed(x, weight, bias, [A, A * 2], [B, B], [1.5, 0.5], ids)
+            expected = fastlora.lora_linear_mixed(x, weight, bias.contiguous(), [A, A * 2], [B, B], [1.5, 0.5], ids)
+        assert rel_err(mixed, expected) <= 1e-6

@@ -59,6 +59,7 @@ def dora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
         return reference.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_p, seed, slices,
                                       needs)
     (M, _), N = x.shape, weight.shape[0]
+    bias, magnitude = single.unit_stride(bias), single.unit_stride(magnitude)
     need_dx, need_dA, need_dB, need_dm = needs or (False,) * 4
     shape = single.layout(M, N, lora_A.shape[0], slices, x.device.index or 0)
     drop = single.dropout_args(dropout_p, seed)

@@ -20,7 +20,7 @@ from fastlora.ops.reference import dropout_threshold
 from fastlora.ops.routing import Rows
 from fastlora.ops.triton import tuning
 from fastlora.ops.triton._kernels import _mixed_down_kernel, _mixed_grad_kernel, _mixed_stack_kernel
-from fastlora.ops.triton.single import NO_SEED, int32_bits, on_device, seed_args
+from fastlora.ops.triton.single import NO_SEED, int32_bits, on_device, seed_args, unit_stride
 from fastlora.ops.triton.tuning import INTERPRET, precision
 
 MAX_STACKED = 32  # adapters per stacking launch (their pointers and scalars are its arguments)
@@ -175,7 +175,8 @@ def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[
         batch = _Batch(x, N, lora_As, dropout_ps, rows, seed)
         batch.stack(lora_As, lora_Bs, scales, dropout_ps)
         h = _down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
-        _gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), bias, out, batch,
+        _gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), unit_stride(bias), out,
+              batch,
               dropout=False)
     return out
 

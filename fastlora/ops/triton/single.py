@@ -75,6 +75,11 @@ def dropout_args(dropout_p: float, seed: Tensor) -> dict:
             **seed_args(seed)}
 
 
+def unit_stride(vector: Tensor | None) -> Tensor | None:
+    """A 1-D tensor the kernels read at ``ptr + i`` (a bias, DoRA's m): itself when its stride is 1, else a copy."""
+    return vector if vector is None or vector.stride(0) == 1 else vector.contiguous()
+
+
 def on_device(x: Tensor):
     """Launches go to the tensors' GPU, whichever is current (a no-op under the interpreter or when it is current)."""
     if INTERPRET or x.device.index == torch.cuda.current_device():
@@ -387,7 +392,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     shape = layout(M, N, lora_A.shape[0], slices, x.device.index or 0)
     with on_device(x):
         saved = _prepare(x, lora_A, lora_B, shape, dropout_args(dropout_p, seed), N, needs)
-        return gemm(x, weight, bias, lora_B, saved[0], scale, shape), saved
+        return gemm(x, weight, unit_stride(bias), lora_B, saved[0], scale, shape), saved
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
