@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -168,6 +169,18 @@ bool split_rows(int threads, int64_t m, int64_t cols) {
     return m > kSmallRows && m >= cols && m >= kRowsPerThread * threads;
 }
 
+// The tiles of an (m x cols) product with W, one per thread, split by rows or by columns as split_rows says:
+// tile(rows, cols) for each.
+void parallel_tiles(int threads, int64_t m, int64_t cols, const std::function<void(Range, Range)>& tile) {
+    if (split_rows(threads, m, cols)) {
+        const int n = share(threads, m, kRowsPerThread);
+        parallel_run(n, [&](int t) { tile(part(m, n, t, 1), {0, cols}); });
+    } else {
+        const int n = share(threads, cols, kColsPerThread);
+        parallel_run(n, [&](int t) { tile({0, m}, part(cols, n, t, kColAlign)); });
+    }
+}
+
 // c[0, cols.size()) = bias[cols), or zeros without a bias.
 void start_row(float* c, const float* bias, Range cols) {
     if (bias)
@@ -284,16 +297,9 @@ void lora_forward(const LoraProblem& p, float* out) {
     // all of x, or all of W and its part of x: whichever part is the larger matrix gets split.
     const Buffer bt = buffer(rank * n_out);
     active_kernels().transpose(p.lora_B, rank, n_out, rank, bt.get(), n_out);
-    if (split_rows(p.threads, m, n_out)) {
-        const int n = share(p.threads, m, kRowsPerThread);
-        parallel_run(n, [&](int t) {
-            const Range rows = part(m, n, t, 1);
-            forward_tile(p, rows, {0, n_out}, h.get() + rows.begin * rank, bt.get(), out);
-        });
-    } else {
-        const int n = share(p.threads, n_out, kColsPerThread);
-        parallel_run(n, [&](int t) { forward_tile(p, {0, m}, part(n_out, n, t, kColAlign), h.get(), bt.get(), out); });
-    }
+    parallel_tiles(p.threads, m, n_out, [&](Range rows, Range cols) {
+        forward_tile(p, rows, cols, h.get() + rows.begin * rank, bt.get(), out);
+    });
 }
 
 namespace {
@@ -347,19 +353,10 @@ void lora_backward(const LoraProblem& p, const float* dy, int64_t ld_dy, float* 
     const std::vector<uint32_t> col_keys = column_keys(p);
     backward_thin_all(p, col_keys.data(), dy, ld_dy, dx, dA, dB, nullptr, nullptr);
     if (m == 0 || !dx || !p.base_product) return;
-    if (split_rows(p.threads, m, in)) {  // dx += dy W, split as forward splits its tiles
-        const int nr = share(p.threads, m, kRowsPerThread);
-        parallel_run(nr, [&](int t) {
-            const Range rows = part(m, nr, t, 1);
-            gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), p.weight, 0, in, dx + rows.begin * in, in);
-        });
-    } else {
-        const int nc = share(p.threads, in, kColsPerThread);
-        parallel_run(nc, [&](int t) {
-            const Range cols = part(in, nc, t, kColAlign);
-            gemm_dy_w(dy, ld_dy, m, p.weight, cols.begin, cols.size(), dx + cols.begin, in);
-        });
-    }
+    parallel_tiles(p.threads, m, in, [&](Range rows, Range cols) {  // dx += dy W, split as forward splits its tiles
+        gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), p.weight, cols.begin, cols.size(),
+                  dx + rows.begin * in + cols.begin, in);
+    });
 }
 
 // Mixed batches. The rows are grouped by adapter once per call (group_rows), so that each
@@ -754,13 +751,7 @@ void lora_backward_mixed(const MixedProblem& p, const float* dy, int64_t ld_dy, 
             gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), p.weight, cols.begin, cols.size(),
                       dx + rows.begin * in + cols.begin, in);
     };
-    if (split_rows(p.threads, m, in)) {
-        const int nr = share(p.threads, m, kRowsPerThread);
-        parallel_run(nr, [&](int t) { dx_tile(part(m, nr, t, 1), {0, in}); });
-    } else {
-        const int nc = share(p.threads, in, kColsPerThread);
-        parallel_run(nc, [&](int t) { dx_tile({0, m}, part(in, nc, t, kColAlign)); });
-    }
+    parallel_tiles(p.threads, m, in, dx_tile);
 }
 
 // DoRA: LoRA's passes with a per-output-feature factor c = m / n. The norms take one pass over W, a block of rows
@@ -937,13 +928,7 @@ void dora_forward(const DoraProblem& p, const float* factor, float* y, float* u)
                                    h.get() + rows.begin * rank, rank, bt.get() + cols.begin, out, rank, rows.size(),
                                    cols.size(), 1.0f);
     };
-    if (split_rows(q.threads, m, out)) {
-        const int n = share(q.threads, m, kRowsPerThread);
-        parallel_run(n, [&](int t) { tile(part(m, n, t, 1), {0, out}); });
-    } else {
-        const int n = share(q.threads, out, kColsPerThread);
-        parallel_run(n, [&](int t) { tile({0, m}, part(out, n, t, kColAlign)); });
-    }
+    parallel_tiles(q.threads, m, out, tile);
 }
 
 namespace {
@@ -1022,20 +1007,10 @@ void dora_backward(const DoraProblem& p, const float* factor, const float* norm,
             if (magnitude_index(p, i, &k)) dm[k] = sums[static_cast<size_t>(i)] / (u ? norm[i] : p.magnitude[k]);
         }
     if (!dx || !dropout || m == 0) return;
-    if (split_rows(q.threads, m, in)) {  // + dy W, the undropped base path's
-        const int n = share(q.threads, m, kRowsPerThread);
-        parallel_run(n, [&](int t) {
-            const Range rows = part(m, n, t, 1);
-            gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), q.weight, 0, in, dx + rows.begin * in, in, 1.0f,
-                      p.gemm);
-        });
-    } else {
-        const int n = share(q.threads, in, kColsPerThread);
-        parallel_run(n, [&](int t) {
-            const Range cols = part(in, n, t, kColAlign);
-            gemm_dy_w(dy, ld_dy, m, q.weight, cols.begin, cols.size(), dx + cols.begin, in, 1.0f, p.gemm);
-        });
-    }
+    parallel_tiles(q.threads, m, in, [&](Range rows, Range cols) {  // + dy W, the undropped base path's
+        gemm_dy_w(dy + rows.begin * ld_dy, ld_dy, rows.size(), q.weight, cols.begin, cols.size(),
+                  dx + rows.begin * in + cols.begin, in, 1.0f, p.gemm);
+    });
 }
 
 }  // namespace fastlora
