@@ -204,28 +204,12 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, row_key, threshold, DROPPED: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 ``(BLOCK_M, BLOCK_N)`` tile of ``x @ W.T`` from the tiles' first K-step pointers: a loop of
-    loads masked along K only, and dots."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    return acc
-
-
-@triton.jit
-def _base_and_dropped_products(x_ptrs, w_ptrs, K, stride_xk, stride_wk, row_key, threshold,
-                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr):
-    """The fp32 tiles of ``x @ W.T`` and of ``(x * keep) @ W.T`` (DoRA with dropout), every W tile read once for
-    both; the keep-mask regenerated from the rows' keys on each x tile."""
+    loads masked along K only, and dots. DROPPED (DoRA with dropout) also accumulates ``(x * keep) @ W.T`` from
+    the same W tiles, the keep-mask regenerated from the rows' keys (``row_key``) on each x tile; else the second
+    tile returned stays zero (and ``row_key``, ``threshold`` are not read)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dropped = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -234,8 +218,9 @@ def _base_and_dropped_products(x_ptrs, w_ptrs, K, stride_xk, stride_wk, row_key,
         x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        keep = _kept(row_key[:, None], _col_keys(k * BLOCK_K + offs_k)[None, :], threshold)
-        dropped = tl.dot(tl.where(keep, x, 0.0), w, dropped, input_precision=PRECISION)
+        if DROPPED:
+            keep = _kept(row_key[:, None], _col_keys(k * BLOCK_K + offs_k)[None, :], threshold)
+            dropped = tl.dot(tl.where(keep, x, 0.0), w, dropped, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     return acc, dropped
@@ -274,13 +259,9 @@ def _lora_forward_kernel(
     in_out = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     x_ptrs = x_ptr + safe_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
-    if DORA and DROPOUT:
-        lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
-        acc, dropped = _base_and_dropped_products(x_ptrs, w_ptrs, K, stride_xk, stride_wk,
-                                                  _row_keys(offs_m, lo, hi), threshold, PRECISION, BLOCK_M,
-                                                  BLOCK_N, BLOCK_K)
-    else:
-        acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    lo, hi = _seed_halves(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)  # (read only by DoRA's dropout)
+    acc, dropped = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, _row_keys(offs_m, lo, hi), threshold,
+                                 DORA and DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     offs_c = tl.arange(0, H_PAD)
     b_t = _b_tile(b_ptr, offs_c, safe_n, R, stride_br, stride_bn, GROUP_ROWS, GROUPS, SLICE_MASK, RS_PAD)
@@ -683,7 +664,8 @@ def _mixed_gemm_kernel(
     rows = tl.load(order_ptr + offs_m % M).to(tl.int64)  # sorted positions past the end: a valid row, never stored
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + safe_n[None, :] * stride_wn
-    acc = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _base_product(x_ptrs, w_ptrs, K, stride_xk, stride_wk, rows, 0, False, PRECISION, BLOCK_M, BLOCK_N,
+                           BLOCK_K)
 
     ids = tl.load(ids_ptr + offs_m, mask=row_ok, other=-1)
     adapter, segments = _first_segment(ids_ptr, offs_m, ids, M, pid_m * BLOCK_M)
