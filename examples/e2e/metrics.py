@@ -250,7 +250,7 @@ def coco_unavailable() -> str | None:
 
 
 @functools.cache
-def _meteor():
+def meteor():
     """One METEOR 1.5 server process, kept for later calls: loading its paraphrase table takes seconds."""
     from pycocoevalcap.meteor.meteor import Meteor
 
@@ -268,7 +268,7 @@ def coco_scores(refs: list[list[str]], outputs: list[str]) -> dict[str, float]:
     gts = tokenizer.tokenize({i: [{"caption": r} for r in group] for i, group in enumerate(refs)})
     res = tokenizer.tokenize({i: [{"caption": o}] for i, o in enumerate(outputs)})
     scores = {}
-    for name, scorer in (("METEOR", _meteor()), ("ROUGE_L", Rouge()), ("CIDEr", Cider())):
+    for name, scorer in (("METEOR", meteor()), ("ROUGE_L", Rouge()), ("CIDEr", Cider())):
         scores[name] = float(scorer.compute_score(gts, res)[0])
     return scores
 
