@@ -187,3 +187,22 @@ def test_float_dtypes_no_backend_takes_are_refused_up_front(dtype, mode):
     with pytest.raises(ValueError, match=f"adapter 0: x must be one of .* got {dtype}"):
         fastlora.lora_linear_mixed(args["x"], args["weight"], args["bias"], [args["lora_A"]], [args["lora_B"]], [1.0],
                                    torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("transform", ["vmap", "jvp", "grad"])
+def test_torch_func_transforms_are_refused_not_computed(transform):
+    """The op's gradients come from torch.autograd: under torch.func's transforms it stops with an error that says
+    so (the cpu backend's, or PyTorch's for an autograd.Function), never with a number."""
+    g = good()
+    x, w, b, A, B = g["x"], g["weight"], g["bias"], g["lora_A"].detach(), g["lora_B"].detach()
+    with torch.no_grad():
+        B.normal_()
+    if transform == "vmap":
+        with pytest.raises(ValueError, match=r"x has no storage: .*torch\.func transform"):
+            torch.func.vmap(lambda row: lora_linear(row, w, b, A, B, 2.0))(x.unsqueeze(1))
+    elif transform == "jvp":
+        with pytest.raises(ValueError, match=r"has no storage: .*torch\.func transform"):
+            torch.func.jvp(lambda a: lora_linear(x, w, b, a, B, 2.0), (A,), (torch.ones_like(A),))
+    else:
+        with pytest.raises(RuntimeError, match="functorch transforms"):
+            torch.func.grad(lambda a: lora_linear(x, w, b, a, B, 2.0).sum())(A)
