@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {name: ["train.py", "--model", str(base), "--out", str(run), *setup, *TRAIN_ARGS, *recipe, *quiet]
             for (name, run), setup in zip(runs.items(), SETUPS.values(), strict=True)}
     if run_jobs(jobs, out / "logs", workers()) or not all((run / "run.json").is_file() for run in runs.values()):
-        print(f"stopped: not every run finished (logs in {out / 'logs'})", file=sys.stderr)
+        print(f"not every run finished: see the logs in {out / 'logs'}", file=sys.stderr)
         return 1
     tests = {"untrained": (out / "untrained" / "test", ["--run", str(runs["lora"]), "--no-adapter"]),
              **{name: (run / "test", ["--run", str(run)]) for name, run in runs.items()}}
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--batch-size", TEST_MRS, "--threads", "1", "--out", str(folder), *recipe, *quiet]
             for name, (folder, extra) in tests.items()}
     if run_jobs(jobs, out / "logs", workers()):
-        print(f"stopped: not every generation finished (logs in {out / 'logs'})", file=sys.stderr)
+        print(f"not every generation finished: see the logs in {out / 'logs'}", file=sys.stderr)
         return 1
     scores = {name: evaluate(folder) for name, (folder, _) in tests.items()}
     compare.main([*map(str, runs.values()), "--out", str(out / "compare")])
