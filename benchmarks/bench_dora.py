@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> Run | None:
     parser = arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9, help="interleaved rounds per mode")
-    parser.add_argument("--rows", type=int, default=512, help="tokens")
-    parser.add_argument("--shape", type=int, nargs=2, default=[1024, 4096], metavar=("IN", "OUT"))
+    parser.add_argument("--rows", type=int, help="tokens (default 512; 16384 with --gpu)")
+    parser.add_argument("--shape", type=int, nargs=2, metavar=("IN", "OUT"),
+                        help="one layer shape (default 1024 4096; with --gpu 4096 4096 and 4096 14336)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--no-peak", action="store_true", help="skip the peak memory processes")
     parser.add_argument("--smoke", action="store_true", help="seconds: 64 rows, 96 -> 128, rank 4, 2 rounds")
@@ -169,10 +170,9 @@ def main(argv: list[str] | None = None) -> Run | None:
     if args.peak:  # a peak memory process
         peak_child(args)
         return None
-    shapes = [tuple(args.shape)]
-    if args.gpu:
-        args.rows = 16384 if "--rows" not in argv else args.rows
-        shapes = [(4096, 4096), (4096, 14336)] if "--shape" not in argv else shapes
+    if args.rows is None:
+        args.rows = 16384 if args.gpu else 512
+    shapes = [tuple(args.shape)] if args.shape else [(4096, 4096), (4096, 14336)] if args.gpu else [(1024, 4096)]
     if args.smoke:
         args.rows, shapes, args.rank, args.repeats = 64, [(96, 128)], 4, 2
     torch.set_num_threads(args.threads)
