@@ -64,7 +64,7 @@ def dora_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
     shape = single.layout(M, N, lora_A.shape[0], slices, x.device.index or 0)
     drop = single.dropout_args(dropout_p, seed)
     with single.on_device(x):
-        h, bpad, dA, dB = single._prepare(x, lora_A, lora_B, shape, drop, N, (need_dx, need_dA, need_dB))
+        h, bpad, dA, dB = single.prepare(x, lora_A, lora_B, shape, drop, N, (need_dx, need_dA, need_dB))
         dm = (torch.empty(magnitude.shape, device=x.device, dtype=torch.float32)
               if need_dm and shape.db_splits > 1 else None)
         norm, factor = _norms(weight, lora_A, lora_B, magnitude, scale, shape, dm)
@@ -93,17 +93,16 @@ def dora_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, l
     with single.on_device(x):
         if need_dx or need_dA:
             dx = x.new_empty(M, K) if need_dx else None
-            single._dx(grad_out, x, weight, lora_A, lora_B if bpad is None else bpad, scale, shape, drop, dx,
-                       dA_acc if need_dA else None, factor)
+            single.dx_gemm(grad_out, x, weight, lora_A, lora_B if bpad is None else bpad, scale, shape, drop, dx,
+                           dA_acc if need_dA else None, factor)
         if need_dB or need_dm:
             if need_dB:
                 dB = dB_acc if dB_acc is not None else torch.empty(lora_B.shape, device=x.device, dtype=lora_B.dtype)
             if need_dm:
                 dm = dm_acc if dm_acc is not None else torch.empty_like(magnitude)
-            single._db(grad_out, h, scale, shape, dB, shape.db_splits > 1,
-                       single.DoraGrads(factor, norm, u, dm if need_dm else None))
-        dA, dB = single._in_param_dtypes(dA_acc if need_dA else None, lora_A.dtype, dB, dB_acc is not None,
-                                         lora_B.dtype)
+            single.db_gemm(grad_out, h, scale, shape, dB, shape.db_splits > 1, single.DoraGrads(factor, norm, u, dm))
+        dA, dB = single.in_param_dtypes(dA_acc if need_dA else None, lora_A.dtype, dB, dB_acc is not None,
+                                        lora_B.dtype)
     if dm is not None and dm.dtype != magnitude.dtype:
         dm = dm.to(magnitude.dtype)
     return dx, dA, dB, dm

@@ -163,7 +163,7 @@ def needs_bpad(lora_B: Tensor, x: Tensor, layout: Layout) -> bool:
                 and lora_B.is_contiguous())
 
 
-def _prepare(x: Tensor, lora_A: Tensor, lora_B: Tensor, layout: Layout, drop: dict, N: int, needs: Needs) -> tuple:
+def prepare(x: Tensor, lora_A: Tensor, lora_B: Tensor, layout: Layout, drop: dict, N: int, needs: Needs) -> tuple:
     """``(h, bpad, dA buffer, dB buffer)`` for a backward that ``needs`` (dx, dA, dB): h from one launch that also
     lays out B and zeroes the fp32 buffers that dA (always) and dB (when split over rows) accumulate into."""
     need_dx, need_dA, need_dB = needs
@@ -311,8 +311,8 @@ def gemm(x: Tensor, weight: Tensor, bias: Tensor | None, lora_B: Tensor, h: Tens
     return out
 
 
-def _dx(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, b: Tensor, scale: float, layout: Layout,
-        drop: dict, dx: Tensor | None, dA: Tensor | None, dora_c: Tensor | None = None) -> None:
+def dx_gemm(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, b: Tensor, scale: float, layout: Layout,
+            drop: dict, dx: Tensor | None, dA: Tensor | None, dora_c: Tensor | None = None) -> None:
     """The dx GEMM into ``dx`` with the rank-R term fused, and dA added into its zeroed fp32 buffer (``dA``);
     ``dora_c``: DoRA's per-feature factors, which scale dy on its way in."""
     (M, K), N = x.shape, weight.shape[0]
@@ -345,23 +345,22 @@ class DoraGrads(NamedTuple):
     dm: Tensor | None
 
 
-def _db(grad_out: Tensor, h: Tensor, scale: float, layout: Layout, dB: Tensor | None, atomic: bool,
-        dora: DoraGrads | None = None) -> None:
+def db_gemm(grad_out: Tensor, h: Tensor, scale: float, layout: Layout, dB: Tensor | None, atomic: bool,
+            dora: DoraGrads | None = None) -> None:
     """``dB = scale * dy.T @ h`` into ``dB`` (its own dtype), or added into its zeroed fp32 buffer (``atomic``);
     with ``dora``, dB's rows scaled by c and dm reduced into ``dora.dm`` alike."""
-    need_dm = dora is not None and dora.dm is not None
+    c, norm, u, dm = dora if dora is not None else (None, None, None, None)
     _lora_db_kernel[(layout.db_blocks, layout.db_splits)](
         grad_out, h, dB, grad_out.shape[0], layout.db_rows, layout.rank, layout.group_rows, layout.db_rows_per_split,
-        *grad_out.stride(), scale, *(dora[:3] if dora is not None else (None, None, None)),
-        dora.dm if need_dm else None, grad_out.shape[1],
+        *grad_out.stride(), scale, c, norm, u, dm, grad_out.shape[1],
         ATOMIC=atomic, RS_PAD=layout.rs_pad, H_PAD=layout.h_pad, GROUPS=layout.groups, SLICE_MASK=layout.mask,
-        PRECISION=precision(grad_out.dtype), NEED_DB=dB is not None, NEED_DM=need_dm,
+        PRECISION=precision(grad_out.dtype), NEED_DB=dB is not None, NEED_DM=dm is not None,
         BLOCK_N=layout.db_side, BLOCK_M=layout.db_side, num_warps=4, num_stages=layout.db_stages,
     )
 
 
-def _in_param_dtypes(dA: Tensor | None, a_dtype: torch.dtype, dB: Tensor | None, db_accumulated: bool,
-                     b_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+def in_param_dtypes(dA: Tensor | None, a_dtype: torch.dtype, dB: Tensor | None, db_accumulated: bool,
+                    b_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
     """dA (from its fp32 buffer) and dB (from its fp32 buffer when accumulated) in the parameters' dtypes: as
     they are for fp32 parameters, else converted, both in one launch."""
     cast_a = dA is not None and a_dtype != torch.float32
@@ -391,7 +390,7 @@ def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora
     lora_B, slices = _dense(lora_B, slices, N)
     shape = layout(M, N, lora_A.shape[0], slices, x.device.index or 0)
     with on_device(x):
-        saved = _prepare(x, lora_A, lora_B, shape, dropout_args(dropout_p, seed), N, needs)
+        saved = prepare(x, lora_A, lora_B, shape, dropout_args(dropout_p, seed), N, needs)
         return gemm(x, weight, unit_stride(bias), lora_B, saved[0], scale, shape), saved
 
 
@@ -411,15 +410,15 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B
     drop = dropout_args(dropout_p, seed)
     dx = dB = None
     with on_device(x):
-        h, bpad, dA_acc, dB_acc = saved or _prepare(x, lora_A, lora_B, shape, drop, N, needs)
+        h, bpad, dA_acc, dB_acc = saved or prepare(x, lora_A, lora_B, shape, drop, N, needs)
         if need_dx or need_dA:
             dx = x.new_empty(M, K) if need_dx else None
-            _dx(grad_out, x, weight, lora_A, lora_B if bpad is None else bpad, scale, shape, drop, dx,
-                dA_acc if need_dA else None)
+            dx_gemm(grad_out, x, weight, lora_A, lora_B if bpad is None else bpad, scale, shape, drop, dx,
+                    dA_acc if need_dA else None)
         if need_dB:
             dB = dB_acc if dB_acc is not None else torch.empty(lora_B.shape, device=x.device, dtype=lora_B.dtype)
-            _db(grad_out, h, scale, shape, dB, dB_acc is not None)
-        dA, dB = _in_param_dtypes(dA_acc if need_dA else None, lora_A.dtype, dB, dB_acc is not None, lora_B.dtype)
+            db_gemm(grad_out, h, scale, shape, dB, dB_acc is not None)
+        dA, dB = in_param_dtypes(dA_acc if need_dA else None, lora_A.dtype, dB, dB_acc is not None, lora_B.dtype)
     if dB is not None and slices is not None and slices_in is None:
         dB = stack_slices(dB, slices)
     return dx, dA, dB
