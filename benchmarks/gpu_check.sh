@@ -75,8 +75,9 @@ step backends 30 "$PY" -m fastlora
 # torch.compile reduce-overhead trains, every hopper config against a reference). Then the benchmarks, most
 # important first: the hopper route against the tiled GEMM and cuBLAS, what a call costs on the host and how many
 # kernels it runs, the captured step's replay against eager, the GPT-2 Medium-shape training step against peft,
-# DoRA (bf16, 16384 tokens, 4096->4096 and 4096->14336) against peft's DoRA and fastlora's LoRA, the layer grid (eager and graph replays), mixed-adapter batches against peft; then FSDP2 and DDP over nccl (one
-# GPU: one rank) against the one-process run, the rest of the suite, the quick layer suite.
+# DoRA (bf16, 16384 tokens, 4096->4096 and 4096->14336) against peft's DoRA and fastlora's LoRA, the layer grid
+# (eager and graph replays), mixed-adapter batches against peft; then FSDP2 and DDP over nccl (one GPU: one rank)
+# against the one-process run, the rest of the suite, the quick layer suite.
 PARALLEL=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")  # kernel compiles are CPU-bound: spread them
 TAIL=40 step pytest_triton 200 "$PY" -m pytest tests/test_ops_triton.py tests/test_ops.py tests/test_autocast.py \
     tests/test_ops_mixed.py tests/test_dora.py tests/test_dora_triton.py -k "triton or cuda or mixed" -q --maxfail=15 \

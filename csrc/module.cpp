@@ -100,8 +100,10 @@ Tensor tensor(const at::Tensor& t, const char* name, int ndim, bool integer = fa
         if (view.shape[d] > 0) last += (view.shape[d] - 1) * view.strides[d];
     }
     if (view.numel() == 0) return view;
-    CHECK_ARG(t.has_storage(), std::string(name) + " has no storage: a wrapper tensor subclass, or a torch.func transform (vmap, jvp, grad), "
-                                  "which fastlora's op does not support (its gradients come from torch.autograd)");
+    CHECK_ARG(t.has_storage(), std::string(name) +
+                                   " has no storage: a wrapper tensor subclass, or a torch.func transform (vmap, "
+                                   "jvp, grad), which fastlora's op does not support (its gradients come from "
+                                   "torch.autograd)");
     const size_t element = integer ? sizeof(int64_t) : sizeof(float);
     const size_t needed = static_cast<size_t>(t.storage_offset() + last + 1) * element;
     CHECK_ARG(t.storage().nbytes() >= needed,

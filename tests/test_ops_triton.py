@@ -291,9 +291,8 @@ DB_WITHOUT_DORA = {"NEED_DB": True, "NEED_DM": False, "c_ptr": None, "norm_ptr":
 def _dora_jobs() -> list[dict]:
     """DoRA's variants: the forward GEMM with dropout (two accumulators) at every 16-bit tile its role keeps on an
     H100, small-M and fp32, without dropout at every 16-bit tile of its role; the dx kernel likewise (without
-    dropout at LoRA's widest tile), also for dA alone; the dB
-    kernel with dm, stored and atomic, and dm alone; the norm kernel for nn.Linear and Conv1D weights, fp32
-    parameters over bf16, and q,v slices."""
+    dropout at LoRA's widest tile), also for dA alone; the dB kernel with dm, stored and atomic, and dm alone; the
+    norm kernel for nn.Linear and Conv1D weights, fp32 parameters over bf16, and q,v slices."""
     jobs = []
     for backward, role in ((False, "dropped forward"), (True, "dropped backward")):
         for family in ("16bit", "16bit-small-m", "fp32"):

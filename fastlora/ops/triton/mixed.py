@@ -175,9 +175,8 @@ def forward_mixed(x: Tensor, weight: Tensor, bias: Tensor | None, lora_As: list[
         batch = _Batch(x, N, lora_As, dropout_ps, rows, seed)
         batch.stack(lora_As, lora_Bs, scales, dropout_ps)
         h = _down(x, batch.a_stack, batch.a_rows(), batch, batch.dropout)
-        _gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), unit_stride(bias), out,
-              batch,
-              dropout=False)
+        _gemm(x, weight, (weight.stride(1), weight.stride(0)), h, batch.b_stack, batch.b_as_u(), unit_stride(bias),
+              out, batch, dropout=False)
     return out
 
 
